@@ -1,0 +1,271 @@
+"""Reader for VHAP / GaussianAvatars exports: real NeRSemble tracking and our synthetic actors.
+
+An export is a folder with ``transforms_{train,val,test}.json``. Each json holds ``frames``; a
+frame names its image (``file_path``), foreground mask (``fg_mask_path``, optional), FLAME
+parameters (``flame_param_path``), ``timestep_index``, ``camera_index`` and its camera
+(``transform_matrix``, ``fl_x``, ``fl_y``, ``cx``, ``cy``, ``w``, ``h``). Camera fields missing
+from a frame are taken from the json's top level. Paths are relative to the folder holding the
+json; a "union" export (VHAP's ``combine_nerf_datasets.py``) writes ``../<sequence>/...`` paths into
+sibling sequence folders and renumbers timesteps across sequences, so one timestep index names one
+FLAME file.
+
+This is the only place that converts cameras: every ``Frame.camera`` is already OpenCV and already
+resized to ``ds_rate`` (see ``lib.dataset.cameras``). Images are RGB already composited on white
+by the export; they load as float32 tensors [H, W, 3] in [0, 1], masks as [H, W].
+
+    export = VhapExport("data/synthetic/actor_a", ds_rate=2)
+    frame = export.split("train")[0]
+    rgb = export.load_image(frame)          # [H, W, 3]
+    flame = export.load_flame(frame)        # dict of [1, ...] tensors, ready for FlameModel(**flame)
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from lib.dataset.cameras import Camera
+from lib.paths import resolve
+
+SPLITS = ("train", "val", "test")
+FRAME_KEYS = ("file_path", "flame_param_path", "timestep_index", "camera_index", "transform_matrix")
+CAMERA_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")  # per frame, else the json's top level
+
+# Array shapes VHAP writes per timestep; None is a free size (parameter counts, vertex count).
+FLAME_PARAM_SHAPES = {
+    "shape": (None,),  # (n_shape,), returned as [1, n_shape]
+    "expr": (1, None),
+    "rotation": (1, 3),
+    "neck_pose": (1, 3),
+    "jaw_pose": (1, 3),
+    "eyes_pose": (1, 6),
+    "translation": (1, 3),
+}
+# Optional: absent when tracking ran without static offsets. Kept with all stored vertices: VHAP
+# appends 120 teeth vertices to FLAME's 5023, and the model takes the first V it knows.
+STATIC_OFFSET_SHAPE = (1, None, 3)
+
+_REEXPORT_HINT = ("re-export the sequence with VHAP's export_as_nerf_dataset.py "
+                  "(or regenerate the synthetic actor)")
+
+
+class DatasetError(ValueError):
+    """An export that cannot be read as written; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image of the export and what belongs to it."""
+
+    timestep_index: int
+    camera_index: int
+    image_path: Path
+    mask_path: Path | None  # None when the export has no fg_mask_path for this frame
+    flame_param_path: Path
+    camera: Camera  # OpenCV, already resized to the export's ds_rate
+
+
+def _shape_ok(shape: tuple, expected: tuple) -> bool:
+    return len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected))
+
+
+def _describe(expected: tuple) -> str:
+    return "(" + ", ".join("N" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+
+
+def read_flame_params(path: str | Path) -> dict[str, Tensor | None]:
+    """One VHAP ``flame_param/*.npz`` (or ``canonical_flame_param.npz``) as float32 tensors.
+
+    -> shape [1, S], expr [1, E], rotation / neck_pose / jaw_pose / translation [1, 3],
+       eyes_pose [1, 6], static_offset [1, V, 3] or None. Other stored keys (e.g. dynamic_offset)
+       are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"FLAME parameter file not found: {path}; {_REEXPORT_HINT}")
+    try:
+        # allow_pickle=False: a parameter file holds plain arrays, never objects to unpickle.
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"cannot read FLAME parameters {path} ({e}); the file is truncated or "
+                           f"not an .npz; {_REEXPORT_HINT}") from None
+
+    expected = dict(FLAME_PARAM_SHAPES)
+    if "static_offset" in arrays:
+        expected["static_offset"] = STATIC_OFFSET_SHAPE
+    params: dict[str, Tensor | None] = {"static_offset": None}
+    for key, shape in expected.items():
+        if key not in arrays:
+            raise DatasetError(f"{path} has no '{key}' array (it holds {sorted(arrays)}); {_REEXPORT_HINT}")
+        value = arrays[key]
+        if not np.issubdtype(value.dtype, np.number):
+            raise DatasetError(f"{path}: '{key}' holds {value.dtype} values, expected numbers; {_REEXPORT_HINT}")
+        if not _shape_ok(value.shape, shape):
+            raise DatasetError(f"{path}: '{key}' has shape {value.shape}, expected {_describe(shape)}; "
+                               f"{_REEXPORT_HINT}")
+        params[key] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    params["shape"] = params["shape"][None]
+    return params
+
+
+class VhapExport:
+    """A VHAP / GaussianAvatars export folder, read lazily (see the module docstring)."""
+
+    def __init__(self, root: str | Path, ds_rate: int = 1, cache_images: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset folder not found: {self.root}; point actor.data_dir at a VHAP "
+                               "export (the folder holding transforms_train.json) or generate the "
+                               "synthetic actor")
+        if int(ds_rate) != ds_rate or ds_rate < 1:
+            raise ValueError(f"ds_rate must be a positive integer, got {ds_rate!r}")
+        self.ds_rate = int(ds_rate)
+        self.cache_images = cache_images
+        self._splits: dict[str, list[Frame]] = {}
+        # Decoded, resized uint8 arrays keyed by path: a quarter of the float32 memory.
+        self._cache: dict[Path, np.ndarray] = {}
+
+    @classmethod
+    def from_config(cls, cfg) -> "VhapExport":
+        """The export of ``cfg.actor.data_dir`` with the ``data`` section's loading options."""
+        return cls(resolve(cfg.actor.data_dir), ds_rate=cfg.data.ds_rate, cache_images=cfg.data.cache_images)
+
+    # ---- index ----
+
+    def split(self, name: str) -> list[Frame]:
+        """The frames of ``transforms_<name>.json``, in file order."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}'; one of {SPLITS}")
+        if name not in self._splits:
+            self._splits[name] = self._read_split(self.root / f"transforms_{name}.json")
+        return list(self._splits[name])
+
+    def timesteps(self, split: str) -> list[tuple[int, Path]]:
+        """Sorted unique timesteps of a split with their FLAME parameter file."""
+        by_timestep: dict[int, Path] = {}
+        for frame in self.split(split):
+            known = by_timestep.setdefault(frame.timestep_index, frame.flame_param_path)
+            if known != frame.flame_param_path:
+                raise DatasetError(
+                    f"{self.root / f'transforms_{split}.json'}: timestep {frame.timestep_index} names two "
+                    f"FLAME files ({known} and {frame.flame_param_path}); timestep indices must be unique "
+                    "across sequences (a union export renumbers them); re-create the union export")
+        return sorted(by_timestep.items())
+
+    def cameras(self, split: str) -> list[Camera]:
+        """Unique cameras of a split (the first frame's, per camera index), sorted by index."""
+        by_index: dict[int, Camera] = {}
+        for frame in self.split(split):
+            by_index.setdefault(frame.camera_index, frame.camera)
+        return [by_index[i] for i in sorted(by_index)]
+
+    # ---- data ----
+
+    def load_image(self, frame: Frame) -> Tensor:
+        """RGB of one frame at the export's ds_rate. -> [H, W, 3] float32 in [0, 1]"""
+        rgb = self._load(frame.image_path, cv2.IMREAD_COLOR, frame)
+        return torch.from_numpy(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)).float().div_(255.0)
+
+    def load_mask(self, frame: Frame) -> Tensor:
+        """Foreground mask of one frame at the export's ds_rate. -> [H, W] float32 in [0, 1]"""
+        if frame.mask_path is None:
+            raise DatasetError(f"frame (timestep {frame.timestep_index}, camera {frame.camera_index}) of "
+                               f"{self.root} has no fg_mask_path; export the sequence with masks")
+        mask = self._load(frame.mask_path, cv2.IMREAD_GRAYSCALE, frame)
+        return torch.from_numpy(mask).float().div_(255.0)
+
+    def load_flame(self, frame_or_path: Frame | str | Path) -> dict[str, Tensor | None]:
+        """FLAME parameters of a frame, or of a file (relative paths are relative to the root)."""
+        if isinstance(frame_or_path, Frame):
+            return read_flame_params(frame_or_path.flame_param_path)
+        return read_flame_params(self._resolve(self.root, str(frame_or_path)))
+
+    def load_canonical_flame(self) -> dict[str, Tensor | None]:
+        """``canonical_flame_param.npz``: the actor's shape and offsets, neutral expression, jaw open."""
+        return read_flame_params(self.root / "canonical_flame_param.npz")
+
+    # ---- internals ----
+
+    @staticmethod
+    def _resolve(folder: Path, relative: str) -> Path:
+        # normpath folds the '../<sequence>/' of union exports, so a union and a direct read of
+        # the same sequence name the same files.
+        return Path(os.path.normpath(folder / relative))
+
+    def _read_split(self, json_path: Path) -> list[Frame]:
+        if not json_path.is_file():
+            raise DatasetError(f"{json_path} not found; {self.root} should be a VHAP export holding "
+                               "transforms_train.json, transforms_val.json and transforms_test.json "
+                               "(set actor.data_dir to that folder)")
+        try:
+            content = json.loads(json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{json_path} is not valid JSON ({e}); {_REEXPORT_HINT}") from None
+        if not isinstance(content, dict) or not isinstance(content.get("frames"), list):
+            raise DatasetError(f"{json_path} has no 'frames' list; {_REEXPORT_HINT}")
+        return [self._read_frame(json_path, i, entry, content) for i, entry in enumerate(content["frames"])]
+
+    def _read_frame(self, json_path: Path, index: int, entry: dict, top: dict) -> Frame:
+        where = f"{json_path}, frame {index}"
+        for key in FRAME_KEYS:
+            if key not in entry:
+                raise DatasetError(f"{where} has no '{key}'; {_REEXPORT_HINT}")
+        camera_fields = {}
+        for key in CAMERA_KEYS:
+            value = entry.get(key, top.get(key))
+            if value is None:
+                raise DatasetError(f"{where} has no '{key}' (neither in the frame nor at the top level); "
+                                   f"{_REEXPORT_HINT}")
+            camera_fields[key] = value
+        c2w = np.asarray(entry["transform_matrix"], dtype=np.float64)
+        if c2w.shape != (4, 4):
+            raise DatasetError(f"{where}: transform_matrix has shape {c2w.shape}, expected 4x4; {_REEXPORT_HINT}")
+        R = c2w[:3, :3]
+        if np.abs(R.T @ R - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0:
+            raise DatasetError(f"{where}: transform_matrix is not a rotation + translation (camera-to-"
+                               f"world); scaled or mirrored poses are not supported; {_REEXPORT_HINT}")
+
+        camera_index = int(entry["camera_index"])
+        camera = Camera.from_vhap_fields(c2w, camera_index=camera_index, **camera_fields).resized(self.ds_rate)
+        folder = json_path.parent
+        mask = entry.get("fg_mask_path")
+        return Frame(
+            timestep_index=int(entry["timestep_index"]),
+            camera_index=camera_index,
+            image_path=self._resolve(folder, entry["file_path"]),
+            mask_path=None if mask is None else self._resolve(folder, mask),
+            flame_param_path=self._resolve(folder, entry["flame_param_path"]),
+            camera=camera,
+        )
+
+    def _load(self, path: Path, flags: int, frame: Frame) -> np.ndarray:
+        """Decoded image resized to the frame's camera (uint8), from the cache when enabled."""
+        if path in self._cache:
+            return self._cache[path]
+        if not path.is_file():
+            raise DatasetError(f"image not found: {path} (timestep {frame.timestep_index}, camera "
+                               f"{frame.camera_index} of {self.root}); {_REEXPORT_HINT}")
+        image = cv2.imread(str(path), flags)
+        if image is None:
+            raise DatasetError(f"cannot decode {path}: the file is truncated or not an image; "
+                               f"{_REEXPORT_HINT}")
+        height, width = image.shape[:2]
+        size = (width // self.ds_rate, height // self.ds_rate)
+        if size != (frame.camera.width, frame.camera.height):
+            raise DatasetError(
+                f"{path} is {width}x{height} (WxH), which does not match the w, h of its frame in the "
+                f"transforms json (expected {frame.camera.width}x{frame.camera.height} after ds_rate "
+                f"{self.ds_rate}); the images and the json do not belong together")
+        if self.ds_rate > 1:
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        if self.cache_images:
+            self._cache[path] = image
+        return image
