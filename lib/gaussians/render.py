@@ -1,0 +1,101 @@
+"""One entry point for rendering 3D Gaussians: `render`.
+
+Conventions (project-wide, stated here for the renderer): OpenCV cameras, `viewmats`
+world-to-camera [C, 4, 4] (x right, y down, z forward), `Ks` [C, 3, 3] in pixels with
+pixel (row i, col j) centred at (j + 0.5, i + 0.5); quaternions wxyz (need not be
+unit); scales linear (not log); opacities in [0, 1] (not logits); images [C, H, W, 3].
+
+CUDA tensors go to `gsplat.rasterization`; CPU tensors to our compositor in
+`render_cpu.py`, which follows gsplat's rules (see there), so both give the same image.
+"""
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from lib.gaussians.render_cpu import EPS2D, rasterize_cpu
+
+
+class RenderOutput(NamedTuple):
+    rgb: Tensor  # [C, H, W, 3] composited over the background
+    alpha: Tensor  # [C, H, W, 1] accumulated opacity, 1 - final transmittance
+    depth: Tensor  # [C, H, W, 1] expected camera z: sum_k w_k z_k / alpha (gsplat "ED")
+
+
+def render(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4] wxyz
+    scales: Tensor,  # [N, 3] linear
+    opacities: Tensor,  # [N] in [0, 1]
+    colors: Tensor,  # [N, 3] RGB, or [N, K, 3] SH coefficients
+    viewmats: Tensor,  # [C, 4, 4] world-to-camera
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    background: Tensor | None = None,  # [3] or [C, 3]; None = black
+    sh_degree: int | None = None,
+    near: float = 0.01,
+    far: float = 100.0,
+) -> RenderOutput:
+    """Render N Gaussians into C cameras.
+
+    With SH coefficients, `sh_degree` (0..3) picks how many bands are used (default:
+    all K = (d + 1)^2 of them) and the colour is max(SH(dir) + 0.5, 0) with dir from the
+    camera centre to the Gaussian, as in gsplat.
+    """
+    n = means.shape[0]
+    n_cams = viewmats.shape[0]
+    _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks)
+    if colors.dim() == 3 and sh_degree is None:
+        sh_degree = round(colors.shape[1] ** 0.5) - 1
+        if (sh_degree + 1) ** 2 != colors.shape[1]:
+            raise ValueError(
+                f"render: colors has {colors.shape[1]} SH coefficients per channel, not a square "
+                "number; pass sh_degree explicitly"
+            )
+    if colors.dim() == 2 and sh_degree is not None:
+        raise ValueError("render: sh_degree was given but colors is [N, 3] RGB; pass SH coefficients [N, K, 3]")
+    if sh_degree is not None and (sh_degree + 1) ** 2 > colors.shape[1]:
+        raise ValueError(
+            f"render: sh_degree {sh_degree} needs {(sh_degree + 1) ** 2} coefficients, colors has {colors.shape[1]}"
+        )
+    if background is not None:
+        background = background.to(means).expand(n_cams, 3)
+
+    if n == 0:  # answered here for both devices: no kernel launches on empty inputs
+        zeros = means.new_zeros(n_cams, height, width, 1)
+        rgb = zeros.expand(n_cams, height, width, 3) if background is None else (
+            background[:, None, None, :].expand(n_cams, height, width, 3)
+        )
+        return RenderOutput(rgb=rgb.clone(), alpha=zeros, depth=zeros.clone())
+    if means.is_cuda:
+        from gsplat import rasterization
+
+        out, alpha, _ = rasterization(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+            near_plane=near, far_plane=far, eps2d=EPS2D, sh_degree=sh_degree, packed=False,
+            backgrounds=background, render_mode="RGB+ED", rasterize_mode="classic",
+        )
+        return RenderOutput(rgb=out[..., :3], alpha=alpha, depth=out[..., 3:4])
+    rgb, alpha, depth = rasterize_cpu(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        background, sh_degree, near, far,
+    )
+    return RenderOutput(rgb=rgb, alpha=alpha, depth=depth)
+
+
+def _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks) -> None:
+    n = means.shape[0]
+    expected = {
+        "means": (means, (n, 3)),
+        "quats": (quats, (n, 4)),
+        "scales": (scales, (n, 3)),
+        "opacities": (opacities, (n,)),
+        "viewmats": (viewmats, (viewmats.shape[0], 4, 4)),
+        "Ks": (Ks, (viewmats.shape[0], 3, 3)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"render: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not (colors.shape[0] == n and colors.shape[-1] == 3 and colors.dim() in (2, 3)):
+        raise ValueError(f"render: colors has shape {tuple(colors.shape)}, expected [{n}, 3] or [{n}, K, 3]")
