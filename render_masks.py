@@ -1,6 +1,26 @@
-"""render_masks.py CONFIG [section.key=value ...] — alpha and mouth masks."""
-from lib.cli import not_implemented, parse
+"""render_masks.py CONFIG [section.key=value ...] — alpha and mouth masks.
+
+For every frame of the actor's export (train, val and test splits) renders the tracked FLAME mesh
+in the frame's camera and writes, next to the sequence's images/ folder:
+  alpha_masks/<t>_<c>.png   the foreground mask without neck and torso (hair kept)
+  mouth_masks/<t>_<c>.png   lips and mouth interior, slightly dilated
+Frames whose masks exist are skipped. The rule is documented in lib/dataset/masks.py.
+"""
+import sys
+
+from lib.cli import parse
+from lib.dataset.masks import render_masks
+from lib.dataset.vhap import VhapExport
+from lib.flame.model import FlameModel
+from lib.flame.safe_pickle import load_pickle
+from lib.paths import resolve
 
 if __name__ == "__main__":
-    parse(__doc__)
-    not_implemented("render_masks.py (alpha and mouth masks)")
+    cfg, _ = parse(__doc__.splitlines()[0])
+    try:
+        export = VhapExport(resolve(cfg.actor.data_dir), ds_rate=1, cache_images=False)
+        model = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr)
+        masks = load_pickle(resolve(cfg.actor.flame_masks))
+        render_masks(export, model, masks)
+    except (ValueError, FileNotFoundError) as e:  # DatasetError and FlameFormatError among them
+        sys.exit(f"render_masks: {e}")
