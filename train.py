@@ -1,6 +1,21 @@
-"""train.py CONFIG [section.key=value ...] — training (regressor or mapping network)."""
-from lib.cli import not_implemented, parse
+"""train.py CONFIG [section.key=value ...] — training of the stage the config names (train.stage).
+
+    python train.py configs/default.yml                       # one process
+    torchrun --nproc_per_node=2 train.py configs/default.yml  # DDP (Gloo on CPU, NCCL on GPU)
+
+Resumes from the newest checkpoint of the run folder when rerun.
+"""
+import sys
+
+from lib.cli import parse
+from lib.dataset.vhap import DatasetError
+from lib.models.mesh_pca import MeshPcaError
+from lib.train.checkpoint import CheckpointError
+from lib.train.trainer import train
 
 if __name__ == "__main__":
-    parse(__doc__)
-    not_implemented("train.py (training (regressor or mapping network))")
+    cfg, _ = parse(__doc__)
+    try:
+        train(cfg)
+    except (MeshPcaError, CheckpointError, DatasetError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

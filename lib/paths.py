@@ -5,6 +5,7 @@ stage reads exactly what the previous stage wrote.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +22,67 @@ class ActorPaths:
     """The artifacts of one actor under ``experiments/<actor.name>/``."""
 
     def __init__(self, cfg):
-        self.root = EXPERIMENTS / cfg.actor.name
+        self.root = Path(os.path.normpath(resolve(cfg.actor.experiments_dir) / cfg.actor.name))
 
     def stage_dir(self, stage: str) -> Path:
         """Folder of one stage's run (checkpoints, logs, resolved config)."""
         return self.root / stage
+
+    # ---- stage 1: mesh PCA ----
+    @property
+    def mesh_pca(self) -> Path:
+        """Mean, components, variances and whitening of the tracked meshes (.npz)."""
+        return self.stage_dir("mesh_pca") / "mesh_pca.npz"
+
+    @property
+    def canonical_mesh(self) -> Path:
+        """The actor's canonical head-space mesh (.npz with 'verts' [V, 3])."""
+        return self.stage_dir("mesh_pca") / "canonical_mesh.npz"
+
+    # ---- stage 2: regressor ----
+    @property
+    def regressor(self) -> Path:
+        return self.stage_dir("regressor")
+
+    @property
+    def regressor_checkpoints(self) -> Path:
+        return self.regressor / "checkpoints"
+
+    @property
+    def regressor_tensorboard(self) -> Path:
+        return self.regressor / "tensorboard"
+
+    @property
+    def regressor_curve(self) -> Path:
+        """Val PSNR versus training minutes (.csv; a .png plot beside it)."""
+        return self.regressor / "psnr_curve.csv"
+
+    @property
+    def regressor_eval(self) -> Path:
+        """test.py's renders, videos and metrics.json."""
+        return self.regressor / "eval"
+
+    # ---- stage 3: GEM ----
+    @property
+    def gem_dir(self) -> Path:
+        return self.stage_dir("gem")
+
+    @property
+    def gem(self) -> Path:
+        """The eigenbasis: means, bases, variances, colours, per-frame coefficients (.pt)."""
+        return self.gem_dir / "gem.pt"
+
+    @property
+    def gem_report(self) -> Path:
+        """pca_gauss.py's figures: reconstruction errors, sizes, renders against the regressor (.json)."""
+        return self.gem_dir / "report.json"
+
+    @property
+    def gem_sweeps(self) -> Path:
+        """pca_viewer.py's PNG strips and MP4 videos of component sweeps."""
+        return self.gem_dir / "sweeps"
+
+    @property
+    def gem_exports(self) -> Path:
+        """PLY files exported from the web viewer."""
+        return self.gem_dir / "exports"

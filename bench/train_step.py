@@ -1,0 +1,188 @@
+"""Benchmark one training iteration of the regressor and its parts.
+
+    .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N]
+
+Builds the synthetic head (in a temporary folder), a mesh PCA of random expressions, the avatar of
+CONFIG's ``regressor`` section (default: configs/default.yml) and a NeRSemble-framed camera of the
+synthetic rig; then times full training steps (it/s) and, separately, each part of a step with its
+backward pass: network (generator + colour head + assembly), renderer, losses, optimiser. ``--gem``
+(the default on CUDA) uses GEM's settings: 802x550 images, UV 256, the schema's widths.
+Times are medians of wall clock (CUDA synchronised) and of process CPU time; on a shared machine
+compare the load averages printed at the start and the end.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.config import SCHEMA, load_config  # noqa: E402
+from lib.dataset.synthetic_actor import make_rig  # noqa: E402
+from lib.flame.model import FlameModel  # noqa: E402
+from lib.flame.safe_pickle import load_pickle  # noqa: E402
+from lib.flame.synthetic import ensure_head_model  # noqa: E402
+from lib.geometry.obj_io import read_obj  # noqa: E402
+from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose  # noqa: E402
+from lib.models.mesh_pca import MeshPCA  # noqa: E402
+from lib.eval.render import render_gaussians  # noqa: E402
+from lib.train.losses import composite_gt, mouth_weight, photometric, regularisers  # noqa: E402
+from lib.train.trainer import make_optimizer  # noqa: E402
+
+
+def build(cfg, gem: bool, device: torch.device, folder: Path):
+    paths = ensure_head_model(folder)
+    flame = FlameModel.from_file(paths["flame_model"]).to(device)
+    obj = read_obj(paths["uv_obj"])
+    regions = load_pickle(paths["masks"])
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    params = {"expr": 0.7 * torch.randn(n, flame.n_expr, generator=g), "rotation": 0.1 * torch.randn(n, 3, generator=g),
+              "jaw_pose": torch.stack([0.3 * torch.rand(n, generator=g), torch.zeros(n), torch.zeros(n)], 1),
+              "translation": torch.zeros(n, 3)}
+    params = {k: v.to(device) for k, v in params.items()}
+    with torch.no_grad():
+        verts, R, t = split_global_pose(flame, params)
+        pca = MeshPCA.fit(verts.cpu(), 100)
+        canonical = canonical_mesh(flame, {"shape": None, "neck_pose": None, "static_offset": None}, None, 20.0)
+    r = SCHEMA["regressor"] if gem else None
+    pick = (lambda key: r[key].default) if gem else (lambda key: getattr(cfg.regressor, key))
+    avatar = GaussianAvatar(flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]),
+                            canonical.cpu(), regions, pca, pick("uv_size"), pick("n_pca"), pick("widths"),
+                            pick("colour_width"), pick("feature_channels"), pick("style_dim"),
+                            pick("convs_per_level"), tuple(pick("removed_regions")), pick("init_scale")).to(device)
+    scale = 1.0 if gem else cfg.synthetic.scale
+    camera = make_rig(flame.v_template.cpu(), {k: np.asarray(v) for k, v in regions.items()}, 16, scale)[8]
+    return avatar, (verts, R, t), camera
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median wall and process-CPU milliseconds of fn() after two warm-up calls."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    for _ in range(2):
+        fn()
+    sync()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        sync()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="configs/default.yml")
+    parser.add_argument("--gem", action="store_true", help="GEM's settings (default on CUDA)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gem = args.gem or device.type == "cuda"
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        avatar, (verts, R, t), cam = build(cfg, gem, device, Path(folder))
+    opt = make_optimizer(avatar, cfg)
+    W, H = cam.width, cam.height
+    vm, K = cam.viewmat[None].to(device), cam.K[None].to(device)
+    gen = torch.Generator().manual_seed(1)
+    gt_image = torch.rand(1, H, W, 3, generator=gen).to(device)
+    alpha = torch.ones(1, H, W, device=device)
+    mouth = torch.zeros(1, H, W, device=device)
+    bg = torch.rand(3, generator=gen).to(device)
+    gt = composite_gt(gt_image, alpha, bg[None])
+    weight = mouth_weight(mouth, cfg.loss.mouth, cfg.loss.mouth_blur_px)
+    bf16 = cfg.train.bf16 and device.type == "cuda"
+    avatar.bf16 = bf16
+    step = [0]
+
+    def losses(rgb, g):
+        terms = photometric(rgb, gt, weight, cfg.loss.l1, cfg.loss.ssim)
+        terms.update(regularisers(g.position_residual, g.scales, cfg.loss.position, cfg.loss.scale))
+        return sum(terms.values())
+
+    def full_step():
+        i = step[0] % verts.shape[0]
+        step[0] += 1
+        g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
+        rgb = render_gaussians(g, 0, vm, K, W, H, bg)
+        opt.zero_grad(set_to_none=True)
+        losses(rgb, g).backward()
+        torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip)
+        opt.step()
+
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    n_params = sum(p.numel() for p in avatar.parameters())
+    print(f"{'GEM settings' if gem else args.config}: {H}x{W} images, UV {avatar.size}, {avatar.n_gaussians} Gaussians, "
+          f"{n_params / 1e6:.2f}M parameters, bf16 {bf16}")
+    # Fitting a random target drifts the Gaussians (and the renderer's work) away from a real run's:
+    # both measurements start from the same initial state.
+    initial = copy.deepcopy((avatar.state_dict(), opt.state_dict()))
+    wall, cpu = timed(full_step, args.steps, device)
+    print(f"full step: {wall:.1f} ms ({1e3 / wall:.1f} it/s), process CPU {cpu:.1f} ms")
+    avatar.load_state_dict(initial[0])
+    opt.load_state_dict(initial[1])
+
+    # The same step cut into parts, each with its own backward pass (tensors handed over as leaves).
+    parts = {"network": [], "renderer": [], "losses": [], "optimiser": []}
+    for k in range(args.steps + 2):
+        i = k % verts.shape[0]
+        marks = [time.perf_counter()]
+
+        def mark():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+        g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
+        fields = [g.means, g.quats, g.scales, g.opacities, g.colors]
+        leaves = [f.detach().requires_grad_() for f in fields]
+        mark()                                                         # network forward
+        lg = type(g)(*leaves, g.position_residual.detach().requires_grad_())
+        rgb = render_gaussians(lg, 0, vm, K, W, H, bg)
+        rgb_leaf = rgb.detach().requires_grad_()
+        mark()                                                         # renderer forward
+        loss = losses(rgb_leaf, lg)
+        loss.backward()
+        mark()                                                         # losses forward + backward
+        rgb.backward(rgb_leaf.grad)
+        mark()                                                         # renderer backward
+        opt.zero_grad(set_to_none=True)
+        torch.autograd.backward(fields + [g.position_residual],
+                                [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                                 for leaf in leaves + [lg.position_residual]])
+        mark()                                                         # network backward
+        torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip)
+        opt.step()
+        mark()                                                         # optimiser
+        if k >= 2:
+            d = np.diff(marks) * 1e3
+            parts["network"].append(d[0] + d[4])
+            parts["renderer"].append(d[1] + d[3])
+            parts["losses"].append(d[2])
+            parts["optimiser"].append(d[5])
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    total = sum(med.values())
+    print("per part (forward + backward), median ms and share of their sum:")
+    for k, v in med.items():
+        print(f"  {k:10s} {v:8.2f} ms  {100 * v / total:5.1f}%")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

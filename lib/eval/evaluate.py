@@ -1,0 +1,171 @@
+"""test.py for the regressor: renders, videos and metrics of the latest checkpoint.
+
+    val    the val split (the frontal camera on the training sequences: novel view)
+    test   the test split seen from camera ``test.camera`` (held-out sequence: novel expression)
+    spin   ``test.spin_views`` views orbiting the head over +- ``test.spin_yaw_deg`` of yaw about the
+           world's up axis through the head's centre, at the identity timestep (no ground truth)
+
+Everything is rendered on white, as the exports are. Per split: ``<split>/<t>_<c>.png`` renders,
+``<split>/compare/<t>_<c>.png`` (render | ground truth | 4x error), ``<split>.mp4`` (render |
+ground truth), and in ``metrics.json`` the means and per-frame values of PSNR over the full frame,
+PSNR inside the ground-truth head mask, SSIM, L1 and LPIPS (or why LPIPS is unavailable).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from torch import Tensor
+
+from lib.dataset.vhap import VhapExport
+from lib.eval.lpips import load_lpips
+from lib.eval.render import WHITE, render_frame, render_gaussians
+from lib.flame.model import FlameModel
+from lib.geometry.rotations import axis_angle_to_matrix
+from lib.models.avatar import build_avatar
+from lib.models.vgg import VggUnavailable
+from lib.paths import ActorPaths, resolve
+from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from lib.train.data import ActorData
+from lib.train.distributed import set_threads
+from lib.train.metrics import image_metrics
+
+
+def _u8(image: Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def _even(frame: np.ndarray) -> np.ndarray:
+    """Pad to even height and width (yuv420p video needs them) with white."""
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int) -> Path:
+    """H.264 MP4 of RGB uint8 frames (imageio-ffmpeg's bundled ffmpeg)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = imageio.get_writer(str(path), fps=fps, codec="libx264", macro_block_size=2, quality=8)
+    for frame in frames:
+        writer.append_data(_even(frame))
+    writer.close()
+    return path
+
+
+def orbit_viewmats(viewmat: Tensor, centre: Tensor, n: int, yaw_deg: float) -> Tensor:
+    """Cameras orbiting ``centre`` [3]: the view [4, 4] turned by yaw(k) = yaw_deg · sin(2πk / n). -> [n, 4, 4]
+
+    Turning the camera by θ about the world's y axis through the centre equals turning the scene by
+    -θ, so viewmat_k = viewmat · T(c) · R_y(-θ_k) · T(-c).
+    """
+    yaw = torch.deg2rad(yaw_deg * torch.sin(2 * math.pi * torch.arange(n, dtype=torch.float32) / n))
+    axis = torch.zeros(n, 3)
+    axis[:, 1] = -yaw
+    M = torch.eye(4).repeat(n, 1, 1)
+    R = axis_angle_to_matrix(axis)
+    M[:, :3, :3] = R
+    M[:, :3, 3] = centre.cpu() - (R @ centre.cpu())
+    return viewmat.cpu() @ M
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _pick(frames: list, count: int) -> list:
+    if count <= 0 or count >= len(frames):
+        return frames
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
+
+
+@torch.no_grad()
+def evaluate(cfg, log=print) -> dict:
+    """Render and score the latest regressor checkpoint of ``cfg``; returns what metrics.json holds."""
+    paths = ActorPaths(cfg)
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    set_threads(cfg.train.threads)
+    latest = latest_checkpoint(paths.regressor_checkpoints)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint in {paths.regressor_checkpoints}; train first (python train.py CONFIG)")
+    state = load_checkpoint(latest, map_location=device)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, device)
+    avatar = build_avatar(cfg, paths, flame).to(device)
+    avatar.load_state_dict(state["model"])
+    avatar.eval()
+    out = paths.regressor_eval
+    results: dict = {"checkpoint": str(latest), "step": int(state["step"]), "background": "white"}
+    try:
+        lpips = load_lpips(str(resolve(cfg.test.lpips_backbone)) if cfg.test.lpips_backbone else "",
+                           str(resolve(cfg.test.lpips_weights)) if cfg.test.lpips_weights else "").to(device)
+        results["lpips"] = "LPIPS v0.1 (VGG16)"
+    except VggUnavailable as e:
+        lpips = None
+        results["lpips"] = f"unavailable: {e}"
+        log(f"LPIPS unavailable: {e}")
+
+    for split in cfg.test.splits:
+        if split == "spin":
+            results["spin"] = _spin(cfg, avatar, data, export, out)
+            log(f"spin: {cfg.test.spin_views} views -> {out / 'spin.mp4'}")
+            continue
+        frames = export.split(split)
+        if split == "test":
+            frames = [f for f in frames if f.camera_index == cfg.test.camera]
+        frames = _pick(frames, cfg.test.max_frames)
+        rows, video = [], []
+        for frame in frames:
+            rgb, gt, mask = render_frame(avatar, data, frame)
+            row = {"timestep": frame.timestep_index, "camera": frame.camera_index, **image_metrics(rgb, gt, mask)}
+            if lpips is not None:
+                row["lpips"] = float(lpips(rgb[None], gt[None])[0])
+            rows.append(row)
+            name = f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png"
+            _write_png(out / split / name, _u8(rgb))
+            compare = np.concatenate([_u8(rgb), _u8(gt), _u8((4 * (rgb - gt).abs()))], 1)
+            _write_png(out / split / "compare" / name, compare)
+            video.append(np.concatenate([_u8(rgb), _u8(gt)], 1))
+        write_video(out / f"{split}.mp4", video, cfg.test.fps)
+        keys = [k for k in rows[0] if k not in ("timestep", "camera")]
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        results[split] = {"frames": len(rows), **mean, "per_frame": rows}
+        log(f"{split}: {len(rows)} frames, PSNR {mean['psnr']:.2f} dB (masked {mean['psnr_masked']:.2f} dB), "
+            f"SSIM {mean['ssim']:.4f}, L1 {mean['l1']:.4f}" + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
+    _atomic_json(out / "metrics.json", results)
+    log(f"metrics -> {out / 'metrics.json'}")
+    return results
+
+
+def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:
+    cams = {c.camera_index: c for split in ("val", "train") for c in export.cameras(split)}
+    if cfg.test.camera not in cams:
+        raise ValueError(f"test.camera = {cfg.test.camera} is not a camera of {export.root} (it has {sorted(cams)})")
+    cam = cams[cfg.test.camera]
+    timestep = cfg.actor.identity_timestep if cfg.actor.identity_timestep in data.timesteps else data.timesteps[0]
+    g = avatar(*data.driving(timestep))
+    centre = g.means[0].mean(0)
+    viewmats = orbit_viewmats(cam.viewmat, centre, cfg.test.spin_views, cfg.test.spin_yaw_deg).to(centre.device)
+    white = torch.tensor(WHITE, device=centre.device)
+    frames = []
+    for k in range(viewmats.shape[0]):
+        rgb = render_gaussians(g, 0, viewmats[k:k + 1], cam.K[None].to(centre.device), cam.width, cam.height, white)[0]
+        frames.append(_u8(rgb))
+        _write_png(out / "spin" / f"{k:03d}.png", frames[-1])
+    write_video(out / "spin.mp4", frames, cfg.test.fps)
+    return {"views": len(frames), "yaw_deg": cfg.test.spin_yaw_deg, "timestep": timestep, "camera": cfg.test.camera}

@@ -1,0 +1,211 @@
+"""The avatar of stage 2: a tracked FLAME mesh in, one 3D Gaussian per valid UV texel out.
+
+    head space   the FLAME mesh with rotation = 0 and translation = 0 (neck, jaw, eyes, expression
+                 kept); the global pose is applied last, to the Gaussians.
+    canonical    the actor's canonical mesh (``canonical_mesh``); canonical Gaussians sit on its
+                 surface: position = canonical position map, rotation = the texel's (tangent,
+                 bitangent, normal) frame, scale = isotropic RMS distance to the 3 nearest
+                 neighbours, opacity = 0.7.
+
+Per frame (METHOD.md, stage 2): the generator maps the UV normal map of the posed head-space mesh,
+projected onto the first ``n_pca`` mesh-PCA components, to 11 residual channels (position 3,
+rotation 4, scale 3, opacity 1); a colour head maps the canonical position map to RGB. Then, with
+F = [R | o] the rigid texel frame (rotation, surface point) on the posed mesh and F_c on the
+canonical one:
+
+    position = F · F_c^-1 · (canonical position + Δposition)  = o + R R_c^T Δposition
+    rotation = (R R_c^T) ⊗ normalise(q0 + Δq)
+    scale    = exp(s0 + Δs),  opacity = sigmoid(o0 + Δo),  colour = sigmoid(rgb)
+
+and finally the head's global rotation and translation. Texels of the neck region carry no
+Gaussian (the ground-truth masks exclude neck and torso). Conventions: metres, quaternions wxyz.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lib.flame.model import FlameModel
+from lib.flame.safe_pickle import load_pickle
+from lib.geometry import uv
+from lib.geometry.obj_io import read_obj
+from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
+from lib.models.mesh_pca import MeshPCA, MeshPcaError
+from lib.models.texture_unet import ColourHead, TextureUNet
+from lib.paths import resolve
+
+GEOMETRY_CHANNELS = 11  # Δposition 3, Δrotation 4, Δscale 3, Δopacity 1
+# The network's position output is in centimetres: an output unit of 1 m would let one Adam step of
+# the last layer move Gaussians by centimetres.
+POSITION_UNIT = 0.01
+INITIAL_OPACITY = 0.7
+
+
+@dataclass
+class Gaussians:
+    """A batch of Gaussian sets (world space, activated attributes)."""
+
+    means: Tensor  # [B, N, 3]
+    quats: Tensor  # [B, N, 4] wxyz, unit
+    scales: Tensor  # [B, N, 3] linear
+    opacities: Tensor  # [B, N]
+    colors: Tensor  # [B, N, 3] RGB in [0, 1]
+    position_residual: Tensor  # [B, N, 3] Δposition in metres (for the regulariser)
+
+
+def split_global_pose(flame: FlameModel, params: dict[str, Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+    """Head-space mesh and the global rigid pose of FLAME parameters ([B, ...] tensors as VHAP writes).
+
+    FLAME's root rotation turns every vertex about the rest root joint j0 (pose correctives skip
+    the root), so the world mesh is exactly  R (v_head - j0) + j0 + translation.
+    -> verts_head [B, V, 3], R [B, 3, 3], t [B, 3] with world = v_head @ R^T + t
+    """
+    args = dict(params)
+    rotation, translation = args.pop("rotation"), args.pop("translation")
+    verts, joints = flame(**args)
+    j0 = joints[:, 0, :3, 3]  # root at rest (no rotation/translation applied)
+    R = axis_angle_to_matrix(rotation.to(verts))
+    t = j0 + translation.to(verts) - (R @ j0[..., None])[..., 0]
+    return verts, R, t
+
+
+def canonical_mesh(flame: FlameModel, identity: dict[str, Tensor | None],
+                   canonical: dict[str, Tensor | None] | None, jaw_deg: float) -> Tensor:
+    """The actor's canonical head-space mesh. -> [V, 3]
+
+    Shape and static offset of the actor, zero expression and eyes, the neck pose of the identity
+    frame, jaw opened by ``jaw_deg`` about the x axis; with VHAP's ``canonical_flame_param.npz``
+    (``canonical``) its shape, offset, expression and jaw are used instead.
+    """
+    src = canonical if canonical is not None else identity
+    jaw = (src["jaw_pose"] if canonical is not None else
+           torch.tensor([[math.radians(jaw_deg), 0.0, 0.0]]))
+    expr = src["expr"] if canonical is not None else None
+    verts, _ = flame(shape=src["shape"], expr=expr, neck_pose=identity["neck_pose"], jaw_pose=jaw,
+                     static_offset=src["static_offset"])
+    return verts[0]
+
+
+class GaussianAvatar(nn.Module):
+    """Posed head-space mesh + global pose -> Gaussians. Fixed geometry lives in buffers."""
+
+    def __init__(self, faces: Tensor, uvs: Tensor, faces_uv: Tensor, canonical_verts: Tensor,
+                 regions: dict[str, np.ndarray], pca: MeshPCA, size: int, n_pca: int,
+                 widths: list[int], colour_width: int, feature_ch: int = 32, style_dim: int = 64,
+                 convs_per_level: int = 1, removed_regions: tuple[str, ...] = ("neck",), init_scale: float = 1.0):
+        super().__init__()
+        faces = faces.long()
+        uvs = uvs.float()
+        full = uv.texel_map(uvs, faces_uv, size)
+        texel_region = uv.texel_regions(regions, faces, full)
+        keep = torch.ones(full.n, dtype=torch.bool)
+        for name in removed_regions:
+            if name not in texel_region:
+                raise ValueError(f"region '{name}' not in the FLAME masks (it has {sorted(texel_region)}); "
+                                 "check regressor.removed_regions")
+            keep &= ~texel_region[name]
+        tm = full.subset(keep)
+        # An actor with few timesteps has fewer PCA components than asked for: use all of them.
+        self.size, self.n_pca = size, min(n_pca, pca.n_components)
+        self.register_buffer("faces", faces)
+        self.register_buffer("uvs", uvs)
+        self.register_buffer("faces_uv", faces_uv.long())
+        self.register_buffer("texel_index", tm.index)
+        self.register_buffer("texel_face", tm.face)
+        self.register_buffer("texel_bary", tm.bary)
+        self.region_names = sorted(texel_region)
+        self.register_buffer("texel_regions", torch.stack([texel_region[n][keep] for n in self.region_names], 1))
+
+        cverts = canonical_verts.float()[None]
+        pos = uv.surface_points(cverts, faces, tm)[0]
+        frames = uv.texel_frames(cverts, faces, uvs, faces_uv, tm)[0]
+        self.register_buffer("canonical_positions", pos)  # [N, 3]
+        self.register_buffer("canonical_frames", frames)  # [N, 3, 3]
+        self.register_buffer("canonical_quats", matrix_to_quat(frames))  # [N, 4]
+        self.register_buffer("canonical_log_scales", uv.knn_log_scale(pos) + math.log(init_scale))  # [N]
+        centre, extent = pos.mean(0), (pos - pos.mean(0)).abs().max()
+        pos_map = uv.scatter_texels(((pos - centre) / extent)[None], tm)
+        self.register_buffer("position_map", pos_map)  # [1, 3, S, S] normalised canonical positions
+
+        self.pca = pca
+        self.generator = TextureUNet(size, 3, GEOMETRY_CHANNELS, self.n_pca, widths, feature_ch, style_dim,
+                                     convs_per_level)
+        self.colour = ColourHead(size, colour_width)
+        self.bf16 = False  # bf16 autocast on the generator only: the assembly needs fp32 (CUDA)
+
+    @property
+    def texels(self) -> uv.TexelMap:
+        return uv.TexelMap(self.size, self.texel_index, self.texel_face, self.texel_bary)
+
+    @property
+    def n_gaussians(self) -> int:
+        return int(self.texel_index.shape[0])
+
+    def region(self, name: str) -> Tensor:
+        """[N] bool: the Gaussians of one FLAME mask region."""
+        return self.texel_regions[:, self.region_names.index(name)]
+
+    def network_input(self, verts_head: Tensor) -> tuple[Tensor, Tensor]:
+        """UV normal map of the PCA-projected mesh [B, 3, S, S] and its whitened PCA coefficients [B, n]."""
+        coeffs = self.pca.coefficients(verts_head, self.n_pca)
+        projected = self.pca.reconstruct(coeffs)
+        normals = uv.vertex_normals(projected, self.faces)
+        tm = self.texels
+        normal_map = uv.scatter_texels(uv.surface_points(normals, self.faces, tm), tm)
+        return normal_map, coeffs
+
+    def forward(self, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
+        """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N)."""
+        tm = self.texels
+        normal_map, coeffs = self.network_input(verts_head)
+        with torch.autocast(verts_head.device.type, torch.bfloat16, enabled=self.bf16):
+            maps = self.generator(normal_map, coeffs)
+        residual = uv.gather_texels(maps.float(), tm)  # [B, N, 11]
+        d_pos, d_rot, d_scale, d_opa = residual.split([3, 4, 3, 1], dim=-1)
+        d_pos = d_pos * POSITION_UNIT
+        rgb = uv.gather_texels(self.colour(self.position_map), tm)  # [1, N, 3]
+
+        with torch.no_grad():  # the mesh is data: its frames need no gradient
+            origin = uv.surface_points(verts_head, self.faces, tm)
+            frames = uv.texel_frames(verts_head, self.faces, self.uvs, self.faces_uv, tm)
+            # Head space -> world folded into the frame: R_world = R_g R R_c^T.
+            to_world = R[:, None] @ frames @ self.canonical_frames.transpose(-1, -2)[None]
+            origin = origin @ R.transpose(-1, -2) + t[:, None]
+        means = origin + (to_world @ d_pos[..., None])[..., 0]
+        local = normalize_quat(self.canonical_quats + d_rot)
+        quats = normalize_quat(quat_multiply(matrix_to_quat(to_world), local))
+        scales = torch.exp(self.canonical_log_scales[None, :, None] + d_scale)
+        opacities = torch.sigmoid(math.log(INITIAL_OPACITY / (1 - INITIAL_OPACITY)) + d_opa[..., 0])
+        colors = torch.sigmoid(rgb).expand(means.shape[0], -1, -1)
+        return Gaussians(means, quats, scales, opacities, colors, d_pos)
+
+
+def load_canonical_mesh(path: Path) -> Tensor:
+    """The canonical mesh ``pca_mesh.py`` stored. -> [V, 3]"""
+    if not path.is_file():
+        raise MeshPcaError(f"canonical mesh not found at {path}; run `python pca_mesh.py CONFIG` first (stage 1)")
+    with np.load(path, allow_pickle=False) as data:
+        return torch.as_tensor(data["verts"], dtype=torch.float32)
+
+
+def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
+    """The avatar of a config: UV layout and masks of the head model, stage 1's PCA and canonical mesh."""
+    obj = read_obj(resolve(cfg.actor.flame_uv))
+    if obj["faces_uv"] is None:
+        raise ValueError(f"{resolve(cfg.actor.flame_uv)} has no UV layout (no vt indices in its faces); "
+                         "actor.flame_uv must be the model's template OBJ with texture coordinates")
+    if obj["faces"].shape[0] != flame.faces.shape[0]:
+        raise ValueError(f"{resolve(cfg.actor.flame_uv)} has {obj['faces'].shape[0]} faces but the model "
+                         f"{resolve(cfg.actor.flame_model)} has {flame.faces.shape[0]}: they must be the same mesh")
+    regions = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(resolve(cfg.actor.flame_masks)).items()}
+    r = cfg.regressor
+    return GaussianAvatar(
+        flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]),
+        load_canonical_mesh(paths.canonical_mesh), regions, MeshPCA.load(paths.mesh_pca), r.uv_size, r.n_pca,
+        r.widths, r.colour_width, r.feature_channels, r.style_dim, r.convs_per_level, tuple(r.removed_regions),
+        r.init_scale)

@@ -1,0 +1,74 @@
+"""What training and evaluation read from an actor's export: driving meshes, images, masks.
+
+Every timestep of every split is posed once at start-up (FLAME in head space + the global pose,
+see ``lib.models.avatar.split_global_pose``), so a step costs no FLAME evaluation. Images come
+from the export's uint8 cache; the ground truth of a step is the image inside the head's alpha mask
+(neck and torso removed) composited on the step's background.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lib.dataset.masks import mask_paths
+from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, read_flame_params
+from lib.flame.model import FlameModel
+from lib.models.avatar import split_global_pose
+
+
+@dataclass
+class Sample:
+    """One image of the export, ready for a loss. Images [H, W, 3], masks [H, W], on the device."""
+
+    frame: Frame
+    image: Tensor  # as stored (composited on white)
+    alpha: Tensor  # head mask (neck and torso removed) in [0, 1]
+    mouth: Tensor  # mouth mask in [0, 1] (zeros when the export has none)
+    viewmat: Tensor  # [4, 4]
+    K: Tensor  # [3, 3]
+
+
+class ActorData:
+    """Driving signal of every timestep and the images of the splits."""
+
+    def __init__(self, export: VhapExport, flame: FlameModel, device: torch.device):
+        self.export = export
+        self.device = device
+        files: dict[int, Path] = {}
+        for split in SPLITS:
+            for t, path in export.timesteps(split):
+                files.setdefault(t, path)
+        self.timesteps = sorted(files)
+        self._row = {t: i for i, t in enumerate(self.timesteps)}
+        params = [read_flame_params(files[t]) for t in self.timesteps]
+        batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device)
+                 for k in params[0]}
+        with torch.no_grad():
+            self.verts_head, self.R, self.t = split_global_pose(flame, batch)  # [T, V, 3], [T, 3, 3], [T, 3]
+
+    def driving(self, timestep: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep."""
+        i = self._row[timestep]
+        return self.verts_head[i:i + 1], self.R[i:i + 1], self.t[i:i + 1]
+
+    def sample(self, frame: Frame) -> Sample:
+        ex, dev = self.export, self.device
+        image = ex.load_image(frame)
+        paths = mask_paths(frame.image_path)
+        alpha = self._mask(paths.alpha, frame, required=True)
+        mouth = self._mask(paths.mouth, frame, required=False)
+        if mouth is None:
+            mouth = torch.zeros_like(alpha)
+        cam = frame.camera
+        return Sample(frame, image.to(dev), alpha.to(dev), mouth.to(dev), cam.viewmat.to(dev), cam.K.to(dev))
+
+    def _mask(self, path, frame: Frame, required: bool) -> Tensor | None:
+        if not path.is_file():
+            if required:
+                raise DatasetError(f"head mask {path} not found (timestep {frame.timestep_index}, camera "
+                                   f"{frame.camera_index}); run `python render_masks.py CONFIG` first")
+            return None
+        return self.export.load_mask(replace(frame, mask_path=path))

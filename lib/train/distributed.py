@@ -1,0 +1,76 @@
+"""Data-parallel training through ``torchrun`` (torch DDP): NCCL on CUDA, Gloo on CPU.
+
+``torchrun --nproc_per_node=N train.py CONFIG`` sets RANK / WORLD_SIZE / LOCAL_RANK; a plain
+``python train.py`` runs as a single process with the same code path (world size 1, no process
+group). Every rank trains on its own random frames; DDP averages the gradients, so the weights stay
+identical on all ranks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto", threads: int = 0) -> DistInfo:
+    """Join the process group when launched by torchrun; choose the device and CPU thread count.
+
+    device: 'auto' (CUDA when available), 'cpu' or 'cuda'. threads: CPU threads per process,
+    0 = the machine's cores shared evenly among the processes on this node.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    set_threads(threads, local_world)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def set_threads(threads: int, processes: int = 1) -> None:
+    """CPU threads of this process: ``threads``, or 0 = the machine's cores shared by ``processes``."""
+    torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(processes, 1)))
+
+
+def broadcast_float(info: DistInfo, value: float) -> float:
+    """Rank 0's ``value`` on every rank (the value itself without a process group)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.broadcast(t, src=0)
+    return float(t)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,59 @@
+"""Stage 1: the mesh PCA of an actor and its canonical mesh, written into experiments/<actor>/mesh_pca/.
+
+One head-space mesh per train + val timestep (the val split shares the training timesteps, seen
+from the frontal camera); the test sequence is held out.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.config import save_config
+from lib.dataset.vhap import VhapExport, read_flame_params
+from lib.flame.model import FlameModel
+from lib.models.avatar import canonical_mesh, split_global_pose
+from lib.models.mesh_pca import MeshPCA
+from lib.paths import ActorPaths, resolve
+
+
+def fit_mesh_pca(cfg, log=print) -> MeshPCA:
+    paths = ActorPaths(cfg)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr)
+    export = VhapExport.from_config(cfg)
+    files = dict(export.timesteps("train"))
+    files.update(export.timesteps("val"))
+    params = [read_flame_params(files[t]) for t in sorted(files)]
+    batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]) for k in params[0]}
+    with torch.no_grad():
+        verts, _, _ = split_global_pose(flame, batch)
+        pca = MeshPCA.fit(verts, cfg.mesh_pca.n_components)
+    ratio = pca.explained_variance_ratio().cumsum(0)
+    log(f"mesh PCA of {verts.shape[0]} timesteps ({verts.shape[1]} vertices): {pca.n_components} components")
+    for k in sorted({1, 2, 4, 8, 16, cfg.regressor.n_pca, pca.n_components}):
+        if k <= pca.n_components:
+            log(f"  first {k:3d} components explain {100 * float(ratio[k - 1]):6.2f}% of the variance")
+    pca.save(paths.mesh_pca)
+
+    identity = read_flame_params(files.get(cfg.actor.identity_timestep, files[min(files)]))
+    canonical_file = export.root / "canonical_flame_param.npz"
+    canonical = read_flame_params(canonical_file) if canonical_file.is_file() else None
+    with torch.no_grad():
+        verts_c = canonical_mesh(flame, identity, canonical, cfg.mesh_pca.canonical_jaw_deg)
+    _save_npz(paths.canonical_mesh, verts=verts_c.numpy())
+    source = canonical_file.name if canonical is not None else f"jaw {cfg.mesh_pca.canonical_jaw_deg} deg"
+    log(f"canonical mesh ({source}) -> {paths.canonical_mesh}")
+    save_config(cfg, paths.stage_dir("mesh_pca") / "config.yml")
+    log(f"mesh PCA -> {paths.mesh_pca}")
+    return pca
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""Photometric losses and regularisers of the regressor (METHOD.md, stage 2).
+
+Images are [B, H, W, 3] in [0, 1] (the project's layout); masks [B, H, W] in [0, 1].
+
+    loss = w_l1 · mean(weight · |render - gt|),  weight = 1 + w_mouth · blur(mouth mask)
+         + w_ssim · (1 - SSIM(render, gt))       (11-px Gaussian window, sigma 1.5)
+         + w_vgg · VGG feature L1                (only with a weights file, see lib.models.vgg)
+         + w_pos · mean(Δposition²)              (metres, as FLAME)
+         + w_scale · mean(scale²)                (metres)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gaussian_kernel(size: int, sigma: float, dtype=torch.float32, device=None) -> Tensor:
+    """Normalised 1D Gaussian window. -> [size]"""
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur(images: Tensor, size: int, sigma: float) -> Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with zero padding ('same' size)."""
+    k = gaussian_kernel(size, sigma, images.dtype, images.device)
+    C = images.shape[1]
+    x = F.conv2d(images, k.view(1, 1, 1, -1).expand(C, 1, 1, size), padding=(0, size // 2), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, size, 1), padding=(size // 2, 0), groups=C)
+
+
+def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5, reduce: bool = True) -> Tensor:
+    """SSIM of images [B, H, W, 3] in [0, 1] with a Gaussian window ('valid' border, C1/C2 of Wang et al.).
+
+    reduce=True -> mean over everything (scalar); False -> per image [B].
+    """
+    x, y = a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    k = gaussian_kernel(window, sigma, x.dtype, x.device)
+    C = x.shape[1]
+
+    def filt(img: Tensor) -> Tensor:  # valid separable filtering
+        img = F.conv2d(img, k.view(1, 1, 1, -1).expand(C, 1, 1, window), groups=C)
+        return F.conv2d(img, k.view(1, 1, -1, 1).expand(C, 1, window, 1), groups=C)
+
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.mean() if reduce else s.flatten(1).mean(1)
+
+
+def mouth_weight(mouth: Tensor, strength: float, blur_px: int) -> Tensor:
+    """Per-pixel L1 weight 1 + strength · blurred mouth mask. mouth [B, H, W] -> [B, H, W]"""
+    if strength == 0:
+        return torch.ones_like(mouth)
+    size = 2 * blur_px + 1
+    soft = blur(mouth[:, None], size, max(blur_px / 2, 0.5))[:, 0]
+    return 1.0 + strength * soft
+
+
+def composite_gt(image: Tensor, alpha: Tensor, background: Tensor) -> Tensor:
+    """Ground truth on a background: image [B, H, W, 3], alpha [B, H, W], background [B, 3] -> [B, H, W, 3]
+
+    image * alpha + background * (1 - alpha): keeps only what the (neck-less) mask holds.
+    """
+    a = alpha[..., None]
+    return image * a + background[:, None, None, :] * (1 - a)
+
+
+def photometric(render: Tensor, gt: Tensor, weight: Tensor, w_l1: float, w_ssim: float) -> dict[str, Tensor]:
+    """Weighted L1 and 1 - SSIM terms (already multiplied by their weights)."""
+    l1 = (weight[..., None] * (render - gt).abs()).mean()
+    out = {"l1": w_l1 * l1}
+    if w_ssim > 0:
+        out["ssim"] = w_ssim * (1 - ssim(render, gt))
+    return out
+
+
+def regularisers(position_residual: Tensor, scales: Tensor, w_pos: float, w_scale: float) -> dict[str, Tensor]:
+    """w_pos · mean(Δposition²) and w_scale · mean(scale²); metres."""
+    return {"position": w_pos * position_residual.pow(2).mean(), "scale": w_scale * scales.pow(2).mean()}

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.flame.model import FlameModel
+from lib.flame.safe_pickle import load_pickle
+from lib.flame.synthetic import ensure_head_model
+from lib.geometry import uv
+from lib.geometry.obj_io import read_obj
+from lib.geometry.rotations import matrix_to_quat, quat_to_matrix
+from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose
+from lib.models.mesh_pca import MeshPCA
+from lib.models.texture_unet import ModulatedConv2d
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    paths = ensure_head_model(tmp_path_factory.mktemp("head"))
+    flame = FlameModel.from_file(paths["flame_model"])
+    obj = read_obj(paths["uv_obj"])
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    params = {"expr": 0.7 * torch.randn(n, flame.n_expr, generator=g),
+              "jaw_pose": torch.cat([0.3 * torch.rand(n, 1, generator=g), torch.zeros(n, 2)], 1),
+              "neck_pose": 0.1 * torch.randn(n, 3, generator=g), "rotation": 0.3 * torch.randn(n, 3, generator=g),
+              "translation": 0.05 * torch.randn(n, 3, generator=g)}
+    with torch.no_grad():
+        head, R, t = split_global_pose(flame, params)
+        world, _ = flame(**params)
+        canon = canonical_mesh(flame, {"shape": None, "neck_pose": None, "static_offset": None}, None, 20.0)
+    regions = load_pickle(paths["masks"])
+    avatar = GaussianAvatar(flame.faces, torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]), canon,
+                            regions, MeshPCA.fit(head, 100), 32, 4, [8, 8, 8], 8, 4, 8, 1)
+    return dict(flame=flame, obj=obj, head=head, R=R, t=t, world=world, canon=canon, regions=regions, avatar=avatar)
+
+
+def test_global_pose_split_reproduces_flame_world_vertices(setup):
+    world = setup["head"] @ setup["R"].transpose(-1, -2) + setup["t"][:, None]
+    assert torch.allclose(world, setup["world"], atol=1e-6)
+
+
+def test_zero_residuals_put_gaussians_on_the_posed_mesh_surface_with_its_frames(setup):
+    av = setup["avatar"]
+    with torch.no_grad():
+        g = av(setup["head"][:3], setup["R"][:3], setup["t"][:3])
+    faces, tm = setup["flame"].faces, av.texels
+    assert torch.allclose(g.means, uv.surface_points(setup["world"][:3], faces, tm), atol=1e-6)
+    uvs, faces_uv = torch.as_tensor(setup["obj"]["uvs"]).float(), torch.as_tensor(setup["obj"]["faces_uv"])
+    frames = uv.texel_frames(setup["world"][:3], faces, uvs, faces_uv, tm)
+    assert torch.allclose(quat_to_matrix(g.quats), frames, atol=1e-4)
+    assert torch.allclose(g.opacities, torch.full_like(g.opacities, 0.7))
+    assert torch.allclose(g.scales, av.canonical_log_scales.exp()[None, :, None].expand_as(g.scales))
+
+
+def test_canonical_gaussians_sit_on_the_canonical_mesh(setup):
+    av, faces = setup["avatar"], setup["flame"].faces
+    on_mesh = uv.surface_points(setup["canon"][None], faces, av.texels)[0]
+    assert torch.allclose(av.canonical_positions, on_mesh, atol=1e-7)
+    uvs, faces_uv = torch.as_tensor(setup["obj"]["uvs"]).float(), torch.as_tensor(setup["obj"]["faces_uv"])
+    frames = uv.texel_frames(setup["canon"][None], faces, uvs, faces_uv, av.texels)[0]
+    assert torch.allclose(av.canonical_quats, matrix_to_quat(frames), atol=1e-6)
+
+
+def test_neck_gaussians_are_removed(setup):
+    av = setup["avatar"]
+    full = uv.texel_map(torch.as_tensor(setup["obj"]["uvs"]).float(), torch.as_tensor(setup["obj"]["faces_uv"]), 32)
+    neck = uv.texel_regions(setup["regions"], setup["flame"].faces, full)["neck"]
+    assert neck.sum() > 0
+    assert av.n_gaussians == full.n - int(neck.sum())
+    assert not av.region("neck").any()
+    kept = set(av.texel_index.tolist())
+    assert not kept & set(full.index[neck].tolist())
+
+
+def test_position_residuals_move_gaussians_in_the_posed_texel_frame(setup):
+    av = setup["avatar"]
+    i = slice(0, 1)
+    with torch.no_grad():
+        base = av(setup["head"][i], setup["R"][i], setup["t"][i])
+        av.generator.head.bias[:3] = torch.tensor([0.0, 0.0, 1.0])  # +1 unit along the canonical normal
+        moved = av(setup["head"][i], setup["R"][i], setup["t"][i])
+        av.generator.head.bias.zero_()
+    # A residual along the canonical normal ends up along the posed (world) normal, same length.
+    uvs, faces_uv = torch.as_tensor(setup["obj"]["uvs"]).float(), torch.as_tensor(setup["obj"]["faces_uv"])
+    frames_c = av.canonical_frames
+    world_frames = uv.texel_frames(setup["world"][i], setup["flame"].faces, uvs, faces_uv, av.texels)[0]
+    d = (moved.means - base.means)[0]
+    expected = (world_frames @ frames_c.transpose(-1, -2) @ torch.tensor([0.0, 0.0, 0.01]))
+    assert torch.allclose(d, expected, atol=1e-6)
+
+
+def test_mesh_pca_reconstructs_its_meshes_and_whitens_their_coefficients(setup, tmp_path):
+    head = setup["head"]
+    pca = MeshPCA.fit(head, 100)
+    assert pca.n_components == head.shape[0] - 1
+    assert torch.allclose(pca.project(head, pca.n_components), head, atol=1e-5)
+    z = pca.coefficients(head)
+    assert torch.allclose(z.var(0), torch.ones(pca.n_components), atol=1e-3)
+    assert (pca.variances[:-1] >= pca.variances[1:]).all()
+    loaded = MeshPCA.load(pca.save(tmp_path / "pca.npz"))
+    assert torch.equal(loaded.components, pca.components)
+    with np.load(tmp_path / "pca.npz") as data:
+        assert np.allclose(data["whitening"], 1 / np.sqrt(data["variances"]))
+
+
+def test_modulated_conv_equals_the_per_sample_modulated_weight():
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(5, 7, 3, style_dim=4)
+    torch.nn.init.normal_(conv.affine.weight)
+    x, style = torch.randn(2, 5, 9, 9), torch.randn(2, 4)
+    s = conv.affine(style)
+    expected = []
+    for b in range(2):
+        w = conv.weight * conv.scale * s[b][None, :, None, None]
+        w = w / w.pow(2).sum((1, 2, 3), keepdim=True).add(1e-8).sqrt()
+        expected.append(F.conv2d(x[b:b + 1], w, padding=1) + conv.bias[None, :, None, None])
+    assert torch.allclose(conv(x, style), torch.cat(expected), atol=1e-5)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lib.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from lib.train.losses import composite_gt, mouth_weight, ssim
+from lib.train.schedule import lr_factor, progress
+
+
+def test_ssim_is_one_for_equal_images_and_lower_for_noise():
+    a = torch.rand(1, 32, 32, 3)
+    assert ssim(a, a).item() == pytest.approx(1.0, abs=1e-5)
+    assert ssim(a, (a + 0.2 * torch.randn_like(a)).clamp(0, 1)).item() < 0.9
+
+
+def test_mouth_weight_is_one_outside_and_raised_inside_the_mouth():
+    mouth = torch.zeros(1, 40, 40)
+    mouth[:, 18:22, 15:25] = 1
+    w = mouth_weight(mouth, 150.0, 3)
+    assert w[0, 0, 0] == pytest.approx(1.0) and w[0, 20, 20] > 50
+
+
+def test_ground_truth_is_composited_on_the_background_through_the_mask():
+    image = torch.full((1, 2, 2, 3), 0.3)
+    alpha = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+    out = composite_gt(image, alpha, torch.tensor([[0.0, 1.0, 0.0]]))
+    assert torch.allclose(out[0, 0, 0], torch.tensor([0.3, 0.3, 0.3]))
+    assert torch.allclose(out[0, 0, 1], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.allclose(out[0, 1, 0], torch.tensor([0.15, 0.65, 0.15]))
+
+
+def test_schedules_follow_the_progress_of_the_run():
+    assert lr_factor(0.349, "multistep", [0.35, 0.7], 0.33, 0.05) == 1.0
+    assert lr_factor(0.35, "multistep", [0.35, 0.7], 0.33, 0.05) == pytest.approx(0.33)
+    assert lr_factor(0.999, "multistep", [0.35, 0.7], 0.33, 0.05) == pytest.approx(0.33 ** 2)
+    assert lr_factor(0.0, "exponential", [], 0.33, 0.05) == 1.0
+    assert lr_factor(1.0, "exponential", [], 0.33, 0.05) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(0.0, "cosine", [], 0.33, 0.05)
+
+
+def test_a_time_limit_takes_over_the_progress_when_it_is_further_along():
+    assert progress(50, 100, 1e6, 0.0) == 0.5  # no limit: steps only
+    assert progress(50, 100, 30.0, 2.0) == 0.5
+    assert progress(50, 100, 90.0, 2.0) == 0.75
+    assert progress(10, 100, 600.0, 2.0) == 1.0
+
+
+def test_checkpoints_keep_the_newest_and_a_truncated_one_is_a_clear_error(tmp_path):
+    for step in (5, 10, 15):
+        save_checkpoint({"model": {"w": torch.ones(3) * step}, "step": step}, tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010.pt", "step_00000015.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
+    path = list_checkpoints(tmp_path)[-1]
+    assert load_checkpoint(path)["step"] == 15
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{path.name} is corrupt"):
+        load_checkpoint(path)

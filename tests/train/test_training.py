@@ -1,0 +1,160 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lib.config import load_config
+from lib.dataset.vhap import VhapExport
+from lib.eval.evaluate import evaluate
+from lib.eval.render import render_gaussians
+from lib.flame.model import FlameModel
+from lib.models.avatar import build_avatar
+from lib.paths import REPO_ROOT, ActorPaths, resolve
+from lib.train import trainer
+from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from lib.train.data import ActorData
+from lib.train.losses import composite_gt, photometric, regularisers
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _train_cli(config, overrides, **kw):
+    return subprocess.Popen([sys.executable, "train.py", str(config), *overrides], cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_a_few_training_steps_lower_the_loss(run_config):
+    cfg = load_config(*run_config)
+    torch.manual_seed(0)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, torch.device("cpu"))
+    avatar = build_avatar(cfg, ActorPaths(cfg), flame)
+    opt = trainer.make_optimizer(avatar, cfg)
+    frame = export.split("train")[3]
+    sample = data.sample(frame)
+    bg = torch.tensor([0.2, 0.5, 0.8])
+    gt = composite_gt(sample.image[None], sample.alpha[None], bg[None])
+
+    def loss_now():
+        g = avatar(*data.driving(frame.timestep_index))
+        rgb = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height, bg)
+        terms = photometric(rgb, gt, torch.ones_like(sample.alpha)[None], 0.4, 0.8)
+        terms.update(regularisers(g.position_residual, g.scales, 750.0, 20.0))
+        return sum(terms.values())
+
+    losses = []
+    for _ in range(25):
+        loss = loss_now()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_killed_run_resumes_and_ends_at_the_configured_step(run_config):
+    config, overrides = run_config
+    overrides = overrides + ["train.iterations=300", "train.checkpoint_every=5", "train.keep_checkpoints=50"]
+    cfg = load_config(config, overrides)
+    folder = ActorPaths(cfg).regressor_checkpoints
+    first = _train_cli(config, overrides)
+    deadline = time.time() + 120
+    while latest_checkpoint(folder) is None and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed:\n" + first.stdout.read()
+    first.kill()
+    first.wait()
+    killed_at = load_checkpoint(latest_checkpoint(folder))["step"]
+    assert killed_at < 300
+
+    second = _train_cli(config, overrides)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert f"resuming from" in out and f"(step {killed_at})" in out
+    final = load_checkpoint(latest_checkpoint(folder))
+    assert final["step"] == 300
+    avatar = build_avatar(cfg, ActorPaths(cfg), FlameModel.from_file(resolve(cfg.actor.flame_model)))
+    avatar.load_state_dict(final["model"])
+
+
+def test_corrupt_checkpoint_is_a_clear_error_naming_the_file(run_config):
+    config, overrides = run_config
+    cfg = load_config(config, overrides)
+    folder = ActorPaths(cfg).regressor_checkpoints
+    folder.mkdir(parents=True)
+    bad = folder / "step_00000003.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="step_00000003.pt is corrupt"):
+        load_checkpoint(bad)
+    run = _train_cli(config, overrides)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode != 0
+    assert str(bad) in out and "corrupt" in out
+    assert "Traceback" not in out
+
+
+def test_nan_guard_restores_the_last_good_state_and_training_finishes(run_config, monkeypatch):
+    cfg = load_config(run_config[0], run_config[1] + ["train.iterations=8", "train.nan_snapshot_every=2"])
+    calls = {"n": 0}
+    real = trainer.photometric
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] in (4, 5):
+            terms["l1"] = terms["l1"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer, "photometric", sometimes_nan)
+    messages = []
+    avatar = trainer.train(cfg, log=messages.append)
+    assert sum("non-finite gradient" in m for m in messages) == 2
+    assert sum("VGG perceptual loss off" in m for m in messages) == 1  # no weights configured: one line
+    assert all(torch.isfinite(p).all() for p in avatar.parameters())
+    assert load_checkpoint(latest_checkpoint(ActorPaths(cfg).regressor_checkpoints))["step"] == 8
+
+
+def test_two_process_gloo_run_keeps_identical_weights(run_config, tmp_path):
+    config, overrides = run_config
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "tests/train/ddp_worker.py", str(config), str(tmp_path), *overrides, "train.iterations=4"]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The generator's output layer starts at zero: non-zero weights show that training happened.
+    assert a["generator.head.weight"].abs().sum() > 0
+
+
+def test_evaluation_writes_metrics_renders_and_videos(run_config):
+    cfg = load_config(*run_config)
+    trainer.train(cfg, log=lambda *a: None)
+    results = evaluate(cfg, log=lambda *a: None)
+    out = ActorPaths(cfg).regressor_eval
+    saved = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for key in ("psnr", "psnr_masked", "ssim", "l1"):
+            assert 5.0 < saved[split][key] < 60.0 if "psnr" in key else 0.0 <= saved[split][key] <= 1.0
+        assert saved[split]["frames"] == 2
+        assert (out / f"{split}.mp4").stat().st_size > 0
+        assert len(list((out / split).glob("*.png"))) == 2
+    assert saved["lpips"].startswith("unavailable")
+    assert len(list((out / "spin").glob("*.png"))) == 4 and (out / "spin.mp4").stat().st_size > 0
+    assert results["test"]["per_frame"][0]["camera"] == cfg.test.camera
+
+
+def test_time_limit_ends_the_run_early_with_a_final_checkpoint_and_decayed_rate(run_config):
+    cfg = load_config(run_config[0], run_config[1] + ["train.iterations=100000", "train.time_limit_minutes=0.002"])
+    trainer.train(cfg, log=lambda *a: None)
+    final = load_checkpoint(latest_checkpoint(ActorPaths(cfg).regressor_checkpoints))
+    assert 0 < final["step"] < 100000
+    assert final["elapsed"] >= 0.12
+    lrs = [g["lr"] / g["base_lr"] for g in final["optimizer"]["param_groups"]]
+    assert all(f < 0.1 for f in lrs)  # near lr_final (0.05) at the end of the budget
