@@ -1,6 +1,21 @@
-"""pca_gauss.py CONFIG [section.key=value ...] — stage 3, building GEM."""
-from lib.cli import not_implemented, parse
+"""pca_gauss.py CONFIG [section.key=value ...] — stage 3, building GEM.
+
+Runs the trained regressor over the train + val timesteps, fits one linear basis per Gaussian
+attribute in the head's space (gem.* keys: component counts, parts, fp16), prints reconstruction
+errors and file sizes, scores GEM against the regressor on val and test frames, and writes
+experiments/<actor>/gem/gem.pt and report.json.
+"""
+import sys
+
+from lib.cli import parse
+from lib.models.gem import GemError
+from lib.models.mesh_pca import MeshPcaError
+from lib.train.checkpoint import CheckpointError
+from lib.train.fit_gem import fit_gem
 
 if __name__ == "__main__":
-    parse(__doc__)
-    not_implemented("pca_gauss.py (stage 3, building GEM)")
+    cfg, _ = parse(__doc__)
+    try:
+        fit_gem(cfg)
+    except (MeshPcaError, CheckpointError, GemError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,500 @@
+"""GEM, the Gaussian eigen model (stage 3): a linear basis per Gaussian attribute.
+
+The regressor's Gaussians over an actor's training frames, expressed in *GEM space* (head space
+with the neck rotation undone: the global rotation / translation and the neck joint's rigid motion
+removed, jaw, eyes and expression kept), are compressed attribute by attribute:
+
+    x = mean + sum_k c_k * sqrt(lambda_k) * basis_k          (c in sigma units)
+
+over the flattened values of all Gaussians of one attribute (a PCA over frames x (Gaussians .
+channels), not whitened: ``basis`` holds orthonormal rows, ``lambda`` the variances). Attributes
+and their channels, as the renderer takes them (activated, not logits / logs):
+
+    positions [N, 3] metres    rotations [N, 4] raw wxyz quaternions    scales [N, 3] linear
+    opacities [N, 1] in [0, 1]                                          colours: fixed (frame 0)
+
+After reconstruction quaternions are normalised, scales clamped at 0 and opacities to [0, 1].
+Quaternions q and -q are the same rotation; before fitting or projecting, each Gaussian's
+quaternion is flipped into the hemisphere of its reference (frame 0 when fitting, the mean when
+projecting), so the PCA sees one continuous signal and not sign jumps.
+
+"Parts": optionally each attribute gets one PCA per face region (a block); a Gaussian belongs to
+the region of its nearest canonical vertex (``assign_parts``). The coefficient vector of an
+attribute is the concatenation of its blocks' coefficients, in block order.
+
+Fitting uses the T x T Gram matrix of the centred data (T frames, few; N . C values, many), so a
+fit over 262k Gaussians costs a few matrix products. At most T - 1 components exist; components
+whose variance is below 1e-10 of the largest (numerically zero) are dropped.
+
+File (``save`` / ``load``): a ``torch.save`` dict of tensors, strings and numbers only, read with
+``torch.load(weights_only=True)``; written atomically (temp file + rename). Bases may be stored in
+float16 (``half=True``); means, variances and coefficients stay float32.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import Tensor
+
+from lib.flame.model import FlameModel
+from lib.gaussians.render import RenderOutput, render
+from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
+
+ATTRIBUTES = {"positions": 3, "rotations": 4, "scales": 3, "opacities": 1}  # name -> channels
+FORMAT = "gem-v1"
+# Part name -> FLAME_masks regions, in priority order: a vertex in several regions (FLAME's masks
+# overlap: "face" contains nose, lips and eyes) goes to the first part that claims it. Regions a
+# model's masks lack are skipped; vertices no part claims form the part "rest".
+PART_REGIONS = (
+    ("eyeballs", ("left_eyeball", "right_eyeball")),
+    ("ears", ("left_ear", "right_ear")),
+    ("mouth", ("lips", "mouth")),
+    ("nose", ("nose",)),
+    ("eye_region", ("left_eye_region", "right_eye_region", "eye_region")),
+    ("forehead", ("forehead",)),
+    ("jaw", ("jaw",)),
+    ("face", ("face",)),
+    ("scalp", ("scalp",)),
+    ("neck", ("neck",)),
+)
+_RANK_TOL = 1e-10  # variance ratio below which a component is numerical noise
+_GRAM_CHUNK = 1 << 22  # values per chunk of the float64 Gram accumulation (memory bound)
+
+
+class GemError(ValueError):
+    """A GEM file or input that cannot be used; the message names the file and what to do."""
+
+
+class GaussianSet(NamedTuple):
+    """B sets of N Gaussians with activated attributes (quaternions wxyz)."""
+
+    means: Tensor  # [B, N, 3]
+    quats: Tensor  # [B, N, 4]
+    scales: Tensor  # [B, N, 3]
+    opacities: Tensor  # [B, N]
+    colors: Tensor  # [B, N, 3] RGB in [0, 1]
+
+    def attribute(self, name: str) -> Tensor:
+        """One GEM attribute as [B, N, C]."""
+        values = {"positions": self.means, "rotations": self.quats, "scales": self.scales,
+                  "opacities": self.opacities[..., None]}
+        return values[name]
+
+    def frame(self, b: int) -> "GaussianSet":
+        """The b-th set, keeping a batch axis of 1."""
+        return GaussianSet(*(x[b:b + 1] for x in self))
+
+
+@dataclass
+class Block:
+    """The PCA of one attribute over one set of Gaussians (all of them, or one part)."""
+
+    part: str
+    index: Tensor | None  # [n] long Gaussians of the block; None = all N, in order
+    mean: Tensor  # [n * C]
+    basis: Tensor  # [K, n * C] orthonormal rows
+    eigenvalues: Tensor  # [K] variances, descending
+
+    @property
+    def n_components(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+
+# ---------------------------------------------------------------- PCA of one data matrix
+
+def fit_pca(x: Tensor, n_components: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PCA of the rows of x [T, D] through the T x T Gram matrix (float64).
+
+    -> mean [D], basis [K, D] orthonormal rows, eigenvalues [K] (variance, ddof 1), coefficients
+       [T, K] of the rows in sigma units (zero mean, unit variance per component);
+       K = min(n_components, T - 1, numerical rank).
+    """
+    T = x.shape[0]
+    if T < 2:
+        raise GemError(f"a PCA needs at least 2 frames, got {T}")
+    mean = x.mean(0, dtype=torch.float64)
+    centred = x - mean.to(x.dtype)
+    gram = torch.zeros(T, T, dtype=torch.float64, device=x.device)
+    step = max(1, _GRAM_CHUNK // T)
+    for start in range(0, x.shape[1], step):
+        chunk = centred[:, start:start + step].double()
+        gram += chunk @ chunk.T
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = values.flip(0), vectors.flip(1)
+    keep = int((values > _RANK_TOL * values[0]).sum()) if values[0] > 0 else 0
+    k = min(n_components, T - 1, keep)
+    s = values[:k].sqrt()  # singular values of the centred data
+    u = vectors[:, :k]
+    basis = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[1], step):
+        basis[:, start:start + step] = ((u.T @ centred[:, start:start + step].double()) / s[:, None]).to(x.dtype)
+    eigenvalues = values[:k] / (T - 1)
+    coefficients = u * (T - 1) ** 0.5  # = (centred @ basis.T) / sqrt(eigenvalues)
+    return mean.to(x.dtype), basis, eigenvalues.float(), coefficients.float()
+
+
+# ---------------------------------------------------------------- quaternion sign continuity
+
+def align_quats(quats: Tensor, reference: Tensor) -> Tensor:
+    """Flip each quaternion into the hemisphere of its reference. [..., N, 4], [N, 4] -> [..., N, 4]"""
+    sign = torch.where((quats * reference).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(quats)
+    return quats * sign
+
+
+# ---------------------------------------------------------------- parts
+
+def assign_parts(positions: Tensor, canonical_verts: Tensor,
+                 masks: dict[str, np.ndarray]) -> tuple[list[str], Tensor]:
+    """Part of every Gaussian through its nearest canonical vertex (see PART_REGIONS).
+
+    positions: [N, 3] canonical Gaussian positions; canonical_verts: [V, 3]; masks: FLAME_masks
+    (region -> vertex ids). -> (part names, labels [N] long into the names); parts no Gaussian
+    falls in are left out.
+    """
+    tree = cKDTree(canonical_verts.detach().cpu().double().numpy())
+    _, nearest = tree.query(positions.detach().cpu().double().numpy())
+    vertex_part = np.full(canonical_verts.shape[0], -1, dtype=np.int64)
+    names = []
+    for name, regions in PART_REGIONS:
+        ids = [np.asarray(masks[r], dtype=np.int64) for r in regions if r in masks]
+        if not ids:
+            continue
+        ids = np.concatenate(ids)
+        ids = ids[(ids >= 0) & (ids < len(vertex_part))]
+        free = ids[vertex_part[ids] < 0]
+        vertex_part[free] = len(names)
+        names.append(name)
+    vertex_part[vertex_part < 0] = len(names)
+    names.append("rest")
+    labels = vertex_part[nearest]
+    used = np.unique(labels)
+    remap = np.full(len(names), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return [names[i] for i in used], torch.as_tensor(remap[labels], device=positions.device)
+
+
+# ---------------------------------------------------------------- poses
+
+def gem_pose(flame: FlameModel, params: dict[str, Tensor | None]) -> tuple[Tensor, Tensor]:
+    """The rigid map GEM space -> world of FLAME frames: world = x @ R^T + t.
+
+    It is the head's global pose after the neck joint's rigid motion. With rotation and translation
+    zero, FLAME moves the neck's children by A = [R_n | p - R_n p] (R_n, p: the posed neck joint's
+    frame); the global pose then turns everything about the rest root j0 and translates it
+    (see ``lib.models.avatar.split_global_pose``). params: [B, ...] tensors as VHAP writes them.
+    -> R [B, 3, 3], t [B, 3]
+    """
+    args = dict(params)
+    rotation, translation = args.pop("rotation"), args.pop("translation")
+    _, joints = flame(**args)
+    j0 = joints[:, 0, :3, 3]
+    R_g = axis_angle_to_matrix(rotation.to(j0))
+    t_g = j0 + translation.to(j0) - (R_g @ j0[..., None])[..., 0]
+    R_n, p = joints[:, 1, :3, :3], joints[:, 1, :3, 3]
+    t_n = p - (R_n @ p[..., None])[..., 0]
+    return R_g @ R_n, (R_g @ t_n[..., None])[..., 0] + t_g
+
+
+def transform(gaussians: GaussianSet, R: Tensor, t: Tensor) -> GaussianSet:
+    """Apply the rigid map x -> R x + t (R [B, 3, 3], t [B, 3]) to means and rotations."""
+    means = gaussians.means @ R.transpose(-1, -2) + t[:, None]
+    quats = quat_multiply(matrix_to_quat(R)[:, None], gaussians.quats)
+    return gaussians._replace(means=means, quats=quats)
+
+
+def to_gem_space(gaussians: GaussianSet, R: Tensor, t: Tensor) -> GaussianSet:
+    """Inverse of ``transform``: world Gaussians -> GEM space, given the frame's ``gem_pose``."""
+    Rt = R.transpose(-1, -2)
+    return transform(gaussians, Rt, -(Rt @ t[..., None])[..., 0])
+
+
+# ---------------------------------------------------------------- the model
+
+class GaussianEigenModel:
+    """Per-attribute linear bases of an actor's Gaussians (see the module docstring).
+
+    blocks:        attribute -> [Block], one per part (one block "all" without parts)
+    colors:        [N, 3] fixed RGB
+    coefficients:  attribute -> [T, K] sigma-unit coefficients of the training frames
+    timesteps:     [T] long, the dataset timestep of each coefficient row
+    extras:        tensors the fitting stage keeps beside the model (e.g. the texel index)
+    """
+
+    def __init__(self, blocks: dict[str, list[Block]], colors: Tensor,
+                 coefficients: dict[str, Tensor], timesteps: Tensor, extras: dict[str, Tensor] | None = None):
+        self.blocks = blocks
+        self.colors = colors
+        self.coefficients = coefficients
+        self.timesteps = timesteps
+        self.extras = dict(extras or {})
+        self._scaled: dict[tuple[str, int], Tensor] = {}
+
+    # ---- fitting ----
+
+    @classmethod
+    def fit(cls, frames: GaussianSet, n_components: dict[str, int], timesteps: Tensor | None = None,
+            parts: tuple[list[str], Tensor] | None = None, extras: dict[str, Tensor] | None = None
+            ) -> "GaussianEigenModel":
+        """Fit the bases to T frames of N Gaussians in GEM space (frames: GaussianSet with B = T).
+
+        n_components: attribute -> components kept (per block); parts: (names, labels [N]) from
+        ``assign_parts``, or None for one block per attribute. Colours are frame 0's.
+        """
+        T, N = frames.means.shape[:2]
+        timesteps = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps).long()
+        groups = [("all", None)] if parts is None else [
+            (name, (parts[1] == i).nonzero().squeeze(1)) for i, name in enumerate(parts[0])]
+        blocks, coefficients = {}, {}
+        for attr, C in ATTRIBUTES.items():
+            if attr not in n_components:
+                raise GemError(f"no component count for '{attr}'; n_components needs {list(ATTRIBUTES)}")
+            x = frames.attribute(attr).detach()
+            if attr == "rotations":
+                x = align_quats(x, x[0])
+            blocks[attr], coeffs = [], []
+            for part, index in groups:
+                data = x if index is None else x[:, index]
+                mean, basis, eigenvalues, c = fit_pca(data.reshape(T, -1), n_components[attr])
+                blocks[attr].append(Block(part, index, mean, basis, eigenvalues))
+                coeffs.append(c)
+            coefficients[attr] = torch.cat(coeffs, dim=1)
+        return cls(blocks, frames.colors[0].detach().clone(), coefficients, timesteps, extras)
+
+    # ---- shape of the coefficient vectors ----
+
+    @property
+    def n_gaussians(self) -> int:
+        return int(self.colors.shape[0])
+
+    @property
+    def parts(self) -> list[str]:
+        return [b.part for b in self.blocks["positions"]]
+
+    def n_components(self, attr: str) -> int:
+        return sum(b.n_components for b in self.blocks[attr])
+
+    def component_labels(self, attr: str) -> list[tuple[str, int]]:
+        """(part, component index within the part) of every entry of an attribute's coefficients."""
+        return [(b.part, k) for b in self.blocks[attr] for k in range(b.n_components)]
+
+    def zero_coefficients(self, batch: int = 1) -> dict[str, Tensor]:
+        """The mean state: every attribute's coefficients zero. -> attribute -> [batch, K]"""
+        return {a: self.colors.new_zeros(batch, self.n_components(a)) for a in ATTRIBUTES}
+
+    # ---- evaluation ----
+
+    def reconstruct(self, coefficients: dict[str, Tensor]) -> GaussianSet:
+        """Gaussians in GEM space from sigma-unit coefficients (attribute -> [B, K]; a missing
+        attribute is at its mean). -> GaussianSet with B sets of N"""
+        batch = max((c.shape[0] for c in coefficients.values()), default=1)
+        values = {}
+        for attr, C in ATTRIBUTES.items():
+            c = coefficients.get(attr)
+            if c is not None and c.shape[-1] != self.n_components(attr):
+                raise GemError(f"{attr}: got {c.shape[-1]} coefficients, the model has {self.n_components(attr)}")
+            values[attr] = self._attribute(attr, C, c, batch)
+        colors = self.colors[None].expand(batch, -1, -1)
+        return GaussianSet(values["positions"], normalize_quat(values["rotations"]),
+                           values["scales"].clamp_min(0.0), values["opacities"][..., 0].clamp(0.0, 1.0), colors)
+
+    def evaluate(self, coefficients: dict[str, Tensor], R: Tensor | None = None,
+                 t: Tensor | None = None) -> GaussianSet:
+        """Coefficients (+ the frame's ``gem_pose`` R [B, 3, 3], t [B, 3]) -> world Gaussians."""
+        gaussians = self.reconstruct(coefficients)
+        return gaussians if R is None else transform(gaussians, R, t)
+
+    def project(self, gaussians: GaussianSet) -> dict[str, Tensor]:
+        """Sigma-unit coefficients of GEM-space Gaussians (the least-squares fit). -> attribute -> [B, K]"""
+        out = {}
+        for attr in ATTRIBUTES:
+            x = gaussians.attribute(attr).detach()
+            coeffs = []
+            for block in self.blocks[attr]:
+                data = x if block.index is None else x[:, block.index]
+                if attr == "rotations":
+                    data = align_quats(data, block.mean.view(data.shape[1], 4))
+                centred = data.reshape(data.shape[0], -1) - block.mean
+                coeffs.append((centred @ block.basis.T.to(centred)) / block.eigenvalues.sqrt())
+            out[attr] = torch.cat(coeffs, dim=1)
+        return out
+
+    def _attribute(self, attr: str, C: int, c: Tensor | None, batch: int) -> Tensor:
+        blocks = self.blocks[attr]
+        if len(blocks) == 1 and blocks[0].index is None:
+            return self._block_values(attr, 0, c, batch).view(batch, -1, C)
+        out = self.colors.new_empty(batch, self.n_gaussians, C)
+        start = 0
+        for i, block in enumerate(blocks):
+            part_c = None if c is None else c[:, start:start + block.n_components]
+            start += block.n_components
+            out[:, block.index] = self._block_values(attr, i, part_c, batch).view(batch, -1, C)
+        return out
+
+    def _block_values(self, attr: str, i: int, c: Tensor | None, batch: int) -> Tensor:
+        block = self.blocks[attr][i]
+        mean = block.mean.to(self.colors.dtype)
+        if c is None or block.n_components == 0:
+            return mean.expand(batch, -1)
+        key = (attr, i)
+        if key not in self._scaled:  # sqrt(lambda) folded into the basis once: one addmm per block
+            self._scaled[key] = (block.eigenvalues.sqrt()[:, None] * block.basis.float()).to(mean.dtype)
+        return torch.addmm(mean, c.to(mean.dtype), self._scaled[key])
+
+    # ---- housekeeping ----
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "GaussianEigenModel":
+        """A copy on another device; dtype (floating tensors only) also converts stored fp16 bases."""
+        def move(x):
+            if x is None:
+                return None
+            return x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
+        blocks = {a: [Block(b.part, move(b.index), move(b.mean), move(b.basis), move(b.eigenvalues))
+                      for b in bl] for a, bl in self.blocks.items()}
+        return GaussianEigenModel(blocks, move(self.colors), {a: move(c) for a, c in self.coefficients.items()},
+                                  self.timesteps.to(device), {k: move(v) for k, v in self.extras.items()})
+
+    def truncated(self, n_components: dict[str, int]) -> "GaussianEigenModel":
+        """The model with only the first n components of every block (attribute -> n)."""
+        blocks, coefficients = {}, {}
+        for attr, bl in self.blocks.items():
+            n = n_components.get(attr, max(b.n_components for b in bl))
+            # clone: a slice would keep (and save) the whole basis' storage
+            blocks[attr] = [Block(b.part, b.index, b.mean, b.basis[:n].clone(), b.eigenvalues[:n].clone()) for b in bl]
+            keep = torch.cat([torch.arange(b.n_components)[:n] + sum(p.n_components for p in bl[:i])
+                              for i, b in enumerate(bl)])
+            coefficients[attr] = self.coefficients[attr][:, keep.to(self.coefficients[attr].device)]
+        return GaussianEigenModel(blocks, self.colors, coefficients, self.timesteps, self.extras)
+
+    # ---- file ----
+
+    def state(self, half: bool = False) -> dict:
+        """The file's content: tensors, strings and numbers only (bases in fp16 when half)."""
+        def block_state(b: Block) -> dict:
+            state = {"part": b.part, "mean": b.mean.float().cpu(), "eigenvalues": b.eigenvalues.float().cpu(),
+                     "basis": (b.basis.half() if half else b.basis.float()).cpu()}
+            if b.index is not None:
+                state["index"] = b.index.long().cpu()
+            return state
+        return {
+            "format": FORMAT,
+            "n_gaussians": self.n_gaussians,
+            "colors": self.colors.float().cpu(),
+            "blocks": {a: [block_state(b) for b in bl] for a, bl in self.blocks.items()},
+            "coefficients": {a: c.float().cpu() for a, c in self.coefficients.items()},
+            "timesteps": self.timesteps.long().cpu(),
+            "extras": {k: v.cpu() for k, v in self.extras.items()},
+        }
+
+    def nbytes(self, half: bool = False) -> int:
+        """Size in bytes of the file ``save`` writes (give or take the file's name, stored inside)."""
+        buffer = io.BytesIO()
+        torch.save(self.state(half), buffer)
+        return buffer.tell()
+
+    def save(self, path: str | Path, half: bool = False) -> Path:
+        """Write the model atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(self.state(half), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device=None, dtype: torch.dtype = torch.float32) -> "GaussianEigenModel":
+        """Read a GEM file; bases stored in fp16 come back as ``dtype``."""
+        path = Path(path)
+        hint = "rerun `python pca_gauss.py CONFIG` to rebuild it"
+        if not path.is_file():
+            raise GemError(f"GEM file not found: {path}; build it with `python pca_gauss.py CONFIG` (stage 3)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GemError(f"GEM file {path} is corrupt or not a GEM file ({first}); {hint}") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise GemError(f"{path} is not a GEM file of this project (format "
+                           f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+                           f"expected {FORMAT!r}); {hint}")
+        try:
+            model = cls._from_state(state)
+        except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+            raise GemError(f"GEM file {path} is incomplete ({type(e).__name__}: {e}); {hint}") from None
+        return model.to(device, dtype)
+
+    @classmethod
+    def _from_state(cls, state: dict) -> "GaussianEigenModel":
+        N = int(state["n_gaussians"])
+        blocks = {}
+        for attr, C in ATTRIBUTES.items():
+            blocks[attr] = []
+            for b in state["blocks"][attr]:
+                n = N if "index" not in b else b["index"].shape[0]
+                if b["mean"].shape != (n * C,) or b["basis"].shape != (b["eigenvalues"].shape[0], n * C):
+                    raise RuntimeError(f"block '{b['part']}' of {attr} has mismatched shapes")
+                blocks[attr].append(Block(b["part"], b.get("index"), b["mean"], b["basis"], b["eigenvalues"]))
+        model = cls(blocks, state["colors"], state["coefficients"], state["timesteps"], state["extras"])
+        for attr in ATTRIBUTES:
+            if model.coefficients[attr].shape[1] != model.n_components(attr):
+                raise RuntimeError(f"coefficients of {attr} do not match its components")
+        return model
+
+
+def pose_viewmats(viewmats: Tensor, R: Tensor, t: Tensor) -> Tensor:
+    """World-to-camera matrices [C, 4, 4] composed with the GEM pose x -> R x + t (R [3, 3], t [3]):
+    a camera looking at the posed head sees exactly what the composed camera sees in GEM space."""
+    pose = torch.eye(4, dtype=viewmats.dtype, device=viewmats.device)
+    pose[:3, :3] = R
+    pose[:3, 3] = t
+    return viewmats @ pose
+
+
+def render_gem(model: GaussianEigenModel, coefficients: dict[str, Tensor], R: Tensor, t: Tensor, viewmats: Tensor,
+               Ks: Tensor, width: int, height: int, background: Tensor | None = None) -> RenderOutput:
+    """One frame: coefficients (attribute -> [1, K]) and its GEM pose (R [1, 3, 3], t [1, 3]) -> images of
+    cameras viewmats [C, 4, 4], Ks [C, 3, 3] (lib.gaussians.render.render).
+
+    The same image as rendering ``model.evaluate(coefficients, R, t)``, but the pose is folded into the
+    cameras instead of being applied to every Gaussian: the rasterizer sees identical camera-space
+    Gaussians, and GEM costs one small matrix product per attribute on top of the rasterizer.
+    """
+    g = model.reconstruct(coefficients)
+    return render(g.means[0], g.quats[0], g.scales[0], g.opacities[0], g.colors[0],
+                  pose_viewmats(viewmats, R[0].to(viewmats), t[0].to(viewmats)), Ks, width, height, background)
+
+
+def reconstruction_errors(model: GaussianEigenModel, frames: GaussianSet) -> dict[str, dict[str, float]]:
+    """Error of projecting frames on the model and rebuilding them, per attribute:
+    rms = RMS over Gaussians and frames of the per-Gaussian error norm; relative = rms / the RMS
+    deviation of the frames from their own mean (the share of the motion left unexplained).
+
+    Rotations are compared as rotations (the sign of a quaternion is free): unit quaternions,
+    the error min(|q - q'|, |q + q'|).
+    """
+    rebuilt = model.reconstruct(model.project(frames))
+    errors = {}
+    for attr in ATTRIBUTES:
+        a, b = frames.attribute(attr).float(), rebuilt.attribute(attr).float()
+        if attr == "rotations":
+            a = normalize_quat(a)
+            a = align_quats(a, a[0])
+            b = align_quats(b, a)
+        rms = float((a - b).pow(2).sum(-1).mean().sqrt())
+        spread = float((a - a.mean(0)).pow(2).sum(-1).mean().sqrt())
+        errors[attr] = {"rms": rms, "relative": rms / spread if spread > 0 else 0.0}
+    return errors

@@ -1,0 +1,217 @@
+"""Stage 3: GEM of an actor, built from its trained regressor, into experiments/<actor>/gem/.
+
+The regressor runs once per timestep of ``gem.splits`` (train + val: the val split shares the
+training timesteps, so these are the training expressions; the Gaussians do not depend on the
+camera). Its world-space Gaussians are brought into GEM space (``lib.models.gem.gem_pose``: global
+pose and neck rotation undone) and fitted. Then, with ``gem.evaluate``, val (novel view) and test
+(novel expression) frames are rendered on white by the regressor and by GEM (coefficients = the
+projection of the regressor's output for that timestep) and scored against the ground truth, over
+the full frame and inside the head mask, and again for the component counts of
+``gem.table_components``. Everything printed is also written to ``report.json``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from lib.config import save_config
+from lib.dataset.vhap import Frame, VhapExport, read_flame_params
+from lib.flame.model import FlameModel
+from lib.flame.safe_pickle import load_pickle
+from lib.gaussians.render import render
+from lib.models.avatar import GaussianAvatar, build_avatar, load_canonical_mesh
+from lib.models.gem import (
+    ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, gem_pose, reconstruction_errors, render_gem,
+    to_gem_space,
+)
+from lib.paths import ActorPaths, resolve
+from lib.train import distributed
+from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from lib.train.data import ActorData
+from lib.train.losses import composite_gt
+from lib.train.metrics import image_metrics
+
+MB = 1024.0 * 1024.0
+
+
+def load_regressor(cfg, paths: ActorPaths, flame: FlameModel, device) -> tuple[GaussianAvatar, str]:
+    """The trained regressor of stage 2 (newest checkpoint), in eval mode. -> (avatar, checkpoint path)"""
+    ckpt = latest_checkpoint(paths.regressor_checkpoints)
+    if ckpt is None:
+        raise CheckpointError(f"no regressor checkpoint in {paths.regressor_checkpoints}; train it first "
+                              "(python train.py CONFIG) with the same actor.name")
+    avatar = build_avatar(cfg, paths, flame)
+    try:
+        avatar.load_state_dict(load_checkpoint(ckpt)["model"])
+    except RuntimeError as e:  # missing keys or shapes: another regressor.* config or code version
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {ckpt} does not fit the regressor of this config ({first}); run "
+                              "pca_gauss.py with the config it was trained with, or retrain") from None
+    return avatar.to(device).eval(), str(ckpt)
+
+
+def timestep_files(export: VhapExport, splits) -> dict[int, object]:
+    files = {}
+    for split in splits:
+        files.update(export.timesteps(split))
+    return files
+
+
+@torch.no_grad()
+def gem_space_frames(avatar: GaussianAvatar, data: ActorData, flame: FlameModel, files: dict,
+                     timesteps: list[int]) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
+    """The regressor's Gaussians of timesteps, in GEM space (on the CPU: T frames of N Gaussians can be
+    large), and each timestep's GEM pose. -> (GaussianSet [T, N, ...], R [T, 3, 3], t [T, 3])"""
+    params = [read_flame_params(files[t]) for t in timesteps]
+    device = data.device
+    batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
+    R, t = gem_pose(flame, batch)
+    sets = []
+    for i, step in enumerate(timesteps):
+        g = avatar(*data.driving(step))
+        world = GaussianSet(g.means, g.quats, g.scales, g.opacities, g.colors)
+        sets.append(GaussianSet(*(x.cpu() for x in to_gem_space(world, R[i:i + 1], t[i:i + 1]))))
+    return GaussianSet(*(torch.cat(x) for x in zip(*sets))), R, t
+
+
+def fit_gem(cfg, log=print) -> GaussianEigenModel:
+    info = distributed.setup(cfg.train.device, cfg.train.threads)
+    device = info.device
+    paths = ActorPaths(cfg)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, device)
+    avatar, ckpt = load_regressor(cfg, paths, flame, device)
+
+    files = timestep_files(export, cfg.gem.splits)
+    timesteps = sorted(files)
+    start = time.perf_counter()
+    frames, _, _ = gem_space_frames(avatar, data, flame, files, timesteps)
+    log(f"regressor ({ckpt}) over {len(timesteps)} timesteps of {'+'.join(cfg.gem.splits)}: "
+        f"{frames.means.shape[1]} Gaussians each ({time.perf_counter() - start:.1f} s)")
+
+    parts = None
+    if cfg.gem.parts:
+        masks = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(resolve(cfg.actor.flame_masks)).items()}
+        parts = assign_parts(avatar.canonical_positions.cpu(), load_canonical_mesh(paths.canonical_mesh), masks)
+        members = torch.bincount(parts[1], minlength=len(parts[0])).tolist()
+        log("parts: " + ", ".join(f"{n} ({c})" for n, c in zip(parts[0], members)))
+    counts = {a: getattr(cfg.gem, a) for a in ATTRIBUTES}
+    start = time.perf_counter()
+    model = GaussianEigenModel.fit(frames, counts, torch.tensor(timesteps), parts,
+                                   extras={"texel_index": avatar.texel_index.cpu(),
+                                           "uv_size": torch.tensor(avatar.size)})
+    log(f"GEM fitted in {time.perf_counter() - start:.1f} s")
+
+    report = {"checkpoint": ckpt, "timesteps": len(timesteps), "gaussians": model.n_gaussians,
+              "parts": model.parts, "components": {a: model.n_components(a) for a in ATTRIBUTES}}
+    report["train_error"] = _log_errors(model, frames, log, "training frames")
+    report["size_mb"] = _log_sizes(model, ckpt, log)
+    path = model.save(paths.gem, half=cfg.gem.fp16)
+    log(f"GEM ({'fp16' if cfg.gem.fp16 else 'fp32'} bases) -> {path}")
+
+    if cfg.gem.evaluate:
+        report["renders"] = evaluate_renders(cfg, model, avatar, data, flame, export, log)
+    _write_json(paths.gem_report, report)
+    save_config(cfg, paths.gem_dir / "config.yml")
+    log(f"report -> {paths.gem_report}")
+    return model
+
+
+def _log_errors(model: GaussianEigenModel, frames: GaussianSet, log, what: str) -> dict:
+    errors = reconstruction_errors(model, frames)
+    log(f"reconstruction error on the {what} (RMS per Gaussian; relative = / RMS deviation from the mean):")
+    for attr, e in errors.items():
+        log(f"  {attr:10s} {e['rms']:.3e}  relative {e['relative']:.4f}  ({model.n_components(attr)} components)")
+    return errors
+
+
+def _log_sizes(model: GaussianEigenModel, ckpt: str, log) -> dict:
+    state = load_checkpoint(ckpt)["model"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    sizes = {"gem_fp32": model.nbytes() / MB, "gem_fp16": model.nbytes(half=True) / MB,
+             "regressor_checkpoint": os.path.getsize(ckpt) / MB, "regressor_weights": buffer.tell() / MB}
+    log(f"size: GEM {sizes['gem_fp32']:.2f} MB fp32, {sizes['gem_fp16']:.2f} MB fp16; regressor checkpoint "
+        f"{sizes['regressor_checkpoint']:.2f} MB (weights alone {sizes['regressor_weights']:.2f} MB); "
+        f"GEM fp32 / weights = {sizes['gem_fp32'] / sizes['regressor_weights']:.1%}")
+    return sizes
+
+
+def _eval_frames(cfg, export: VhapExport, split: str) -> list[Frame]:
+    frames = export.split(split)
+    if split == "test":
+        frames = [f for f in frames if f.camera_index == cfg.test.camera] or frames
+    if cfg.test.max_frames and len(frames) > cfg.test.max_frames:
+        keep = np.linspace(0, len(frames) - 1, cfg.test.max_frames).round().astype(int)
+        frames = [frames[i] for i in keep]
+    return frames
+
+
+@torch.no_grad()
+def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, data: ActorData,
+                     flame: FlameModel, export: VhapExport, log) -> dict:
+    """PSNR (full / masked) of the regressor and of GEM on val and test frames, and a table of GEM's
+    PSNR and size against the number of components (the same count for every attribute)."""
+    device = data.device
+    white = torch.ones(3, device=device)
+    files = timestep_files(export, ("train", "val", "test"))
+    full = max(b.n_components for blocks in model.blocks.values() for b in blocks)
+    counts = sorted({min(n, full) for n in cfg.gem.table_components} | {full})
+    variants = {"regressor": None, "gem": model.to(device)}
+    for n in counts[:-1]:
+        variants[f"gem_{n}"] = model.truncated({a: n for a in ATTRIBUTES}).to(device)
+    results = {}
+    for split in ("val", "test"):
+        frames = _eval_frames(cfg, export, split)
+        steps = sorted({f.timestep_index for f in frames})
+        gem_frames, R, t = gem_space_frames(avatar, data, flame, files, steps)
+        row = {s: i for i, s in enumerate(steps)}
+        if split == "test":
+            results["test_error"] = _log_errors(model, gem_frames, log, f"held-out test frames ({len(steps)})")
+        scores = {name: [] for name in variants}
+        for frame in frames:
+            sample = data.sample(frame)
+            gt = composite_gt(sample.image[None], sample.alpha[None], white[None])[0]
+            i = row[frame.timestep_index]
+            cam = (sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height)
+            head = GaussianSet(*(x.to(device) for x in gem_frames.frame(i)))
+            for name, m in variants.items():
+                if m is None:
+                    g = avatar(*data.driving(frame.timestep_index))
+                    out = render(g.means[0], g.quats[0], g.scales[0], g.opacities[0], g.colors[0], *cam, white)
+                else:
+                    out = render_gem(m, m.project(head), R[i:i + 1], t[i:i + 1], *cam, white)
+                rgb = out.rgb[0].clamp(0, 1)
+                scores[name].append(image_metrics(rgb, gt, sample.alpha))
+        results[split] = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+                          for name, rows in scores.items()}
+        res = results[split]
+        log(f"{split} ({len(frames)} frames): PSNR full / masked  regressor {res['regressor']['psnr']:.2f} / "
+            f"{res['regressor']['psnr_masked']:.2f} dB   GEM {res['gem']['psnr']:.2f} / {res['gem']['psnr_masked']:.2f} dB")
+    log("components  size fp32 / fp16 MB   val PSNR full / masked   test PSNR full / masked")
+    table = []
+    for n in counts:
+        name = "gem" if n == full else f"gem_{n}"
+        m = variants[name]
+        entry = {"components": n, "fp32_mb": m.nbytes() / MB, "fp16_mb": m.nbytes(half=True) / MB,
+                 **{f"{s}_{k}": results[s][name][k] for s in ("val", "test") for k in ("psnr", "psnr_masked")}}
+        table.append(entry)
+        log(f"{n:10d}  {entry['fp32_mb']:8.2f} / {entry['fp16_mb']:6.2f}     {entry['val_psnr']:6.2f} / "
+            f"{entry['val_psnr_masked']:6.2f}          {entry['test_psnr']:6.2f} / {entry['test_psnr_masked']:6.2f}")
+    results["table"] = table
+    return results
+
+
+def _write_json(path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(tmp, path)
