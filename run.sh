@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs every stage of the pipeline for one actor, in order.
-#   ./run.sh                        the embedded synthetic actor (configs/synthetic_a.yml)
+#   ./run.sh                        the embedded synthetic actor (configs/default.yml)
 #   ./run.sh configs/my_actor.yml   a real actor (a VHAP export + a FLAME model)
 # Installs first when .venv is missing. A stage whose outputs exist is skipped by the stage itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || ./install.sh
 PY=.venv/bin/python
-CONFIG=${1:-configs/synthetic_a.yml}
+# OpenMP threads that spin while waiting run 10-200x slower on a shared 2-core machine.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+CONFIG=${1:-configs/default.yml}
 
 stage() {
     local name=$1; shift

@@ -1,6 +1,6 @@
 """Timings of lib/geometry/rasterize.py at the sizes the pipeline uses.
 
-    .venv/bin/python -m bench.rasterize [--threads 2] [--device cpu] [--repeats 5]
+    .venv/bin/python bench/rasterize.py [--threads 2] [--device cpu] [--repeats 5]
 
 Meshes are lat-long ellipsoids (a head of 10k faces, and head + hair shell + torso, 40k faces)
 seen by an OpenCV camera 1 m away framing the head like a NeRSemble view (802 x 550, H x W),
@@ -11,10 +11,13 @@ Prints the median and the fastest of `repeats` runs.
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from lib.geometry.rasterize import interpolate, rasterize, rasterize_camera, rasterize_uv
 
 

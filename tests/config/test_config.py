@@ -80,3 +80,11 @@ def test_shipped_configs_are_valid():
 
 def test_config_paths_resolve_against_the_repository():
     assert resolve("data/x") == REPO_ROOT / "data" / "x"
+
+
+def test_readme_documents_every_config_key():
+    from lib.config import SCHEMA
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    missing = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys if f"`{s}.{k}`" not in readme]
+    assert not missing, f"README.md's config table lacks {missing}"
