@@ -10,14 +10,12 @@ missing, and the caller reports LPIPS as unavailable rather than computing it wi
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from lib.models.vgg import VggFeatures, VggUnavailable
+from lib.models.vgg import VggFeatures, VggUnavailable, load_weights
 
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
@@ -49,12 +47,7 @@ def load_lpips(backbone_path: str, lin_path: str) -> Lpips:
                              "may be downloaded at run time")
     backbone = VggFeatures.from_file(backbone_path, 16)
     path = Path(lin_path)
-    if not path.is_file():
-        raise VggUnavailable(f"LPIPS linear weights not found at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise VggUnavailable(f"cannot read LPIPS weights {path} ({e})") from None
+    state = load_weights(path, "LPIPS linear weights")
     keys = [f"lin{i}.model.1.weight" for i in range(5)]
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise VggUnavailable(f"{path} has no {keys[0]} ... {keys[-1]}: not LPIPS v0.1 VGG weights")

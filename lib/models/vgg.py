@@ -58,12 +58,7 @@ class VggFeatures(nn.Module):
     def from_file(cls, path: str | Path, depth: int) -> "VggFeatures":
         """Load torchvision-layout weights (``features.{i}.weight`` / ``.bias``; other keys ignored)."""
         path = Path(path)
-        if not path.is_file():
-            raise VggUnavailable(f"VGG{depth} weights not found at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            raise VggUnavailable(f"cannot read VGG{depth} weights {path} ({e})") from None
+        state = load_weights(path, f"VGG{depth} weights")
         net = cls(depth)
         wanted = {k: v for k, v in state.items() if k.startswith("features.")} if isinstance(state, dict) else {}
         missing = set(net.state_dict()) - set(wanted)
@@ -86,3 +81,13 @@ class VggPerceptual(nn.Module):
         fa = self.net((a.permute(0, 3, 1, 2) - self.mean) / self.std)
         fb = self.net((b.permute(0, 3, 1, 2) - self.mean) / self.std)
         return sum(F.l1_loss(x, y) for x, y in zip(fa, fb)) / len(fa)
+
+
+def load_weights(path: Path, what: str):
+    """A weights file read safely (``weights_only``); VggUnavailable naming the file if it cannot be."""
+    if not path.is_file():
+        raise VggUnavailable(f"{what} not found at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise VggUnavailable(f"cannot read {what} {path} ({e})") from None
