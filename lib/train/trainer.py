@@ -108,6 +108,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     if step == 0 and info.is_main and cfg.train.curve_every_minutes > 0:
         _curve_point(paths, avatar, data, val_frames, step, 0.0, fresh=True)
 
+    first_step = step
     limit = cfg.train.time_limit_minutes
     bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True)
     t_start = time.perf_counter() - elapsed
@@ -177,7 +178,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     bar.close()
 
     minutes = (time.perf_counter() - t_start) / 60.0
-    if info.is_main and cfg.train.curve_every_minutes > 0:
+    if info.is_main and cfg.train.curve_every_minutes > 0 and step > first_step:  # a finished run adds no point
         _curve_point(paths, avatar, data, val_frames, step, minutes * 60.0)
         plot_curve(paths.regressor_curve, paths.regressor_curve.with_suffix(".png"))
     log(f"trained {step} steps in {minutes:.2f} min; checkpoint in {paths.regressor_checkpoints}")
