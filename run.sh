@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every stage of the pipeline for one actor, in order.
-#   ./run.sh                        the embedded synthetic actor (configs/default.yml)
-#   ./run.sh configs/my_actor.yml   a real actor (a VHAP export + a FLAME model)
+#   ./run.sh                        the embedded synthetic actor (configs/default.yml, then configs/mapping.yml)
+#   ./run.sh CONFIG [MAPPING_CONFIG] another actor (a VHAP export + a FLAME model); stage 4 uses
+#                                   MAPPING_CONFIG, or CONFIG with train.stage=mapping
 # Installs first when .venv is missing. A stage whose outputs exist is skipped by the stage itself.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +11,7 @@ PY=.venv/bin/python
 # OpenMP threads that spin while waiting run 10-200x slower on a shared 2-core machine.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 CONFIG=${1:-configs/default.yml}
+if [ $# -ge 2 ]; then MAPPING=("$2"); elif [ $# -eq 0 ]; then MAPPING=(configs/mapping.yml); else MAPPING=("$CONFIG" train.stage=mapping); fi
 
 stage() {
     local name=$1; shift
@@ -32,4 +34,6 @@ stage "regressor"         $PY train.py "$CONFIG"
 stage "regressor test"    $PY test.py "$CONFIG"
 stage "GEM"               $PY pca_gauss.py "$CONFIG"
 stage "GEM viewer sweeps" $PY pca_viewer.py "$CONFIG"
-echo "=== done: results under experiments/ (stage 4, the mapping network, is not in this version yet)"
+stage "mapping network"   $PY train.py "${MAPPING[@]}"
+stage "self-reenactment"  $PY test.py "${MAPPING[@]}"
+echo "=== done: results and metrics.json files under experiments/ (cross-identity reenactment is not in this version yet)"

@@ -9,12 +9,14 @@ import sys
 from lib.cli import parse
 from lib.dataset.vhap import DatasetError
 from lib.eval.evaluate import evaluate
+from lib.eval.mapping import evaluate_mapping
+from lib.models.gem import GemError
 from lib.models.mesh_pca import MeshPcaError
 from lib.train.checkpoint import CheckpointError
 
 if __name__ == "__main__":
     cfg, _ = parse(__doc__)
     try:
-        evaluate(cfg)
-    except (MeshPcaError, CheckpointError, DatasetError, FileNotFoundError) as e:
+        evaluate_mapping(cfg) if cfg.train.stage == "mapping" else evaluate(cfg)
+    except (MeshPcaError, GemError, CheckpointError, DatasetError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

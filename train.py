@@ -9,13 +9,15 @@ import sys
 
 from lib.cli import parse
 from lib.dataset.vhap import DatasetError
+from lib.models.gem import GemError
 from lib.models.mesh_pca import MeshPcaError
 from lib.train.checkpoint import CheckpointError
+from lib.train.fit_mapping import fit_mapping
 from lib.train.trainer import train
 
 if __name__ == "__main__":
     cfg, _ = parse(__doc__)
     try:
-        train(cfg)
-    except (MeshPcaError, CheckpointError, DatasetError, FileNotFoundError) as e:
+        fit_mapping(cfg) if cfg.train.stage == "mapping" else train(cfg)
+    except (MeshPcaError, GemError, CheckpointError, DatasetError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

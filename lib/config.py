@@ -80,7 +80,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "init_scale": Key(1.0, "factor on the canonical Gaussians' scale (RMS distance to 3 nearest neighbours)"),
     },
     "train": {
-        "stage": Key("regressor", "what train.py / test.py train and evaluate", choices=("regressor",)),
+        "stage": Key("regressor", "what train.py / test.py train and evaluate", choices=("regressor", "mapping")),
         "iterations": Key(1000000, "optimiser steps (batch 1 per process)"),
         "time_limit_minutes": Key(0.0, "stop after this many training minutes (0 = off); the lr schedule then follows the time used when it is further along than the steps"),
         "lr": Key(5e-4, "Adam learning rate of the generator and colour head"),
@@ -134,6 +134,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "splits": Key(["train", "val"], "dataset splits whose timesteps the bases are fitted to"),
         "evaluate": Key(True, "pca_gauss.py renders val and test frames (test.camera, test.max_frames) with GEM and the regressor and scores both"),
         "table_components": Key([5, 10, 20, 50], "component counts (same for every attribute) of the PSNR / size table"),
+    },
+    "mapping": {
+        "signal": Key("flame", "driving signal, relative to actor.identity_timestep: FLAME expr+jaw+eyes, or mesh-PCA coefficients", choices=("flame", "mesh_pca")),
+        "n_mesh_pca": Key(50, "mesh_pca signal: leading mesh-PCA components used"),
+        "width": Key(256, "hidden width of each part's 5-layer MLP"),
+        "dropout": Key(0.2, "dropout after the second linear layer"),
+        "iterations": Key(3000, "optimiser steps of the coefficient regression (full batch of train timesteps)"),
+        "lr": Key(1e-3, "AdamW learning rate"),
+        "weight_decay": Key(0.01, "AdamW weight decay"),
+        "weighting": Key("uniform", "L1 weight per coefficient: uniform (the method) or variance (sqrt of its share of its attribute's variance)", choices=("uniform", "variance")),
+        "magnitude": Key(0.001, "weight of mean(c^2) on the predicted coefficients (beside L1 to the GEM's own)"),
+        "checkpoint_every": Key(1000, "steps between mapping checkpoints (and one at the end)"),
     },
     "viewer": {
         "components": Key(5, "first components of each attribute swept by pca_viewer.py"),

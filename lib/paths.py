@@ -86,3 +86,17 @@ class ActorPaths:
     def gem_exports(self) -> Path:
         """PLY files exported from the web viewer."""
         return self.gem_dir / "exports"
+
+    # ---- stage 4: mapping network ----
+    @property
+    def mapping(self) -> Path:
+        return self.stage_dir("mapping")
+
+    @property
+    def mapping_checkpoints(self) -> Path:
+        return self.mapping / "checkpoints"
+
+    @property
+    def mapping_eval(self) -> Path:
+        """test.py's self-reenactment renders and metrics.json (predicted vs ground-truth coefficients)."""
+        return self.mapping / "eval"
