@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lib.atomic import write_text
 
 
 @dataclass(frozen=True)
@@ -313,12 +314,7 @@ def _fix_numbers(layer: dict) -> dict:
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = f"# resolved from {cfg.source}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, f"# resolved from {cfg.source}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
 
 

@@ -28,8 +28,6 @@ run leaves no partial file.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lib.atomic import write_bytes
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.vhap import Frame, VhapExport
 from lib.flame.model import FlameModel
@@ -148,16 +147,7 @@ def _write_atomic(path: Path, image: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode a mask for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, data.tobytes())
 
 
 def render_masks(export: VhapExport, model: FlameModel, masks: dict, log=print) -> dict:

@@ -12,10 +12,7 @@ PSNR inside the ground-truth head mask, SSIM, L1 and LPIPS (or why LPIPS is unav
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lib.atomic import write_json
 from lib.dataset.vhap import VhapExport
 from lib.eval.lpips import load_lpips
 from lib.eval.render import WHITE, render_frame, render_gaussians
@@ -78,13 +76,6 @@ def orbit_viewmats(viewmat: Tensor, centre: Tensor, n: int, yaw_deg: float) -> T
     M[:, :3, 3] = centre.cpu() - (R @ centre.cpu())
     return viewmat.cpu() @ M
 
-
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _pick(frames: list, count: int) -> list:
@@ -147,7 +138,7 @@ def evaluate(cfg, log=print) -> dict:
         results[split] = {"frames": len(rows), **mean, "per_frame": rows}
         log(f"{split}: {len(rows)} frames, PSNR {mean['psnr']:.2f} dB (masked {mean['psnr_masked']:.2f} dB), "
             f"SSIM {mean['ssim']:.4f}, L1 {mean['l1']:.4f}" + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
-    _atomic_json(out / "metrics.json", results)
+    write_json(out / "metrics.json", results)
     log(f"metrics -> {out / 'metrics.json'}")
     return results
 

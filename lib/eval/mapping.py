@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lib.atomic import write_json
 from lib.dataset.vhap import DatasetError, VhapExport
-from lib.eval.evaluate import _atomic_json, _pick, _u8, _write_png, write_video
+from lib.eval.evaluate import _pick, _u8, _write_png, write_video
 from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
@@ -80,7 +81,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     for name in ("predicted", "gt_coefficients"):
         results[name] = {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]}
     results["per_frame"] = rows
-    _atomic_json(out / "metrics.json", results)
+    write_json(out / "metrics.json", results)
     p, g = results["predicted"], results["gt_coefficients"]
     log(f"test self-reenactment ({len(rows)} frames, camera {cfg.test.camera}): PSNR full / masked  "
         f"predicted {p['psnr']:.2f} / {p['psnr_masked']:.2f} dB   GT coefficients {g['psnr']:.2f} / "

@@ -33,9 +33,7 @@ float16 (``half=True``); means, variances and coefficients stay float32.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from lib.atomic import atomic_path
 from lib.flame.model import FlameModel
 from lib.gaussians.render import RenderOutput, render
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
@@ -404,15 +403,8 @@ class GaussianEigenModel:
     def save(self, path: str | Path, half: bool = False) -> Path:
         """Write the model atomically (temp file + rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(self.state(half), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return path
 
     @classmethod

@@ -11,14 +11,14 @@ training expressions.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lib.atomic import atomic_path
 
 
 class MeshPcaError(ValueError):
@@ -78,12 +78,9 @@ class MeshPCA(torch.nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write mean, components, variances and whitening as .npz, atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-        os.close(fd)
-        np.savez(tmp, mean=self.mean.cpu().numpy(), components=self.components.cpu().numpy(),
-                 variances=self.variances.cpu().numpy(), whitening=self.whitening().cpu().numpy())
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, mean=self.mean.cpu().numpy(), components=self.components.cpu().numpy(),
+                     variances=self.variances.cpu().numpy(), whitening=self.whitening().cpu().numpy())
         return path
 
     @classmethod

@@ -5,14 +5,14 @@ is a plain dict of tensors and numbers (no pickled objects), so loading runs no 
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+
+from lib.atomic import atomic_path
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -44,14 +44,8 @@ def save_checkpoint(state: dict, folder: str | Path, step: int, keep: int = 2) -
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, step)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

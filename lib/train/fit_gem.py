@@ -12,14 +12,13 @@ the full frame and inside the head mask, and again for the component counts of
 from __future__ import annotations
 
 import io
-import json
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 
+from lib.atomic import write_json
 from lib.config import save_config
 from lib.dataset.vhap import Frame, VhapExport, read_flame_params
 from lib.flame.model import FlameModel
@@ -118,7 +117,7 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
 
     if cfg.gem.evaluate:
         report["renders"] = evaluate_renders(cfg, model, avatar, data, flame, export, log)
-    _write_json(paths.gem_report, report)
+    write_json(paths.gem_report, report)
     save_config(cfg, paths.gem_dir / "config.yml")
     log(f"report -> {paths.gem_report}")
     return model
@@ -208,10 +207,3 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
     results["table"] = table
     return results
 
-
-def _write_json(path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)

@@ -5,13 +5,11 @@ from the frontal camera); the test sequence is held out.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from lib.atomic import atomic_path
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport, read_flame_params
 from lib.flame.model import FlameModel
@@ -43,17 +41,11 @@ def fit_mesh_pca(cfg, log=print) -> MeshPCA:
     canonical = read_flame_params(canonical_file) if canonical_file.is_file() else None
     with torch.no_grad():
         verts_c = canonical_mesh(flame, identity, canonical, cfg.mesh_pca.canonical_jaw_deg)
-    _save_npz(paths.canonical_mesh, verts=verts_c.numpy())
+    with atomic_path(paths.canonical_mesh, suffix=".npz") as tmp:
+        np.savez(tmp, verts=verts_c.numpy())
     source = canonical_file.name if canonical is not None else f"jaw {cfg.mesh_pca.canonical_jaw_deg} deg"
     log(f"canonical mesh ({source}) -> {paths.canonical_mesh}")
     save_config(cfg, paths.stage_dir("mesh_pca") / "config.yml")
     log(f"mesh PCA -> {paths.mesh_pca}")
     return pca
 
-
-def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
