@@ -10,13 +10,13 @@ import math
 from pathlib import Path
 
 import cv2
-import imageio.v2 as imageio
 import numpy as np
 import torch
 from torch import Tensor
 
 from lib.dataset.cameras import Camera
 from lib.dataset.vhap import SPLITS, VhapExport
+from lib.eval.evaluate import write_video
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, gem_pose, render_gem
 from lib.paths import resolve
@@ -87,17 +87,6 @@ def write_strip(images: Tensor, values: Tensor, path: Path) -> Path:
     return path
 
 
-def write_video(images: Tensor, path: Path, fps: int) -> Path:
-    """Frames [S, H, W, 3] as an H.264 MP4; odd sizes are padded by one background-coloured row /
-    column (yuv420p needs even sizes)."""
-    frames = to_uint8(images)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1, pixelformat="yuv420p")
-    return path
-
-
 def write_sweeps(model: GaussianEigenModel, camera: Camera, R: Tensor, t: Tensor, out_dir: Path, components: int,
                  sigma: float, strip_steps: int, video_frames: int, fps: int, background: Tensor,
                  log=print) -> list[Path]:
@@ -110,7 +99,7 @@ def write_sweeps(model: GaussianEigenModel, camera: Camera, R: Tensor, t: Tensor
     for attr, index, stem in sweep_targets(model, components):
         written.append(write_strip(render_sweep(model, attr, index, strip_values, camera, R, t, background),
                                    strip_values, out_dir / f"{stem}.png"))
-        written.append(write_video(render_sweep(model, attr, index, video_values, camera, R, t, background),
-                                   out_dir / f"{stem}.mp4", fps))
+        video = to_uint8(render_sweep(model, attr, index, video_values, camera, R, t, background))
+        written.append(write_video(out_dir / f"{stem}.mp4", list(video), fps))
         log(f"  {stem}: {written[-2].name}, {written[-1].name}")
     return written
