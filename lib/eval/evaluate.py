@@ -48,7 +48,8 @@ def _even(frame: np.ndarray) -> np.ndarray:
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int) -> Path:
