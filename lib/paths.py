@@ -97,6 +97,19 @@ class ActorPaths:
         return self.mapping / "checkpoints"
 
     @property
+    def mapping_tensorboard(self) -> Path:
+        return self.mapping / "tensorboard"
+
+    @property
+    def encoder_pca(self) -> Path:
+        """The encoder signal's per-actor PCA of relative image features (.npz)."""
+        return self.mapping / "encoder_pca.npz"
+
+    @property
     def mapping_eval(self) -> Path:
         """test.py's self-reenactment renders and metrics.json (predicted vs ground-truth coefficients)."""
         return self.mapping / "eval"
+
+    def reenactment(self, source: str) -> Path:
+        """test.py TARGET SOURCE: cross-identity reenactment of this actor by actor ``source`` (PNGs, MP4s)."""
+        return self.mapping / "reenact" / source

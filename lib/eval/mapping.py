@@ -1,4 +1,7 @@
-"""test.py for the mapping network: self-reenactment on the test split (held-out sequence).
+"""test.py for the mapping network: self-reenactment on the test split (held-out sequence), and
+cross-identity reenactment (``test.py TARGET_CONFIG SOURCE_CONFIG``).
+
+Self-reenactment:
 
 Every test frame of camera ``test.camera`` (``test.max_frames`` of them, evenly spaced) is rendered on
 white by GEM twice, with the same GEM pose:
@@ -10,6 +13,22 @@ white by GEM twice, with the same GEM pose:
 and both are scored against the images (PSNR full frame and inside the head mask, SSIM, L1). Written
 to ``experiments/<actor>/mapping/eval/``: metrics.json (means, per-frame rows and the coefficient L1
 between the two), compare PNGs (predicted | GT coefficients | image) and test.mp4 of the same.
+
+The predicted coefficients of the GEM parts in ``mapping.hold_at_mean`` (the hair, as the method
+does) are set to zero, the part's mean; a GEM without parts has none to hold.
+
+Cross-identity reenactment: the source actor's motion drives the target's avatar. Every test frame of
+the source (camera ``test.camera`` of the source's config, ``test.max_frames`` of them) gives the
+source's driving signal relative to the source's own identity frame (for the encoder signal: the
+source's features projected on the target's PCA), the target's network turns it into the target's
+coefficients, and the head's pose follows the source's motion relative to its identity frame,
+applied to the target's identity pose:
+
+    P(t) = P_src(t) o P_src(identity)^-1 o P_tgt(identity)      (GEM poses, x -> R x + t)
+
+rendered into the target's camera ``test.camera``. There is no ground truth; written to
+``experiments/<target>/mapping/reenact/<source>/``: PNGs (source image | target render), source.mp4,
+target.mp4, side_by_side.mp4, and reenactment.json last.
 """
 from __future__ import annotations
 
@@ -17,16 +36,16 @@ import numpy as np
 import torch
 
 from lib.atomic import write_json
-from lib.dataset.vhap import DatasetError, VhapExport
+from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.eval.evaluate import _pick, _u8, _write_png, write_video
 from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
-from lib.models.mapping import flatten_coefficients, split_coefficients
+from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths, resolve
 from lib.train.data import ActorData
 from lib.train.distributed import set_threads
-from lib.train.fit_gem import gem_space_frames, load_regressor, timestep_files
+from lib.train.fit_gem import frame_poses, gem_space_frames, load_regressor, timestep_files
 from lib.train.fit_mapping import driving_signals, load_mapping
 from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
@@ -43,7 +62,6 @@ def evaluate_mapping(cfg, log=print) -> dict:
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
     avatar, regressor_ckpt = load_regressor(cfg, paths, flame, device)
-    timesteps, signal = driving_signals(cfg, export, data)
 
     frames = [f for f in export.split("test") if f.camera_index == cfg.test.camera]
     if not frames:
@@ -52,7 +70,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     steps = sorted({f.timestep_index for f in frames})
     head, R, t = gem_space_frames(avatar, data, flame, timestep_files(export, ("test",)), steps)
     gt_coeffs = gem.project(GaussianSet(*(x.to(device) for x in head)))
-    pred_flat = net(signal[[timesteps.index(s) for s in steps]].to(device))
+    pred_flat = _held(cfg, gem, net(driving_signals(cfg, export, steps, data).to(device)), log)
     pred_coeffs = split_coefficients(gem, pred_flat)
     coeff_l1 = float((pred_flat - flatten_coefficients(gt_coeffs)).abs().mean())
 
@@ -76,6 +94,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     write_video(out / "test.mp4", video, cfg.test.fps)
 
     results = {"checkpoint": state["path"], "step": int(state["step"]), "signal": cfg.mapping.signal,
+               "architecture": cfg.mapping.architecture, "held_at_mean": _held_parts(cfg, gem),
                "regressor_checkpoint": regressor_ckpt, "frames": len(rows), "background": "white",
                "coefficient_l1_sigma": coeff_l1}
     for name in ("predicted", "gt_coefficients"):
@@ -88,3 +107,86 @@ def evaluate_mapping(cfg, log=print) -> dict:
         f"{g['psnr_masked']:.2f} dB   coefficient L1 {coeff_l1:.3f} sigma")
     log(f"metrics -> {out / 'metrics.json'}")
     return results
+
+
+def _held_parts(cfg, gem: GaussianEigenModel) -> list[str]:
+    return [] if gem.parts == ["all"] else list(cfg.mapping.hold_at_mean)
+
+
+def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> torch.Tensor:
+    """Predicted coefficients with the mapping.hold_at_mean parts at their mean."""
+    if cfg.mapping.hold_at_mean and gem.parts == ["all"]:
+        log(f"the GEM has no parts (gem.parts: false): nothing of mapping.hold_at_mean = "
+            f"{cfg.mapping.hold_at_mean} is held at its mean")
+    return hold_at_mean(flat, gem, cfg.mapping.hold_at_mean)
+
+
+@torch.no_grad()
+def reenact(cfg, source_cfg, log=print) -> dict:
+    """Cross-identity reenactment of the avatar of ``cfg`` by the actor of ``source_cfg`` (module docstring)."""
+    paths = ActorPaths(cfg)
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    set_threads(cfg.train.threads)
+    gem = GaussianEigenModel.load(paths.gem, device=device)
+    net, state = load_mapping(cfg, gem, device)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    target = VhapExport.from_config(cfg)
+    source = VhapExport.from_config(source_cfg)
+    src_flame = FlameModel.from_file(resolve(source_cfg.actor.flame_model), source_cfg.actor.n_shape,
+                                     source_cfg.actor.n_expr).to(device)
+    src_data = ActorData(source, src_flame, device) if cfg.mapping.signal != "flame" else None
+
+    frames = [f for f in source.split("test") if f.camera_index == source_cfg.test.camera]
+    if not frames:
+        raise DatasetError(f"the test split of {source.root} has no frame of camera test.camera = "
+                           f"{source_cfg.test.camera} (the source's config)")
+    frames = _pick(frames, cfg.test.max_frames)
+    steps = sorted({f.timestep_index for f in frames})
+    coeffs = split_coefficients(gem, _held(cfg, gem, net(driving_signals(
+        cfg, source, steps, src_data, source_cfg=source_cfg).to(device)), log))
+
+    # the source's motion relative to its identity frame, applied to the target's identity pose
+    src_id, tgt_id = source_cfg.actor.identity_timestep, cfg.actor.identity_timestep
+    R_s, t_s = frame_poses(src_flame, timestep_files(source, SPLITS), [src_id, *steps], device)
+    R_i, t_i = frame_poses(flame, timestep_files(target, SPLITS), [tgt_id], device)
+    M = R_s[1:] @ R_s[0].T
+    R = M @ R_i[0]
+    t = (M @ (t_i[0] - t_s[0])[:, None])[..., 0] + t_s[1:]
+
+    cameras = [f for f in target.split("train") + target.split("val") + target.split("test")
+               if f.camera_index == cfg.test.camera]
+    if not cameras:
+        raise DatasetError(f"{target.root} has no frame of camera test.camera = {cfg.test.camera}")
+    cam = cameras[0].camera
+    viewmat, K = cam.viewmat[None].to(device), cam.K[None].to(device)
+    white = torch.tensor(WHITE, device=device)
+    out = paths.reenactment(source_cfg.actor.name)
+    sources, targets = [], []
+    for frame in frames:
+        i = steps.index(frame.timestep_index)
+        c = {a: v[i:i + 1] for a, v in coeffs.items()}
+        rgb = render_gem(gem, c, R[i:i + 1], t[i:i + 1], viewmat, K, cam.width, cam.height, white).rgb[0]
+        targets.append(_u8(rgb))
+        sources.append(_u8(source.load_image(frame).to(device)))
+        _write_png(out / "frames" / f"{frame.timestep_index:05d}.png", _side_by_side(sources[-1], targets[-1]))
+    write_video(out / "source.mp4", sources, cfg.test.fps)
+    write_video(out / "target.mp4", targets, cfg.test.fps)
+    write_video(out / "side_by_side.mp4", [_side_by_side(s, t) for s, t in zip(sources, targets)], cfg.test.fps)
+    flat = flatten_coefficients(coeffs)
+    summary = {"target": cfg.actor.name, "source": source_cfg.actor.name, "source_data": str(source.root),
+               "checkpoint": state["path"], "signal": cfg.mapping.signal, "held_at_mean": _held_parts(cfg, gem),
+               "frames": len(frames), "source_camera": source_cfg.test.camera, "target_camera": cfg.test.camera,
+               "timesteps": steps, "coefficient_abs_mean_sigma": float(flat.abs().mean()),
+               "coefficients_at_bound": float((flat.abs() > 0.99 * BOUND).float().mean()),
+               "videos": ["source.mp4", "target.mp4", "side_by_side.mp4"]}
+    write_json(out / "reenactment.json", summary)
+    log(f"cross-identity reenactment: {source_cfg.actor.name} drives {cfg.actor.name} over {len(frames)} frames "
+        f"(mean |c| {summary['coefficient_abs_mean_sigma']:.2f} sigma) -> {out}")
+    return summary
+
+
+def _side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two RGB uint8 images next to each other, the shorter padded with white at the bottom."""
+    h = max(a.shape[0], b.shape[0])
+    pad = lambda x: np.pad(x, ((0, h - x.shape[0]), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
+    return np.concatenate([pad(a), pad(b)], 1)

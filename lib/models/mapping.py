@@ -6,9 +6,16 @@ a signal of zero whoever the actor is:
     flame     [expr, jaw_pose, eyes_pose](t) - the same at actor.identity_timestep   (E + 3 + 6 values)
     mesh_pca  whitened mesh-PCA coefficients of the head-space mesh (t) - those of the identity frame
 
+    encoder   a user's TorchScript image encoder's features of a face crop (t) - those of the identity
+              frame, on a per-actor PCA (``lib.models.image_encoder``)
+
 The network holds one MLP per GEM part (one for all coefficients when the GEM has no parts); a part's
 MLP predicts that part's coefficients of every attribute. Each MLP is 5 linear layers, LeakyReLU 0.1,
 dropout after the second, and its output is tanh * 2.9, bounding every coefficient to +-2.9 sigma.
+The "attention" architecture (GEM's global-aware variant) gates each part's input with a global
+context: a small MLP of the whole signal gives every part a gate per signal channel, 2 * sigmoid(.),
+whose last layer starts at zero, so the variant starts as the plain per-part network and learns which
+channels each part listens to (e.g. the eyes part to gaze, the mouth part to the jaw).
 The signal is divided by a fixed per-channel scale (its spread over the training frames, stored as a
 buffer so a checkpoint carries it).
 
@@ -20,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lib.models.gem import ATTRIBUTES, GaussianEigenModel
+from lib.models.gem import ATTRIBUTES, GaussianEigenModel, GemError
 
 BOUND = 2.9  # sigma: the bound of every predicted coefficient
 FLAME_SIGNAL_KEYS = ("expr", "jaw_pose", "eyes_pose")
@@ -74,7 +81,7 @@ class MappingNetwork(nn.Module):
     """
 
     def __init__(self, n_signal: int, labels: Tensor, width: int = 256, dropout: float = 0.2,
-                 signal_scale: Tensor | None = None):
+                 signal_scale: Tensor | None = None, attention: bool = False):
         super().__init__()
         labels = torch.as_tensor(labels, dtype=torch.long)
         n_parts = int(labels.max()) + 1
@@ -84,11 +91,44 @@ class MappingNetwork(nn.Module):
         self.register_buffer("signal_scale", torch.ones(n_signal) if signal_scale is None else signal_scale.float())
         self.mlps = nn.ModuleList(part_mlp(n_signal, int((labels == p).sum()), width, dropout)
                                   for p in range(n_parts))
+        self.context = None
+        if attention:
+            self.context = nn.Sequential(nn.Linear(n_signal, width), nn.LeakyReLU(0.1),
+                                         nn.Linear(width, n_parts * n_signal))
+            nn.init.zeros_(self.context[-1].weight)
+            nn.init.zeros_(self.context[-1].bias)
+
+    def gates(self, x: Tensor) -> Tensor:
+        """Per-part gates of the scaled signal x [B, S] (all ones without attention). -> [B, P, S]"""
+        if self.context is None:
+            return x.new_ones(x.shape[0], len(self.mlps), x.shape[1])
+        return 2.0 * torch.sigmoid(self.context(x)).view(x.shape[0], len(self.mlps), x.shape[1])
 
     def forward(self, signal: Tensor) -> Tensor:
         x = signal / self.signal_scale
-        out = torch.cat([mlp(x) for mlp in self.mlps], dim=-1)[:, self.inverse_order]
-        return BOUND * torch.tanh(out)
+        if self.context is None:
+            out = [mlp(x) for mlp in self.mlps]
+        else:
+            gates = self.gates(x)
+            out = [mlp(x * gates[:, p]) for p, mlp in enumerate(self.mlps)]
+        return BOUND * torch.tanh(torch.cat(out, dim=-1)[:, self.inverse_order])
+
+
+def hold_at_mean(flat: Tensor, gem: GaussianEigenModel, parts: list[str]) -> Tensor:
+    """Flat coefficients [B, D] with those of the named GEM parts set to 0 (the part's mean shape).
+
+    The method holds the hair at its mean at test time: the driving signal says nothing about it.
+    A name that is not a part of a GEM built with parts is an error; a GEM without parts has none
+    to hold (the caller says so). -> [B, D]
+    """
+    names, labels = coefficient_parts(gem)
+    if names == ["all"]:
+        return flat
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise GemError(f"mapping.hold_at_mean names {unknown}, not parts of this GEM (it has {names})")
+    held = torch.isin(labels, torch.tensor([names.index(p) for p in parts], dtype=torch.long)).to(flat.device)
+    return flat.masked_fill(held, 0.0)
 
 
 def variance_weights(gem: GaussianEigenModel) -> Tensor:

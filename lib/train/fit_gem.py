@@ -63,14 +63,19 @@ def timestep_files(export: VhapExport, splits) -> dict[int, object]:
 
 
 @torch.no_grad()
+def frame_poses(flame: FlameModel, files: dict, timesteps: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEM pose (``lib.models.gem.gem_pose``) of timesteps from their FLAME files. -> R [T, 3, 3], t [T, 3]"""
+    params = [read_flame_params(files[t]) for t in timesteps]
+    batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
+    return gem_pose(flame, batch)
+
+
+@torch.no_grad()
 def gem_space_frames(avatar: GaussianAvatar, data: ActorData, flame: FlameModel, files: dict,
                      timesteps: list[int]) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
     """The regressor's Gaussians of timesteps, in GEM space (on the CPU: T frames of N Gaussians can be
     large), and each timestep's GEM pose. -> (GaussianSet [T, N, ...], R [T, 3, 3], t [T, 3])"""
-    params = [read_flame_params(files[t]) for t in timesteps]
-    device = data.device
-    batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
-    R, t = gem_pose(flame, batch)
+    R, t = frame_poses(flame, files, timesteps, data.device)
     sets = []
     for i, step in enumerate(timesteps):
         g = avatar(*data.driving(step))

@@ -1,71 +1,114 @@
-"""Stage 4, first version: the mapping network regressed onto the GEM's own per-frame coefficients.
+"""Stage 4: training of the mapping network (a driving signal -> GEM coefficients), into
+experiments/<actor>/mapping/.
 
-The GEM of stage 3 stores the sigma-unit coefficients of every timestep it was fitted to (train + val
-share the training timesteps). Over the ``train`` timesteps, the network maps each timestep's
-relative driving signal (``lib.models.mapping``) to those coefficients with
-L1 + mapping.magnitude * mean(c^2), full batch, AdamW; with mapping.weighting = variance the L1 of
-each coefficient is weighted by its share of the variance (``lib.models.mapping.variance_weights``). No image is rendered, so a CPU trains it in
-seconds; the method's photometric fine-tuning is not part of this version.
+Targets are the GEM's own coefficients of the training timesteps (stage 3 stores them: the projection
+of the regressor's Gaussians). One step counter runs through two phases:
 
-Checkpoints (``experiments/<actor>/mapping/checkpoints``) hold the network, the optimiser, the step
-and the signal's name and size; a rerun resumes from the newest one.
+    warm-up      mapping.warmup_iterations steps, the batch = every train timestep: L1 of the network's
+                 coefficients to the GEM's (each weighted by its variance share with
+                 mapping.weighting = variance) + mapping.magnitude * mean(c^2). The method renders
+                 the ground-truth coefficients during its warm-up to fine-tune the basis; our basis
+                 stays frozen (as stage 3 built it), so such a render would train nothing and the
+                 warm-up renders no image: on a CPU it takes seconds.
+    photometric  mapping.iterations steps, or mapping.time_limit_minutes: one random training image
+                 per step (and per DDP rank); the network's coefficients are rendered by GEM into that
+                 camera at the frame's GEM pose and compared with the image on a random background:
+                 mapping.l1 * L1 + mapping.ssim * (1 - SSIM) (+ mapping.vgg * VGG when
+                 loss.vgg_weights is set) + mapping.regression * L1(c, c_gt) + mapping.magnitude * mean(c^2).
+
+Both phases use AdamW (mapping.lr, mapping.weight_decay); the photometric phase decays the rate with
+train.lr_schedule over its own progress. The machinery is the regressor's (``lib.train.trainer``):
+atomic checkpoints every train.checkpoint_every steps and at the end, resume from the newest, the NaN
+guard, TensorBoard scalars and images on rank 0, DDP under torchrun. A checkpoint holds the network,
+the optimiser, the step, the photometric phase's elapsed seconds, and the signal and architecture it
+was trained for.
 """
 from __future__ import annotations
 
+import math
 import time
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from lib.config import save_config
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport, read_flame_params
 from lib.flame.model import FlameModel
-from lib.models.gem import GaussianEigenModel, GemError
+from lib.models.gem import GaussianEigenModel, GemError, render_gem
+from lib.models.image_encoder import encoder_signal
 from lib.models.mapping import (
     MappingNetwork, coefficient_loss, coefficient_parts, flame_signal, flatten_coefficients, relative_to_identity,
-    variance_weights,
+    split_coefficients, variance_weights,
 )
 from lib.models.mesh_pca import MeshPCA
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.train.data import ActorData
+from lib.train.fit_gem import frame_poses, timestep_files
+from lib.train.losses import composite_gt, photometric
+from lib.train.schedule import lr_factor, progress
+from lib.train.trainer import TrainingDiverged, open_tensorboard, perceptual_loss, restore, snapshot
+
+_MAX_NAN_RESTORES = 10
 
 
-def driving_signals(cfg, export: VhapExport, data: ActorData | None = None) -> tuple[list[int], Tensor]:
-    """The relative driving signal (mapping.signal) of every timestep of the export.
+def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorData | None = None,
+                    source_cfg=None, fit: bool = False) -> Tensor:
+    """The relative driving signal (cfg.mapping.signal) of timesteps of an export. -> [T, S]
 
-    data: the posed meshes, needed by the mesh_pca signal only. -> (timesteps [T], signal [T, S])
+    cfg: the avatar's config: the signal's kind and the actor whose PCA files project it. export, data:
+    whose motion it is: the avatar's own, or a source actor's for cross-identity reenactment, whose
+    config (its identity timestep and camera) is then source_cfg. data (the posed meshes) is needed by
+    the mesh_pca and encoder signals. fit: fit the encoder signal's per-actor PCA to these timesteps
+    (training) instead of loading it.
     """
-    files = {}
-    for split in SPLITS:
-        for t, path in export.timesteps(split):
-            files.setdefault(t, path)
-    timesteps = sorted(files)
-    identity = cfg.actor.identity_timestep
-    if identity not in files:
-        raise DatasetError(f"actor.identity_timestep = {identity} is not a timestep of {export.root} "
-                         f"(it has {timesteps[0]}..{timesteps[-1]}); set it to the actor's neutral frame")
-    if cfg.mapping.signal == "flame":
-        signal = torch.cat([flame_signal(read_flame_params(files[t])) for t in timesteps])
+    motion_cfg = cfg if source_cfg is None else source_cfg
+    files = timestep_files(export, SPLITS)
+    identity = motion_cfg.actor.identity_timestep
+    for t in (identity, *timesteps):
+        if t not in files:
+            what = "actor.identity_timestep" if t == identity else "timestep"
+            raise DatasetError(f"{what} {t} is not a timestep of {export.root} (it has {min(files)}..{max(files)})"
+                               + ("; set it to the actor's neutral frame" if t == identity else ""))
+    kind = cfg.mapping.signal
+    if kind != "flame" and data is None:
+        raise ValueError(f"the {kind} signal needs the actor's posed meshes (ActorData)")
+    if kind == "encoder":
+        encoder_cfg = cfg if source_cfg is None else _with_mapping(source_cfg, cfg)
+        return encoder_signal(encoder_cfg, export, data, timesteps, identity, ActorPaths(cfg).encoder_pca, fit).cpu()
+    steps = [identity, *timesteps]
+    if kind == "flame":
+        signal = torch.cat([flame_signal(read_flame_params(files[t])) for t in steps])
     else:
-        if data is None:
-            raise ValueError("the mesh_pca signal needs the actor's posed meshes (ActorData)")
         pca = MeshPCA.load(ActorPaths(cfg).mesh_pca).to(data.device)
-        rows = torch.tensor([data.timesteps.index(t) for t in timesteps], device=data.device)
+        rows = torch.tensor([data.timesteps.index(t) for t in steps], device=data.device)
         signal = pca.coefficients(data.verts_head[rows], min(cfg.mapping.n_mesh_pca, pca.n_components)).cpu()
-    return timesteps, relative_to_identity(signal, signal[timesteps.index(identity)])
+    return relative_to_identity(signal[1:], signal[0])
+
+
+def _with_mapping(source_cfg, cfg):
+    """The source actor's config with the avatar's mapping section (the encoder and its settings)."""
+    from lib.config import Config
+
+    values = source_cfg.to_dict()
+    values["mapping"] = cfg.mapping.to_dict()
+    return Config(values)
 
 
 def build_mapping(cfg, gem: GaussianEigenModel, n_signal: int, signal_scale: Tensor | None = None) -> MappingNetwork:
     _, labels = coefficient_parts(gem)
-    return MappingNetwork(n_signal, labels, cfg.mapping.width, cfg.mapping.dropout, signal_scale)
+    return MappingNetwork(n_signal, labels, cfg.mapping.width, cfg.mapping.dropout, signal_scale,
+                          attention=cfg.mapping.architecture == "attention")
 
 
-def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, step: int):
+def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, step: int, elapsed: float = 0.0):
     """Write a mapping checkpoint (atomic; the train.keep_checkpoints newest kept). -> its path"""
-    state = {"model": net.state_dict(), "step": step, "signal": cfg.mapping.signal,
-             "n_signal": int(net.signal_scale.shape[0])}
+    state = {"model": net.state_dict(), "step": step, "elapsed": elapsed, "signal": cfg.mapping.signal,
+             "architecture": cfg.mapping.architecture, "n_signal": int(net.signal_scale.shape[0])}
     if opt is not None:
         state["optimizer"] = opt.state_dict()
     return save_checkpoint(state, ActorPaths(cfg).mapping_checkpoints, step, cfg.train.keep_checkpoints)
@@ -79,9 +122,11 @@ def load_mapping(cfg, gem: GaussianEigenModel, device) -> tuple[MappingNetwork, 
         raise CheckpointError(f"no mapping checkpoint in {folder}; train it first (python train.py CONFIG with "
                               "train.stage: mapping)")
     state = load_checkpoint(ckpt, map_location="cpu")
-    if state.get("signal") != cfg.mapping.signal:
-        raise CheckpointError(f"checkpoint {ckpt} was trained on the '{state.get('signal')}' signal, the config "
-                              f"asks for '{cfg.mapping.signal}'; set mapping.signal accordingly or retrain")
+    for key in ("signal", "architecture"):
+        trained = state.get(key, "parts" if key == "architecture" else None)
+        if trained != getattr(cfg.mapping, key):
+            raise CheckpointError(f"checkpoint {ckpt} was trained with mapping.{key} = '{trained}', the config "
+                                  f"asks for '{getattr(cfg.mapping, key)}'; set it accordingly or retrain")
     net = build_mapping(cfg, gem, int(state["n_signal"]))
     try:
         net.load_state_dict(state["model"])
@@ -95,58 +140,147 @@ def load_mapping(cfg, gem: GaussianEigenModel, device) -> tuple[MappingNetwork, 
 
 def fit_mapping(cfg, log=print) -> MappingNetwork:
     info = distributed.setup(cfg.train.device, cfg.train.threads)
+    log = log if info.is_main else (lambda *a, **k: None)
     device = info.device
     torch.manual_seed(cfg.train.seed)
     paths = ActorPaths(cfg)
-    gem = GaussianEigenModel.load(paths.gem)
+    gem = GaussianEigenModel.load(paths.gem, device=device)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
     export = VhapExport.from_config(cfg)
-    data = None
-    if cfg.mapping.signal == "mesh_pca":
-        flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
-        data = ActorData(export, flame, device)
-    timesteps, signal = driving_signals(cfg, export, data)
-
+    data = ActorData(export, flame, device)
     gem_rows = {int(t): i for i, t in enumerate(gem.timesteps)}
     train_steps = [t for t, _ in export.timesteps("train") if t in gem_rows]
     if not train_steps:
         raise GemError(f"none of the train timesteps of {export.root} is in the GEM {paths.gem}; rebuild the "
                        "GEM (python pca_gauss.py CONFIG) for this actor")
-    x = signal[[timesteps.index(t) for t in train_steps]].to(device)
+    row = {t: i for i, t in enumerate(train_steps)}
+    resuming = latest_checkpoint(paths.mapping_checkpoints) is not None
+    if cfg.mapping.signal == "encoder" and not resuming and not info.is_main:
+        distributed.barrier(info)  # wait for the PCA rank 0 fits, then read it
+    x = driving_signals(cfg, export, train_steps, data, fit=info.is_main and not resuming).to(device)
+    if cfg.mapping.signal == "encoder" and not resuming and info.is_main:
+        distributed.barrier(info)
     y = flatten_coefficients(gem.coefficients)[[gem_rows[t] for t in train_steps]].to(device)
+    R, t = frame_poses(flame, timestep_files(export, ("train",)), train_steps, device)
     # a channel that never moves (e.g. eyes in a sequence without gaze) keeps scale 1, not a division by ~0
     scale = x.std(0)
     scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
 
     weights = variance_weights(gem).to(device) if cfg.mapping.weighting == "variance" else None
-    step, state = 0, None
-    if latest_checkpoint(paths.mapping_checkpoints) is not None:
+    step, elapsed, state = 0, 0.0, None
+    if resuming:
         net, state = load_mapping(cfg, gem, device)
-        step = int(state["step"])
+        step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resumed from {state['path']} (step {step})")
     else:
         net = build_mapping(cfg, gem, x.shape[1], scale).to(device)
+    net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.mapping.lr, weight_decay=cfg.mapping.weight_decay)
     if state is not None and "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
+    if info.is_main:
+        save_config(cfg, paths.mapping / "config.yml")
+    model = net
+    if info.enabled:
+        model = DistributedDataParallel(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
     log(f"mapping: {cfg.mapping.signal} signal ({x.shape[1]} values) -> {y.shape[1]} GEM coefficients, "
-        f"{len(net.mlps)} part MLP(s), {len(train_steps)} train timesteps")
+        f"{len(net.mlps)} part MLP(s) ({cfg.mapping.architecture}), {len(train_steps)} train timesteps")
 
-    start = time.perf_counter()
-    net.train()
-    while step < cfg.mapping.iterations:
-        loss = coefficient_loss(net(x), y, cfg.mapping.magnitude, weights)
+    warmup, total = cfg.mapping.warmup_iterations, cfg.mapping.warmup_iterations + cfg.mapping.iterations
+    frames = [f for f in export.split("train") if f.timestep_index in row]
+    vgg = perceptual_loss(cfg, cfg.mapping.vgg, log) if cfg.mapping.iterations > 0 else None
+    vgg = vgg.to(device) if vgg is not None else None
+    background = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)
+    writer = open_tensorboard(paths.mapping_tensorboard) if info.is_main else None
+    good, restores = snapshot(net, opt), 0
+    limit = cfg.mapping.time_limit_minutes
+    done = progress(max(step - warmup, 0), cfg.mapping.iterations, elapsed, limit)
+    bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True)
+    t_start = time.perf_counter() - elapsed
+    while step < warmup or (step < total and done < 1.0):
+        render = gt = None
+        if step < warmup:
+            pred = model(x)
+            terms = {"regression": coefficient_loss(pred, y, 0.0, weights),
+                     "magnitude": cfg.mapping.magnitude * pred.pow(2).mean()}
+            lr = cfg.mapping.lr
+        else:
+            if step == warmup:
+                t_start = time.perf_counter()  # the time limit is the photometric phase's
+            rng = np.random.default_rng([cfg.train.seed, step, info.rank])
+            frame = frames[int(rng.integers(len(frames)))]
+            sample = data.sample(frame)
+            bg = (torch.as_tensor(rng.random(3), dtype=torch.float32, device=device)
+                  if cfg.train.random_background else background)
+            gt = composite_gt(sample.image[None], sample.alpha[None], bg[None])
+            i = row[frame.timestep_index]
+            pred = model(x[i:i + 1])
+            render = render_gem(gem, split_coefficients(gem, pred), R[i:i + 1], t[i:i + 1], sample.viewmat[None],
+                                sample.K[None], frame.camera.width, frame.camera.height, bg).rgb
+            terms = photometric(render, gt, torch.ones_like(sample.alpha[None]), cfg.mapping.l1, cfg.mapping.ssim)
+            if vgg is not None:
+                terms["vgg"] = cfg.mapping.vgg * vgg(render, gt)
+            terms["regression"] = cfg.mapping.regression * coefficient_loss(pred, y[i:i + 1], 0.0, weights)
+            terms["magnitude"] = cfg.mapping.magnitude * pred.pow(2).mean()
+            lr = cfg.mapping.lr * lr_factor(done, cfg.train.lr_schedule, cfg.train.lr_milestones,
+                                            cfg.train.lr_gamma, cfg.train.lr_final)
+        loss = sum(terms.values())
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip or math.inf)
+        if not torch.isfinite(grad_norm):
+            restores += 1
+            if restores > _MAX_NAN_RESTORES:
+                raise TrainingDiverged(f"non-finite gradients at {restores} steps in a row (mapping step {step}); "
+                                       "lower mapping.lr or check the data")
+            log(f"step {step}: non-finite gradient, restoring the last good state")
+            restore(net, opt, good)
+        else:
+            restores = 0
+            opt.step()
         step += 1
-        if step % max(1, cfg.mapping.iterations // 10) == 0 or step == 1:
-            log(f"step {step:6d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)")
-        if step % cfg.mapping.checkpoint_every == 0 and step < cfg.mapping.iterations:
-            save_mapping(cfg, net, opt, step)
-    path = save_mapping(cfg, net, opt, step)
+        bar.update(1)
+        if step > warmup:
+            elapsed = time.perf_counter() - t_start
+            if limit > 0:
+                elapsed = distributed.broadcast_float(info, elapsed)
+            done = progress(step - warmup, cfg.mapping.iterations, elapsed, limit)
+        finished = step >= total or (step > warmup and done >= 1.0)
+
+        if step % cfg.train.nan_snapshot_every == 0:
+            good = snapshot(net, opt)
+        if writer is not None and step % cfg.train.log_every == 0:
+            phase = "warmup" if step <= warmup else "photometric"
+            for name, value in terms.items():
+                writer.add_scalar(f"{phase}/{name}", value.item(), step)
+            writer.add_scalar(f"{phase}/total", loss.item(), step)
+            writer.add_scalar("train/lr", lr, step)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if writer is not None and render is not None and step % cfg.train.image_every == 0:
+            writer.add_image("render|gt", torch.cat([render[0], gt[0]], 1).detach().clamp(0, 1), step,
+                             dataformats="HWC")
+        if step == warmup and step < total:
+            log(f"warm-up done ({warmup} steps): coefficient L1 {_train_l1(net, x, y):.4f} sigma")
+        if step % cfg.train.checkpoint_every == 0 or finished:
+            if info.is_main:
+                save_mapping(cfg, net, opt, step, elapsed)
+            distributed.barrier(info)
+    bar.close()
     net.eval()
-    with torch.no_grad():
-        l1 = (net(x) - y).abs().mean().item()
-    log(f"train coefficient L1 (eval mode) {l1:.4f} sigma; {time.perf_counter() - start:.1f} s -> {path}")
-    save_config(cfg, paths.mapping / "config.yml")
+    log(f"train coefficient L1 (eval mode) {_train_l1(net, x, y):.4f} sigma after {step} steps "
+        f"({warmup} warm-up); checkpoint in {paths.mapping_checkpoints}")
+    if writer is not None:
+        writer.close()
+    distributed.teardown(info)
     return net
+
+
+@torch.no_grad()
+def _train_l1(net: MappingNetwork, x: Tensor, y: Tensor) -> float:
+    was_training = net.training
+    net.eval()
+    l1 = (net(x) - y).abs().mean().item()
+    net.train(was_training)
+    return l1

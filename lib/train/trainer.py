@@ -52,8 +52,9 @@ def make_optimizer(avatar: GaussianAvatar, cfg) -> torch.optim.Adam:
     return opt
 
 
-def _perceptual(cfg, log) -> VggPerceptual | None:
-    if not cfg.loss.vgg_weights or cfg.loss.vgg <= 0:
+def perceptual_loss(cfg, weight: float, log) -> VggPerceptual | None:
+    """The VGG19 perceptual loss when loss.vgg_weights is set and its weight is positive, else None (said in the log)."""
+    if not cfg.loss.vgg_weights or weight <= 0:
         log("VGG perceptual loss off: loss.vgg_weights is not set (a torchvision VGG19 state_dict; nothing "
             "is downloaded at run time)")
         return None
@@ -78,7 +79,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     avatar = build_avatar(cfg, paths, flame).to(device)
     avatar.bf16 = cfg.train.bf16 and device.type == "cuda"
     opt = make_optimizer(avatar, cfg)
-    vgg = _perceptual(cfg, log)
+    vgg = perceptual_loss(cfg, cfg.loss.vgg, log)
     vgg = vgg.to(device) if vgg is not None else None
 
     step, elapsed = 0, 0.0
@@ -101,8 +102,8 @@ def train(cfg, log=print) -> GaussianAvatar:
     val_frames = [val_frames[i] for i in np.linspace(0, len(val_frames) - 1, cfg.train.curve_views).round().astype(int)]
     total = cfg.train.iterations
     background = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)
-    writer = _tensorboard(paths) if info.is_main else None
-    good = _snapshot(avatar, opt)
+    writer = open_tensorboard(paths.regressor_tensorboard) if info.is_main else None
+    good = snapshot(avatar, opt)
     restores = 0
     curve_next = elapsed + 60.0 * cfg.train.curve_every_minutes if cfg.train.curve_every_minutes > 0 else math.inf
     if step == 0 and info.is_main and cfg.train.curve_every_minutes > 0:
@@ -145,7 +146,7 @@ def train(cfg, log=print) -> GaussianAvatar:
                 raise TrainingDiverged(f"non-finite gradients at {restores} steps in a row (step {step}); "
                                        "lower train.lr or check the data")
             log(f"step {step}: non-finite gradient, restoring the last good state")
-            _restore(avatar, opt, good)
+            restore(avatar, opt, good)
         else:
             restores = 0
             opt.step()
@@ -157,7 +158,7 @@ def train(cfg, log=print) -> GaussianAvatar:
         done = progress(step, total, elapsed, limit)
 
         if step % cfg.train.nan_snapshot_every == 0:
-            good = _snapshot(avatar, opt)
+            good = snapshot(avatar, opt)
         if writer is not None and step % cfg.train.log_every == 0:
             for name, value in terms.items():
                 writer.add_scalar(f"loss/{name}", value.item(), step)
@@ -188,19 +189,20 @@ def train(cfg, log=print) -> GaussianAvatar:
     return avatar
 
 
-def _snapshot(avatar, opt) -> dict:
+def snapshot(avatar, opt) -> dict:
+    """In-memory copy of a model's and its optimiser's state (what the NaN guard restores)."""
     return {"model": copy.deepcopy(avatar.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
 
 
-def _restore(avatar, opt, good: dict) -> None:
+def restore(avatar, opt, good: dict) -> None:
     avatar.load_state_dict(good["model"])
     opt.load_state_dict(good["optimizer"])
 
 
-def _tensorboard(paths: ActorPaths):
+def open_tensorboard(folder):
     from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only on rank 0
 
-    return SummaryWriter(str(paths.regressor_tensorboard))
+    return SummaryWriter(str(folder))
 
 
 def _curve_point(paths: ActorPaths, avatar, data: ActorData, frames, step: int, seconds: float,

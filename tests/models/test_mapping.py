@@ -9,10 +9,10 @@ import torch
 
 from lib.config import load_config
 from lib.dataset.vhap import DatasetError
-from lib.models.gem import GaussianEigenModel, GaussianSet
+from lib.models.gem import GaussianEigenModel, GaussianSet, GemError
 from lib.models.mapping import (
-    BOUND, MappingNetwork, coefficient_loss, coefficient_parts, flatten_coefficients, split_coefficients,
-    variance_weights,
+    BOUND, MappingNetwork, coefficient_loss, coefficient_parts, flatten_coefficients, hold_at_mean,
+    split_coefficients, variance_weights,
 )
 from lib.paths import REPO_ROOT
 from lib.train.checkpoint import CheckpointError
@@ -118,13 +118,16 @@ def test_flame_signal_is_zero_at_the_identity_frame(tmp_path):
         np.savez(tmp_path / f"{t:05d}.npz", **params[t])
     export = _Export(tmp_path, {"train": [0, 1, 2, 3], "test": [4, 5]})
     cfg = load_config(None, ["actor.identity_timestep=2"])
-    timesteps, signal = driving_signals(cfg, export)
-    assert timesteps == list(range(6)) and signal.shape == (6, 10 + 3 + 6)
+    signal = driving_signals(cfg, export, list(range(6)))
+    assert signal.shape == (6, 10 + 3 + 6)
     assert torch.equal(signal[2], torch.zeros(19))
     raw = lambda t: np.concatenate([params[t][k].ravel() for k in ("expr", "jaw_pose", "eyes_pose")])  # noqa: E731
     np.testing.assert_allclose(signal[5].numpy(), raw(5) - raw(2), atol=1e-6)
+    np.testing.assert_allclose(driving_signals(cfg, export, [5, 1]).numpy(), signal[[5, 1]].numpy(), atol=1e-6)
     with pytest.raises(DatasetError, match="identity_timestep"):
-        driving_signals(load_config(None, ["actor.identity_timestep=9"]), export)
+        driving_signals(load_config(None, ["actor.identity_timestep=9"]), export, [0])
+    with pytest.raises(DatasetError, match="timestep 7 is not"):
+        driving_signals(cfg, export, [7])
 
 
 def test_variance_weights_follow_the_components_variance():
@@ -134,3 +137,44 @@ def test_variance_weights_follow_the_components_variance():
     assert torch.isclose(w.mean(), torch.tensor(1.0))
     first = w[:gem.n_components("positions")]
     assert (first[1:] <= first[:-1] + 1e-6).all() and first[0] > first[-1]
+
+
+def test_attention_variant_starts_as_the_per_part_network_and_learns_part_specific_gates():
+    torch.manual_seed(0)
+    gem, signal = toy_gem(parts=True)
+    _, labels = coefficient_parts(gem)
+    plain = MappingNetwork(S, labels, width=32).eval()
+    gated = MappingNetwork(S, labels, width=32, attention=True).eval()
+    gated.load_state_dict(plain.state_dict(), strict=False)  # same part MLPs; the context starts at zero
+    with torch.no_grad():
+        assert torch.equal(gated.gates(signal), torch.ones(T, 2, S))
+        assert torch.allclose(gated(signal), plain(signal))
+    target = flatten_coefficients(gem.coefficients)
+    opt = torch.optim.AdamW(gated.parameters(), lr=3e-3)
+    gated.train()
+    for _ in range(200):
+        loss = coefficient_loss(gated(signal), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        gates = gated.eval().gates(signal)
+        after = coefficient_loss(gated(signal), target).item()
+        before = coefficient_loss(plain(signal), target).item()
+    assert after < 0.5 * before
+    assert (gates[:, 0] - gates[:, 1]).abs().max() > 1e-3  # each part listens to the signal its own way
+    assert ((gates > 0) & (gates < 2)).all()
+
+
+def test_hold_at_mean_zeroes_only_the_named_parts_coefficients():
+    gem, _ = toy_gem(parts=True)
+    _, labels = coefficient_parts(gem)
+    flat = torch.randn(3, labels.shape[0])
+    held = hold_at_mean(flat, gem, ["b"])
+    assert (held[:, labels == 1] == 0).all() and torch.equal(held[:, labels == 0], flat[:, labels == 0])
+    assert torch.equal(hold_at_mean(flat, gem, []), flat)
+    with pytest.raises(GemError, match="hair"):
+        hold_at_mean(flat, gem, ["hair"])
+    no_parts, _ = toy_gem()
+    flat = torch.randn(2, coefficient_parts(no_parts)[1].shape[0])
+    assert torch.equal(hold_at_mean(flat, no_parts, ["scalp"]), flat)  # nothing to hold without parts

@@ -1,0 +1,185 @@
+"""Stage 4 end to end on the tiny actor: warm-up and photometric training, resume, self-reenactment,
+cross-identity reenactment by a second actor, the image-encoder signal, and DDP."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lib.config import load_config
+from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, generate_actor
+from lib.dataset.vhap import VhapExport
+from lib.eval.mapping import evaluate_mapping, reenact
+from lib.flame.model import FlameModel
+from lib.models.gem import GaussianEigenModel, render_gem
+from lib.models.mapping import split_coefficients
+from lib.paths import REPO_ROOT, ActorPaths, resolve
+from lib.train import trainer
+from lib.train.checkpoint import latest_checkpoint, load_checkpoint
+from lib.train.data import ActorData
+from lib.train.fit_gem import fit_gem, frame_poses, timestep_files
+from lib.train.fit_mapping import driving_signals, fit_mapping, load_mapping
+from lib.train.losses import composite_gt
+
+QUIET = lambda *a, **k: None  # noqa: E731
+MAPPING = ["train.stage=mapping", "mapping.width=16", "mapping.warmup_iterations=30", "mapping.iterations=3",
+           "gem.positions=2", "gem.rotations=2", "gem.scales=2", "gem.opacities=2", "gem.evaluate=false"]
+
+
+@pytest.fixture(scope="module")
+def stage3(tiny_actor_config, tmp_path_factory):
+    """The tiny actor's regressor and GEM, trained once for this module. -> (config, experiments folder)"""
+    cfg = load_config(tiny_actor_config)
+    experiments = tmp_path_factory.mktemp("stage3") / "experiments"
+    shutil.copytree(resolve(cfg.actor.experiments_dir) / cfg.actor.name / "mesh_pca", experiments / "tiny" / "mesh_pca")
+    overrides = [f"actor.experiments_dir={os.path.relpath(experiments, REPO_ROOT)}"] + MAPPING
+    cfg = load_config(tiny_actor_config, overrides + ["train.stage=regressor"])
+    trainer.train(cfg, log=QUIET)
+    fit_gem(cfg, log=QUIET)
+    return tiny_actor_config, experiments
+
+
+@pytest.fixture
+def run(stage3, tmp_path):
+    """A fresh stage-4 run on a copy of stages 1-3. -> (config path, overrides)"""
+    config, experiments = stage3
+    shutil.copytree(experiments, tmp_path / "experiments")
+    return config, [f"actor.experiments_dir={os.path.relpath(tmp_path / 'experiments', REPO_ROOT)}"] + MAPPING
+
+
+@pytest.fixture(scope="module")
+def source_config(tiny_actor_config, tmp_path_factory):
+    """A second tiny actor (another identity and motion) as the source of a cross-identity reenactment."""
+    root = tmp_path_factory.mktemp("source")
+    values = yaml.safe_load(open(tiny_actor_config))
+    values["base"] = os.path.relpath(resolve(os.path.join(os.path.dirname(tiny_actor_config), values["base"])), root)
+    values["actor"]["name"] = "tiny_source"
+    values["actor"]["data_dir"] = os.path.relpath(root / "actor", REPO_ROOT)
+    values["synthetic"]["seed"] = 2
+    path = root / "source.yml"
+    path.write_text(yaml.safe_dump(values))
+    cfg = load_config(path)
+    generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg), log=QUIET)
+    return path
+
+
+def _image_loss(cfg, net=None) -> float:
+    """Mean L1 of the network's GEM renders (the GEM's mean without a network) against every training
+    image (white background)."""
+    paths = ActorPaths(cfg)
+    gem = GaussianEigenModel.load(paths.gem)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, torch.device("cpu"))
+    frames = export.split("train")
+    steps = sorted({f.timestep_index for f in frames})
+    R, t = frame_poses(flame, timestep_files(export, ("train",)), steps, "cpu")
+    with torch.no_grad():
+        if net is None:
+            coeffs = gem.zero_coefficients(len(steps))
+        else:
+            coeffs = split_coefficients(gem, net.eval()(driving_signals(cfg, export, steps, data)))
+        losses = []
+        for f in frames:
+            i, s = steps.index(f.timestep_index), data.sample(f)
+            c = {a: v[i:i + 1] for a, v in coeffs.items()}
+            rgb = render_gem(gem, c, R[i:i + 1], t[i:i + 1], s.viewmat[None], s.K[None], f.camera.width,
+                             f.camera.height, torch.ones(3)).rgb
+            losses.append((rgb - composite_gt(s.image[None], s.alpha[None], torch.ones(1, 3))).abs().mean())
+    return float(torch.stack(losses).mean())
+
+
+def test_photometric_steps_lower_the_image_loss_and_a_rerun_resumes(run):
+    config, overrides = run
+    overrides = overrides + ["mapping.warmup_iterations=200", "mapping.lr=1e-2", "mapping.regression=0",
+                             "train.random_background=false", "train.lr_schedule=constant"]
+    cfg = load_config(config, overrides + ["mapping.iterations=0"])
+    # Wrong targets: the warm-up teaches the network to push the Gaussians 2.5 sigma along the position
+    # basis (about 2 cm each: sigma spreads over the N Gaussians of a unit basis row); only the
+    # photometric loss, against the images, can tell it to stop.
+    gem = GaussianEigenModel.load(ActorPaths(cfg).gem)
+    block = gem.blocks["positions"][0]
+    block.eigenvalues = torch.full_like(block.eigenvalues, 0.01 ** 2 * gem.n_gaussians)
+    gem.coefficients["positions"] = torch.full_like(gem.coefficients["positions"], 2.5)
+    gem.save(ActorPaths(cfg).gem)
+    before = _image_loss(cfg, fit_mapping(cfg, log=QUIET))
+    mean = _image_loss(cfg)  # where the images pull the coefficients (the frames barely differ)
+    cfg = load_config(config, overrides + ["mapping.iterations=150"])
+    lines = []
+    after = _image_loss(cfg, fit_mapping(cfg, log=lines.append))
+    assert any(line.startswith("resumed from") and "(step 200)" in line for line in lines)
+    assert after - mean < 0.5 * (before - mean), (before, after, mean)
+    folder = ActorPaths(cfg).mapping_checkpoints
+    assert load_checkpoint(latest_checkpoint(folder))["step"] == 350
+    assert any((ActorPaths(cfg).mapping_tensorboard).iterdir())
+
+
+def test_self_and_cross_identity_reenactment_write_their_results(run, source_config):
+    config, overrides = run
+    cfg = load_config(config, overrides)
+    fit_mapping(cfg, log=QUIET)
+    assert load_checkpoint(latest_checkpoint(ActorPaths(cfg).mapping_checkpoints))["step"] == 33
+
+    results = evaluate_mapping(cfg, log=QUIET)
+    saved = json.loads((ActorPaths(cfg).mapping_eval / "metrics.json").read_text())
+    assert saved["frames"] == results["frames"] == 2
+    for name in ("predicted", "gt_coefficients"):
+        assert 5.0 < saved[name]["psnr"] < 60.0 and 5.0 < saved[name]["psnr_masked"] < 60.0
+    assert (ActorPaths(cfg).mapping_eval / "test.mp4").stat().st_size > 0
+
+    source = load_config(source_config)
+    summary = reenact(cfg, source, log=QUIET)
+    out = ActorPaths(cfg).reenactment("tiny_source")
+    assert json.loads((out / "reenactment.json").read_text()) == summary
+    assert summary["source"] == "tiny_source" and summary["frames"] == 2
+    for video in ("source.mp4", "target.mp4", "side_by_side.mp4"):
+        assert (out / video).stat().st_size > 0
+    assert len(list((out / "frames").glob("*.png"))) == 2
+    # the source's identity frame drives the target to its own neutral signal: zero
+    src_export = VhapExport.from_config(source)
+    zero = driving_signals(cfg, src_export, [source.actor.identity_timestep], source_cfg=source)
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
+class _TinyEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 12)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1))
+
+
+def test_the_image_encoder_signal_trains_evaluates_and_drives_another_actor(run, source_config, tmp_path):
+    torch.manual_seed(0)
+    encoder = tmp_path / "encoder.pt"
+    torch.jit.script(_TinyEncoder()).save(str(encoder))
+    config, overrides = run
+    cfg = load_config(config, overrides + ["mapping.signal=encoder", f"mapping.encoder={os.path.relpath(encoder, REPO_ROOT)}",
+                                           "mapping.encoder_crop=32", "mapping.encoder_components=3"])
+    net = fit_mapping(cfg, log=QUIET)
+    assert net.signal_scale.shape == (2,)  # 3 train timesteps: the PCA keeps T - 1 = 2 components
+    assert ActorPaths(cfg).encoder_pca.is_file()
+    assert 5.0 < evaluate_mapping(cfg, log=QUIET)["predicted"]["psnr"] < 60.0
+    assert reenact(cfg, load_config(source_config), log=QUIET)["signal"] == "encoder"
+    with pytest.raises(Exception, match="architecture"):
+        load_mapping(load_config(config, overrides + ["mapping.signal=encoder", "mapping.architecture=attention"]),
+                     GaussianEigenModel.load(ActorPaths(cfg).gem), "cpu")
+
+
+def test_two_process_gloo_mapping_run_keeps_identical_weights(run, tmp_path):
+    config, overrides = run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "tests/train/ddp_worker.py", str(config), str(tmp_path), *overrides, "mapping.architecture=attention"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys() and any(k.startswith("context") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
