@@ -1,39 +1,68 @@
 #!/usr/bin/env bash
-# Runs every stage of the pipeline for one actor, in order.
-#   ./run.sh                        the embedded synthetic actor (configs/default.yml, then configs/mapping.yml)
-#   ./run.sh CONFIG [MAPPING_CONFIG] another actor (a VHAP export + a FLAME model); stage 4 uses
-#                                   MAPPING_CONFIG, or CONFIG with train.stage=mapping
-# Installs first when .venv is missing. A stage whose outputs exist is skipped by the stage itself.
+# Runs every stage of the pipeline for one actor, in order, skipping the stages already done.
+#   ./run.sh                      the embedded synthetic actor: configs/default.yml, configs/mapping.yml,
+#                                 reenacted by the second synthetic actor configs/synthetic_b.yml
+#   ./run.sh CONFIG [MAPPING_CONFIG [SOURCE_CONFIG]]
+#                                 another actor (a VHAP export + a FLAME model); the mapping stages use
+#                                 MAPPING_CONFIG, or CONFIG with train.stage=mapping; with SOURCE_CONFIG,
+#                                 the source actor's data is made (when synthetic and missing) and the
+#                                 last stage reenacts the actor with the source actor's motion
+# Skipping: a stage is skipped ("skipped (outputs exist for the same config)") when its stamp
+# experiments/<actor>/stages/<stage>.json holds the hash of the same resolved config and its outputs
+# exist (lib/stages.py). A stage that runs is stamped only when it succeeds, and every stage downstream
+# of it runs too. Editing a config reruns everything that config drives; a stage's script decides what
+# a rerun does (train.py resumes from its newest checkpoint: remove the run folder to train anew).
+# Delete experiments/<actor>/stages/ to run every stage again.
+# Installs first when .venv is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || ./install.sh
 PY=.venv/bin/python
 # OpenMP threads that spin while waiting run 10-200x slower on a shared 2-core machine.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+if [ $# -gt 3 ]; then echo "usage: ./run.sh [CONFIG [MAPPING_CONFIG [SOURCE_CONFIG]]]" >&2; exit 1; fi
 CONFIG=${1:-configs/default.yml}
 if [ $# -ge 2 ]; then MAPPING=("$2"); elif [ $# -eq 0 ]; then MAPPING=(configs/mapping.yml); else MAPPING=("$CONFIG" train.stage=mapping); fi
+if [ $# -ge 3 ]; then SOURCE=$3; elif [ $# -eq 0 ]; then SOURCE=configs/synthetic_b.yml; else SOURCE=; fi
 
+RAN=" "  # ids of the stages that ran in this invocation
+
+# stage ID TITLE UPSTREAM SCRIPT ARGS...: runs `$PY SCRIPT ARGS...` unless lib.stages finds stage ID
+# done for ARGS, or a stage of UPSTREAM (ids) ran in this invocation (its outputs changed).
 stage() {
-    local name=$1; shift
-    echo "=== ${name}"
-    local t0=$SECONDS rc=0
-    "$@" || rc=$?
+    local id=$1 title=$2 upstream=$3 script=$4; shift 4
+    local t0=$SECONDS rc=0 up why=
+    for up in $upstream; do [[ $RAN == *" $up "* ]] && why="upstream stage '${up}' ran"; done
+    if [ -z "$why" ]; then
+        why=$($PY -m lib.stages done "$id" "$@") && { echo "=== ${title}: skipped (outputs exist for the same config)"; return 0; }
+    fi
+    echo "=== ${title} (${why:-not known to be done})"
+    $PY $script "$@" || rc=$?  # $script unquoted: "-m module" is two words
     if [ $rc -eq 2 ]; then
-        echo "=== ${name}: not implemented yet in this version; the pipeline stops here."
+        echo "=== ${title}: not implemented yet in this version; the pipeline stops here."
         exit 2
     elif [ $rc -ne 0 ]; then
-        echo "=== ${name} failed (exit ${rc})"; exit $rc
+        echo "=== ${title} failed (exit ${rc})"; exit $rc
     fi
-    echo "=== ${name}: $((SECONDS - t0)) s"
+    $PY -m lib.stages mark "$id" "$@" || { echo "=== ${title} failed (its outputs are missing)"; exit 1; }
+    RAN+="$id "
+    echo "=== ${title}: $((SECONDS - t0)) s"
 }
 
-stage "synthetic data (made only when missing)" $PY -m lib.dataset.synthetic_actor "$CONFIG"
-stage "masks"             $PY render_masks.py "$CONFIG"
-stage "mesh PCA"          $PY pca_mesh.py "$CONFIG"
-stage "regressor"         $PY train.py "$CONFIG"
-stage "regressor test"    $PY test.py "$CONFIG"
-stage "GEM"               $PY pca_gauss.py "$CONFIG"
-stage "GEM viewer sweeps" $PY pca_viewer.py "$CONFIG"
-stage "mapping network"   $PY train.py "${MAPPING[@]}"
-stage "self-reenactment"  $PY test.py "${MAPPING[@]}"
-echo "=== done: results and metrics.json files under experiments/ (cross-identity reenactment is not in this version yet)"
+stage data              "synthetic data (made only when missing)" ""                "-m lib.dataset.synthetic_actor" "$CONFIG"
+if [ -n "$SOURCE" ]; then
+stage source_data       "source actor data"                       ""                "-m lib.dataset.synthetic_actor" "$SOURCE"
+fi
+stage masks             "masks"                                   "data"             render_masks.py "$CONFIG"
+stage mesh_pca          "mesh PCA"                                "data"             pca_mesh.py     "$CONFIG"
+stage regressor         "regressor"                               "masks mesh_pca"   train.py        "$CONFIG"
+stage regressor_test    "regressor test"                          "regressor"        test.py         "$CONFIG"
+stage gem               "GEM"                                     "regressor"        pca_gauss.py    "$CONFIG"
+stage sweeps            "GEM viewer sweeps"                       "gem"              pca_viewer.py   "$CONFIG"
+stage mapping           "mapping network"                         "gem"              train.py        "${MAPPING[@]}"
+stage self_reenactment  "self-reenactment"                        "mapping"          test.py         "${MAPPING[@]}"
+if [ -n "$SOURCE" ]; then
+stage cross_reenactment "cross-identity reenactment"              "mapping source_data" test.py      "${MAPPING[0]}" "$SOURCE" "${MAPPING[@]:1}"
+fi
+echo "=== done; results:"
+$PY -m lib.stages results "${MAPPING[@]}" ${SOURCE:+"$SOURCE"}
