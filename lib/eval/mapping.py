@@ -51,14 +51,20 @@ from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
 
 
-@torch.no_grad()
-def evaluate_mapping(cfg, log=print) -> dict:
+def _trained(cfg):
+    """What both evaluations start from. -> (paths, device, GEM, mapping network, its checkpoint state, FLAME)"""
     paths = ActorPaths(cfg)
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     set_threads(cfg.train.threads)
     gem = GaussianEigenModel.load(paths.gem, device=device)
     net, state = load_mapping(cfg, gem, device)
     flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    return paths, device, gem, net, state, flame
+
+
+@torch.no_grad()
+def evaluate_mapping(cfg, log=print) -> dict:
+    paths, device, gem, net, state, flame = _trained(cfg)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
     avatar, regressor_ckpt = load_regressor(cfg, paths, flame, device)
@@ -124,12 +130,7 @@ def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> torch.Tensor
 @torch.no_grad()
 def reenact(cfg, source_cfg, log=print) -> dict:
     """Cross-identity reenactment of the avatar of ``cfg`` by the actor of ``source_cfg`` (module docstring)."""
-    paths = ActorPaths(cfg)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    set_threads(cfg.train.threads)
-    gem = GaussianEigenModel.load(paths.gem, device=device)
-    net, state = load_mapping(cfg, gem, device)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    paths, device, gem, net, state, flame = _trained(cfg)
     target = VhapExport.from_config(cfg)
     source = VhapExport.from_config(source_cfg)
     src_flame = FlameModel.from_file(resolve(source_cfg.actor.flame_model), source_cfg.actor.n_shape,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,6 +18,7 @@ from lib.dataset.masks import mask_paths
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, read_flame_params
 from lib.flame.model import FlameModel
 from lib.models.avatar import split_global_pose
+from lib.train.losses import composite_gt
 
 
 @dataclass
@@ -72,3 +74,17 @@ class ActorData:
                                    f"{frame.camera_index}); run `python render_masks.py CONFIG` first")
             return None
         return self.export.load_mask(replace(frame, mask_path=path))
+
+
+def draw_training_image(data: ActorData, frames: list[Frame], seed: int, step: int, rank: int,
+                        random_background: bool, background: Tensor) -> tuple[Sample, Tensor, Tensor]:
+    """The training image of one step, its background and its ground truth on that background.
+
+    The draw is seeded by (seed, step, rank), so a resumed run draws what the uninterrupted one would
+    have, and DDP ranks draw different images. background [3]: used unless random_background.
+    -> (sample, bg [3], gt [1, H, W, 3])
+    """
+    rng = np.random.default_rng([seed, step, rank])
+    sample = data.sample(frames[int(rng.integers(len(frames)))])
+    bg = torch.as_tensor(rng.random(3), dtype=torch.float32, device=data.device) if random_background else background
+    return sample, bg, composite_gt(sample.image[None], sample.alpha[None], bg[None])

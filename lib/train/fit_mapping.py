@@ -25,10 +25,8 @@ was trained for.
 """
 from __future__ import annotations
 
-import math
 import time
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -47,14 +45,11 @@ from lib.models.mesh_pca import MeshPCA
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from lib.train.data import ActorData
+from lib.train.data import ActorData, draw_training_image
 from lib.train.fit_gem import frame_poses, timestep_files
-from lib.train.losses import composite_gt, photometric
+from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
-from lib.train.trainer import TrainingDiverged, open_tensorboard, perceptual_loss, restore, snapshot
-
-_MAX_NAN_RESTORES = 10
-
+from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss
 
 def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorData | None = None,
                     source_cfg=None, fit: bool = False) -> Tensor:
@@ -192,7 +187,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     vgg = vgg.to(device) if vgg is not None else None
     background = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)
     writer = open_tensorboard(paths.mapping_tensorboard) if info.is_main else None
-    good, restores = snapshot(net, opt), 0
+    guard = NanGuard(net, opt, cfg.train.nan_snapshot_every, "lower mapping.lr or check the data")
     limit = cfg.mapping.time_limit_minutes
     done = progress(max(step - warmup, 0), cfg.mapping.iterations, elapsed, limit)
     bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True)
@@ -207,12 +202,9 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
         else:
             if step == warmup:
                 t_start = time.perf_counter()  # the time limit is the photometric phase's
-            rng = np.random.default_rng([cfg.train.seed, step, info.rank])
-            frame = frames[int(rng.integers(len(frames)))]
-            sample = data.sample(frame)
-            bg = (torch.as_tensor(rng.random(3), dtype=torch.float32, device=device)
-                  if cfg.train.random_background else background)
-            gt = composite_gt(sample.image[None], sample.alpha[None], bg[None])
+            sample, bg, gt = draw_training_image(data, frames, cfg.train.seed, step, info.rank,
+                                                 cfg.train.random_background, background)
+            frame = sample.frame
             i = row[frame.timestep_index]
             pred = model(x[i:i + 1])
             render = render_gem(gem, split_coefficients(gem, pred), R[i:i + 1], t[i:i + 1], sample.viewmat[None],
@@ -229,17 +221,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip or math.inf)
-        if not torch.isfinite(grad_norm):
-            restores += 1
-            if restores > _MAX_NAN_RESTORES:
-                raise TrainingDiverged(f"non-finite gradients at {restores} steps in a row (mapping step {step}); "
-                                       "lower mapping.lr or check the data")
-            log(f"step {step}: non-finite gradient, restoring the last good state")
-            restore(net, opt, good)
-        else:
-            restores = 0
-            opt.step()
+        guard.step(step, cfg.train.grad_clip, log)
         step += 1
         bar.update(1)
         if step > warmup:
@@ -249,8 +231,6 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
             done = progress(step - warmup, cfg.mapping.iterations, elapsed, limit)
         finished = step >= total or (step > warmup and done >= 1.0)
 
-        if step % cfg.train.nan_snapshot_every == 0:
-            good = snapshot(net, opt)
         if writer is not None and step % cfg.train.log_every == 0:
             phase = "warmup" if step <= warmup else "photometric"
             for name, value in terms.items():

@@ -30,8 +30,8 @@ from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
 from lib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lib.train.data import ActorData
-from lib.train.losses import composite_gt, mouth_weight, photometric, regularisers
+from lib.train.data import ActorData, draw_training_image
+from lib.train.losses import mouth_weight, photometric, regularisers
 from lib.train.schedule import lr_factor, progress
 
 _MAX_NAN_RESTORES = 10  # consecutive non-finite steps before training gives up
@@ -103,8 +103,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     total = cfg.train.iterations
     background = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)
     writer = open_tensorboard(paths.regressor_tensorboard) if info.is_main else None
-    good = snapshot(avatar, opt)
-    restores = 0
+    guard = NanGuard(avatar, opt, cfg.train.nan_snapshot_every, "lower train.lr or check the data")
     curve_next = elapsed + 60.0 * cfg.train.curve_every_minutes if cfg.train.curve_every_minutes > 0 else math.inf
     if step == 0 and info.is_main and cfg.train.curve_every_minutes > 0:
         _curve_point(paths, avatar, data, val_frames, step, 0.0, fresh=True)
@@ -115,12 +114,9 @@ def train(cfg, log=print) -> GaussianAvatar:
     t_start = time.perf_counter() - elapsed
     done = progress(step, total, elapsed, limit)
     while done < 1.0:
-        rng = np.random.default_rng([cfg.train.seed, step, info.rank])
-        frame = frames[int(rng.integers(len(frames)))]
-        sample = data.sample(frame)
-        bg = (torch.as_tensor(rng.random(3), dtype=torch.float32, device=device)
-              if cfg.train.random_background else background)
-        gt = composite_gt(sample.image[None], sample.alpha[None], bg[None])
+        sample, bg, gt = draw_training_image(data, frames, cfg.train.seed, step, info.rank,
+                                             cfg.train.random_background, background)
+        frame = sample.frame
 
         gaussians = model(*data.driving(frame.timestep_index))
         render = render_gaussians(gaussians, 0, sample.viewmat[None], sample.K[None],
@@ -138,18 +134,8 @@ def train(cfg, log=print) -> GaussianAvatar:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # After backward the gradients are averaged across ranks, so every rank sees the same norm
-        # and takes the same decision below.
-        grad_norm = torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip or math.inf)
-        if not torch.isfinite(grad_norm):
-            restores += 1
-            if restores > _MAX_NAN_RESTORES:
-                raise TrainingDiverged(f"non-finite gradients at {restores} steps in a row (step {step}); "
-                                       "lower train.lr or check the data")
-            log(f"step {step}: non-finite gradient, restoring the last good state")
-            restore(avatar, opt, good)
-        else:
-            restores = 0
-            opt.step()
+        # and takes the same decision in the guard.
+        grad_norm = guard.step(step, cfg.train.grad_clip, log)
         step += 1  # after a restore too: the same sample would give the same NaN
         bar.update(1)
         elapsed = time.perf_counter() - t_start
@@ -157,8 +143,6 @@ def train(cfg, log=print) -> GaussianAvatar:
             elapsed = distributed.broadcast_float(info, elapsed)
         done = progress(step, total, elapsed, limit)
 
-        if step % cfg.train.nan_snapshot_every == 0:
-            good = snapshot(avatar, opt)
         if writer is not None and step % cfg.train.log_every == 0:
             for name, value in terms.items():
                 writer.add_scalar(f"loss/{name}", value.item(), step)
@@ -187,6 +171,36 @@ def train(cfg, log=print) -> GaussianAvatar:
         writer.close()
     distributed.teardown(info)
     return avatar
+
+
+class NanGuard:
+    """The optimiser step behind a NaN guard.
+
+    The gradient norm is clipped; a non-finite one restores the last good state kept in memory
+    (snapshotted every ``every`` steps) instead of stepping, and more than ``_MAX_NAN_RESTORES`` such
+    steps in a row raise ``TrainingDiverged`` with ``hint`` (what the user can change).
+    """
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, every: int, hint: str):
+        self.model, self.opt, self.every, self.hint = model, opt, every, hint
+        self.good, self.restores = snapshot(model, opt), 0
+
+    def step(self, step: int, grad_clip: float, log) -> torch.Tensor:
+        """Clip, then step or restore, for training step ``step`` (counted from 0). -> the gradient norm"""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip or math.inf)
+        if torch.isfinite(grad_norm):
+            self.restores = 0
+            self.opt.step()
+        else:
+            self.restores += 1
+            if self.restores > _MAX_NAN_RESTORES:
+                raise TrainingDiverged(f"non-finite gradients at {self.restores} steps in a row (step {step}); "
+                                       f"{self.hint}")
+            log(f"step {step}: non-finite gradient, restoring the last good state")
+            restore(self.model, self.opt, self.good)
+        if (step + 1) % self.every == 0:
+            self.good = snapshot(self.model, self.opt)
+        return grad_norm
 
 
 def snapshot(avatar, opt) -> dict:

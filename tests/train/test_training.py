@@ -75,7 +75,7 @@ def test_killed_run_resumes_and_ends_at_the_configured_step(run_config):
     second = _train_cli(config, overrides)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
-    assert f"resuming from" in out and f"(step {killed_at})" in out
+    assert "resuming from" in out and f"(step {killed_at})" in out
     final = load_checkpoint(latest_checkpoint(folder))
     assert final["step"] == 300
     avatar = build_avatar(cfg, ActorPaths(cfg), FlameModel.from_file(resolve(cfg.actor.flame_model)))
