@@ -30,7 +30,6 @@ import time
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from lib.config import save_config
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport, read_flame_params
@@ -49,7 +48,7 @@ from lib.train.data import ActorData, draw_training_image
 from lib.train.fit_gem import frame_poses, timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
-from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss
+from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar
 
 def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorData | None = None,
                     source_cfg=None, fit: bool = False) -> Tensor:
@@ -190,7 +189,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     guard = NanGuard(net, opt, cfg.train.nan_snapshot_every, "lower mapping.lr or check the data")
     limit = cfg.mapping.time_limit_minutes
     done = progress(max(step - warmup, 0), cfg.mapping.iterations, elapsed, limit)
-    bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True)
+    bar = progress_bar(total, step, info.is_main)
     t_start = time.perf_counter() - elapsed
     while step < warmup or (step < total and done < 1.0):
         render = gt = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
 import time
 
 import numpy as np
@@ -110,7 +111,7 @@ def train(cfg, log=print) -> GaussianAvatar:
 
     first_step = step
     limit = cfg.train.time_limit_minutes
-    bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True)
+    bar = progress_bar(total, step, info.is_main)
     t_start = time.perf_counter() - elapsed
     done = progress(step, total, elapsed, limit)
     while done < 1.0:
@@ -171,6 +172,13 @@ def train(cfg, log=print) -> GaussianAvatar:
         writer.close()
     distributed.teardown(info)
     return avatar
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """The training progress bar; redrawn at most every 30 s when stderr is a file or a pipe (run.sh's
+    logs), not ten times a second."""
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 class NanGuard:
