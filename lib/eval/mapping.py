@@ -46,7 +46,7 @@ from lib.paths import ActorPaths, resolve
 from lib.train.data import ActorData
 from lib.train.distributed import set_threads
 from lib.train.fit_gem import frame_poses, gem_space_frames, load_regressor, timestep_files
-from lib.train.fit_mapping import driving_signals, load_mapping
+from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
 from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
 
@@ -58,6 +58,7 @@ def _trained(cfg):
     set_threads(cfg.train.threads)
     gem = GaussianEigenModel.load(paths.gem, device=device)
     net, state = load_mapping(cfg, gem, device)
+    gem = mapping_gem(state, gem, device)
     flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
     return paths, device, gem, net, state, flame
 
@@ -101,6 +102,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
 
     results = {"checkpoint": state["path"], "step": int(state["step"]), "signal": cfg.mapping.signal,
                "architecture": cfg.mapping.architecture, "held_at_mean": _held_parts(cfg, gem),
+               "basis_fine_tuned": "gem" in state,
                "regressor_checkpoint": regressor_ckpt, "frames": len(rows), "background": "white",
                "coefficient_l1_sigma": coeff_l1}
     for name in ("predicted", "gt_coefficients"):

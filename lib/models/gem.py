@@ -344,10 +344,43 @@ class GaussianEigenModel:
         mean = block.mean.to(self.colors.dtype)
         if c is None or block.n_components == 0:
             return mean.expand(batch, -1)
+        if block.basis.requires_grad:  # being fine-tuned: the product changes every step
+            return torch.addmm(mean, c.to(mean.dtype), block.eigenvalues.sqrt()[:, None] * block.basis)
         key = (attr, i)
         if key not in self._scaled:  # sqrt(lambda) folded into the basis once: one addmm per block
             self._scaled[key] = (block.eigenvalues.sqrt()[:, None] * block.basis.float()).to(mean.dtype)
         return torch.addmm(mean, c.to(mean.dtype), self._scaled[key])
+
+    # ---- fine-tuning ----
+
+    def fine_tunable(self) -> list[Tensor]:
+        """Every block's mean and basis as trainable float32 leaf tensors (stage 4's warm-up fine-tunes
+        them photometrically); eigenvalues, colours and coefficients stay fixed. -> the tensors"""
+        params = []
+        for blocks in self.blocks.values():
+            for b in blocks:
+                b.mean = b.mean.detach().float().requires_grad_(True)
+                b.basis = b.basis.detach().float().requires_grad_(True)
+                params += [b.mean, b.basis]
+        self._scaled.clear()
+        return params
+
+    @torch.no_grad()
+    def orthonormalise(self) -> None:
+        """Make every block's basis rows orthonormal again after a fine-tuning step moved them.
+
+        Cholesky QR: with G = B B^T = L L^T, the rows of L^-1 B are orthonormal and row k mixes only
+        rows 0..k (Gram-Schmidt order, each row keeping its direction's sign, so coefficients keep
+        their meaning). Two products of K x (n C), far cheaper than a Householder QR of the tall
+        matrix, and exact enough for a basis a small step away from orthonormal.
+        """
+        for blocks in self.blocks.values():
+            for b in blocks:
+                if b.n_components == 0:
+                    continue
+                L = torch.linalg.cholesky(b.basis @ b.basis.T)
+                b.basis.copy_(torch.linalg.solve_triangular(L, b.basis, upper=False))
+        self._scaled.clear()
 
     # ---- housekeeping ----
 
@@ -379,8 +412,9 @@ class GaussianEigenModel:
     def state(self, half: bool = False) -> dict:
         """The file's content: tensors, strings and numbers only (bases in fp16 when half)."""
         def block_state(b: Block) -> dict:
-            state = {"part": b.part, "mean": b.mean.float().cpu(), "eigenvalues": b.eigenvalues.float().cpu(),
-                     "basis": (b.basis.half() if half else b.basis.float()).cpu()}
+            basis = b.basis.detach()
+            state = {"part": b.part, "mean": b.mean.detach().float().cpu(), "eigenvalues": b.eigenvalues.float().cpu(),
+                     "basis": (basis.half() if half else basis.float()).cpu()}
             if b.index is not None:
                 state["index"] = b.index.long().cpu()
             return state
@@ -424,13 +458,14 @@ class GaussianEigenModel:
                            f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
                            f"expected {FORMAT!r}); {hint}")
         try:
-            model = cls._from_state(state)
+            model = cls.from_state(state)
         except (KeyError, TypeError, AttributeError, RuntimeError) as e:
             raise GemError(f"GEM file {path} is incomplete ({type(e).__name__}: {e}); {hint}") from None
         return model.to(device, dtype)
 
     @classmethod
-    def _from_state(cls, state: dict) -> "GaussianEigenModel":
+    def from_state(cls, state: dict) -> "GaussianEigenModel":
+        """The model of a ``state`` dict (what ``save`` writes; a mapping checkpoint holds one too)."""
         N = int(state["n_gaussians"])
         blocks = {}
         for attr, C in ATTRIBUTES.items():

@@ -66,6 +66,16 @@ def broadcast_float(info: DistInfo, value: float) -> float:
     return float(t)
 
 
+def average_gradients(info: DistInfo, params: list[torch.Tensor]) -> None:
+    """Average the gradients of tensors DDP does not manage (e.g. a fine-tuned GEM basis) over the ranks."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= info.world_size
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

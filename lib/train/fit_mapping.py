@@ -6,10 +6,13 @@ of the regressor's Gaussians). One step counter runs through two phases:
 
     warm-up      mapping.warmup_iterations steps, the batch = every train timestep: L1 of the network's
                  coefficients to the GEM's (each weighted by its variance share with
-                 mapping.weighting = variance) + mapping.magnitude * mean(c^2). The method renders
-                 the ground-truth coefficients during its warm-up to fine-tune the basis; our basis
-                 stays frozen (as stage 3 built it), so such a render would train nothing and the
-                 warm-up renders no image: on a CPU it takes seconds.
+                 mapping.weighting = variance) + mapping.magnitude * mean(c^2). With mapping.basis_lr > 0
+                 (the method's warm-up) each step also renders the ground-truth coefficients of one
+                 random training image and fine-tunes the GEM's means and bases on it with Adam, the
+                 bases re-orthonormalised every ORTHONORMALISE_EVERY steps; the fine-tuned GEM is saved
+                 whole in every checkpoint (``mapping_gem``) and frozen after the warm-up. With a frozen
+                 basis such a render would train nothing, so none is made: on a CPU the warm-up then
+                 takes seconds.
     photometric  mapping.iterations steps, or mapping.time_limit_minutes: one random training image
                  per step (and per DDP rank); the network's coefficients are rendered by GEM into that
                  camera at the frame's GEM pose and compared with the image on a random background:
@@ -49,6 +52,11 @@ from lib.train.fit_gem import frame_poses, timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
 from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar
+
+# Warm-up steps between re-orthonormalisations of a fine-tuned basis: one costs about 40 ms on a CPU
+# core for the synthetic actor's GEM, and ten Adam steps at 1e-5 leave the rows orthonormal to about 2e-4.
+ORTHONORMALISE_EVERY = 10
+
 
 def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorData | None = None,
                     source_cfg=None, fit: bool = False) -> Tensor:
@@ -99,12 +107,18 @@ def build_mapping(cfg, gem: GaussianEigenModel, n_signal: int, signal_scale: Ten
                           attention=cfg.mapping.architecture == "attention")
 
 
-def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, step: int, elapsed: float = 0.0):
-    """Write a mapping checkpoint (atomic; the train.keep_checkpoints newest kept). -> its path"""
+def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, step: int, elapsed: float = 0.0,
+                 gem: GaussianEigenModel | None = None, basis_opt: torch.optim.Optimizer | None = None):
+    """Write a mapping checkpoint (atomic; the train.keep_checkpoints newest kept); gem: a fine-tuned
+    GEM, stored whole with its optimiser. -> its path"""
     state = {"model": net.state_dict(), "step": step, "elapsed": elapsed, "signal": cfg.mapping.signal,
              "architecture": cfg.mapping.architecture, "n_signal": int(net.signal_scale.shape[0])}
     if opt is not None:
         state["optimizer"] = opt.state_dict()
+    if gem is not None:
+        state["gem"] = gem.state()
+    if basis_opt is not None:
+        state["basis_optimizer"] = basis_opt.state_dict()
     return save_checkpoint(state, ActorPaths(cfg).mapping_checkpoints, step, cfg.train.keep_checkpoints)
 
 
@@ -130,6 +144,11 @@ def load_mapping(cfg, gem: GaussianEigenModel, device) -> tuple[MappingNetwork, 
                               f"({first}); use the config it was trained with, or retrain") from None
     state["path"] = str(ckpt)
     return net.to(device).eval(), state
+
+
+def mapping_gem(state: dict, gem: GaussianEigenModel, device) -> GaussianEigenModel:
+    """The GEM a mapping checkpoint renders with: the one its warm-up fine-tuned, or stage 3's."""
+    return gem if "gem" not in state else GaussianEigenModel.from_state(state["gem"]).to(device)
 
 
 def fit_mapping(cfg, log=print) -> MappingNetwork:
@@ -164,6 +183,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     step, elapsed, state = 0, 0.0, None
     if resuming:
         net, state = load_mapping(cfg, gem, device)
+        gem = mapping_gem(state, gem, device)
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resumed from {state['path']} (step {step})")
     else:
@@ -172,6 +192,14 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.mapping.lr, weight_decay=cfg.mapping.weight_decay)
     if state is not None and "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
+    warmup, total = cfg.mapping.warmup_iterations, cfg.mapping.warmup_iterations + cfg.mapping.iterations
+    basis, basis_opt = [], None
+    if cfg.mapping.basis_lr > 0 and warmup > 0:  # a fine-tuned GEM is saved whole with every checkpoint
+        basis = gem.fine_tunable()
+        basis_opt = torch.optim.Adam(basis, lr=cfg.mapping.basis_lr)
+        if state is not None and "basis_optimizer" in state:
+            basis_opt.load_state_dict(state["basis_optimizer"])
+        _freeze(basis, step >= warmup)
     if info.is_main:
         save_config(cfg, paths.mapping / "config.yml")
     model = net
@@ -180,7 +208,6 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     log(f"mapping: {cfg.mapping.signal} signal ({x.shape[1]} values) -> {y.shape[1]} GEM coefficients, "
         f"{len(net.mlps)} part MLP(s) ({cfg.mapping.architecture}), {len(train_steps)} train timesteps")
 
-    warmup, total = cfg.mapping.warmup_iterations, cfg.mapping.warmup_iterations + cfg.mapping.iterations
     frames = [f for f in export.split("train") if f.timestep_index in row]
     vgg = perceptual_loss(cfg, cfg.mapping.vgg, log) if cfg.mapping.iterations > 0 else None
     vgg = vgg.to(device) if vgg is not None else None
@@ -191,24 +218,35 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     done = progress(max(step - warmup, 0), cfg.mapping.iterations, elapsed, limit)
     bar = progress_bar(total, step, info.is_main)
     t_start = time.perf_counter() - elapsed
+
+    def render_image(coefficients: Tensor, sample, bg: Tensor, gt: Tensor, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """GEM render of a training image with flat coefficients [1, D] of its timestep (row i), on
+        background bg, scored against gt. -> (render [1, H, W, 3], photometric terms)"""
+        cam = sample.frame.camera
+        rgb = render_gem(gem, split_coefficients(gem, coefficients), R[i:i + 1], t[i:i + 1], sample.viewmat[None],
+                         sample.K[None], cam.width, cam.height, bg).rgb
+        return rgb, photometric(rgb, gt, torch.ones_like(sample.alpha[None]), cfg.mapping.l1, cfg.mapping.ssim)
+
     while step < warmup or (step < total and done < 1.0):
         render = gt = None
+        if step >= warmup or basis:  # a training image: photometric steps and the basis fine-tuning
+            sample, bg, gt = draw_training_image(data, frames, cfg.train.seed, step, info.rank,
+                                                 cfg.train.random_background, background)
+            i = row[sample.frame.timestep_index]
         if step < warmup:
             pred = model(x)
             terms = {"regression": coefficient_loss(pred, y, 0.0, weights),
                      "magnitude": cfg.mapping.magnitude * pred.pow(2).mean()}
+            if basis:  # the ground-truth coefficients rendered: only the basis learns from the image
+                render, basis_terms = render_image(y[i:i + 1], sample, bg, gt, i)
+                terms.update({f"basis_{k}": v for k, v in basis_terms.items()})
             lr = cfg.mapping.lr
         else:
             if step == warmup:
                 t_start = time.perf_counter()  # the time limit is the photometric phase's
-            sample, bg, gt = draw_training_image(data, frames, cfg.train.seed, step, info.rank,
-                                                 cfg.train.random_background, background)
-            frame = sample.frame
-            i = row[frame.timestep_index]
+                _freeze(basis, True)
             pred = model(x[i:i + 1])
-            render = render_gem(gem, split_coefficients(gem, pred), R[i:i + 1], t[i:i + 1], sample.viewmat[None],
-                                sample.K[None], frame.camera.width, frame.camera.height, bg).rgb
-            terms = photometric(render, gt, torch.ones_like(sample.alpha[None]), cfg.mapping.l1, cfg.mapping.ssim)
+            render, terms = render_image(pred, sample, bg, gt, i)
             if vgg is not None:
                 terms["vgg"] = cfg.mapping.vgg * vgg(render, gt)
             terms["regression"] = cfg.mapping.regression * coefficient_loss(pred, y[i:i + 1], 0.0, weights)
@@ -219,8 +257,16 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
+        if basis_opt is not None:
+            basis_opt.zero_grad(set_to_none=True)
         loss.backward()
-        guard.step(step, cfg.train.grad_clip, log)
+        grad_norm = guard.step(step, cfg.train.grad_clip, log)
+        if step < warmup and basis_opt is not None:
+            distributed.average_gradients(info, basis)
+            if torch.isfinite(grad_norm) and all(torch.isfinite(p.grad).all() for p in basis if p.grad is not None):
+                basis_opt.step()
+            if (step + 1) % ORTHONORMALISE_EVERY == 0 or step + 1 == warmup:
+                gem.orthonormalise()
         step += 1
         bar.update(1)
         if step > warmup:
@@ -244,7 +290,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
             log(f"warm-up done ({warmup} steps): coefficient L1 {_train_l1(net, x, y):.4f} sigma")
         if step % cfg.train.checkpoint_every == 0 or finished:
             if info.is_main:
-                save_mapping(cfg, net, opt, step, elapsed)
+                save_mapping(cfg, net, opt, step, elapsed, gem if basis else None, basis_opt)
             distributed.barrier(info)
     bar.close()
     net.eval()
@@ -254,6 +300,11 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
         writer.close()
     distributed.teardown(info)
     return net
+
+
+def _freeze(params: list[Tensor], frozen: bool) -> None:
+    for p in params:
+        p.requires_grad_(not frozen)
 
 
 @torch.no_grad()

@@ -183,3 +183,27 @@ def test_two_process_gloo_mapping_run_keeps_identical_weights(run, tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("context") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_warm_up_fine_tunes_the_basis_keeps_it_orthonormal_and_evaluation_renders_with_it(run):
+    config, overrides = run
+    cfg = load_config(config, overrides + ["mapping.basis_lr=1e-3", "mapping.warmup_iterations=25"])
+    fit_mapping(cfg, log=QUIET)
+    paths = ActorPaths(cfg)
+    state = load_checkpoint(latest_checkpoint(paths.mapping_checkpoints))
+    tuned, built = GaussianEigenModel.from_state(state["gem"]), GaussianEigenModel.load(paths.gem)
+    assert "basis_optimizer" in state
+    for attr in ("positions", "rotations", "scales", "opacities"):
+        a, b = tuned.blocks[attr][0], built.blocks[attr][0]
+        assert (a.basis - b.basis).abs().max() > 1e-4 and (a.mean - b.mean).abs().max() > 1e-4, attr
+        eye = torch.eye(a.basis.shape[0])
+        assert torch.allclose(a.basis @ a.basis.T, eye, atol=1e-4), attr  # re-orthonormalised
+        assert torch.equal(a.eigenvalues, b.eigenvalues)
+    assert evaluate_mapping(cfg, log=QUIET)["basis_fine_tuned"] is True
+    lines = []
+    fit_mapping(load_config(config, overrides + ["mapping.basis_lr=1e-3", "mapping.warmup_iterations=25",
+                                                 "mapping.iterations=5"]), log=lines.append)
+    assert any("(step 28)" in line for line in lines)
+    resumed = load_checkpoint(latest_checkpoint(paths.mapping_checkpoints))
+    # after the warm-up the basis is frozen: the photometric steps train the network only
+    assert torch.equal(resumed["gem"]["blocks"]["positions"][0]["basis"], state["gem"]["blocks"]["positions"][0]["basis"])
