@@ -19,7 +19,7 @@ if __name__ == "__main__":
     cfg, _ = parse(__doc__.splitlines()[0])
     try:
         export = VhapExport(resolve(cfg.actor.data_dir), ds_rate=1, cache_images=False)
-        model = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr)
+        model = FlameModel.from_config(cfg)
         masks = load_pickle(resolve(cfg.actor.flame_masks))
         render_masks(export, model, masks)
     except (ValueError, FileNotFoundError) as e:  # DatasetError and FlameFormatError among them

@@ -32,7 +32,7 @@ from lib.models.vgg import VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
-from lib.train.distributed import set_threads
+from lib.train.distributed import evaluation_device
 from lib.train.metrics import image_metrics
 
 
@@ -89,13 +89,12 @@ def _pick(frames: list, count: int) -> list:
 def evaluate(cfg, log=print) -> dict:
     """Render and score the latest regressor checkpoint of ``cfg``; returns what metrics.json holds."""
     paths = ActorPaths(cfg)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    set_threads(cfg.train.threads)
+    device = evaluation_device(cfg.train.device, cfg.train.threads)
     latest = latest_checkpoint(paths.regressor_checkpoints)
     if latest is None:
         raise CheckpointError(f"no checkpoint in {paths.regressor_checkpoints}; train first (python train.py CONFIG)")
     state = load_checkpoint(latest, map_location=device)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
     avatar = build_avatar(cfg, paths, flame).to(device)

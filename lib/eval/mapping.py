@@ -42,9 +42,9 @@ from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
-from lib.paths import ActorPaths, resolve
+from lib.paths import ActorPaths
 from lib.train.data import ActorData
-from lib.train.distributed import set_threads
+from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import frame_poses, gem_space_frames, load_regressor, timestep_files
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
 from lib.train.losses import composite_gt
@@ -54,12 +54,11 @@ from lib.train.metrics import image_metrics
 def _trained(cfg):
     """What both evaluations start from. -> (paths, device, GEM, mapping network, its checkpoint state, FLAME)"""
     paths = ActorPaths(cfg)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    set_threads(cfg.train.threads)
+    device = evaluation_device(cfg.train.device, cfg.train.threads)
     gem = GaussianEigenModel.load(paths.gem, device=device)
     net, state = load_mapping(cfg, gem, device)
     gem = mapping_gem(state, gem, device)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    flame = FlameModel.from_config(cfg).to(device)
     return paths, device, gem, net, state, flame
 
 
@@ -77,7 +76,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     steps = sorted({f.timestep_index for f in frames})
     head, R, t = gem_space_frames(avatar, data, flame, timestep_files(export, ("test",)), steps)
     gt_coeffs = gem.project(GaussianSet(*(x.to(device) for x in head)))
-    pred_flat = _held(cfg, gem, net(driving_signals(cfg, export, steps, data).to(device)), log)
+    pred_flat, held = _held(cfg, gem, net(driving_signals(cfg, export, steps, data).to(device)), log)
     pred_coeffs = split_coefficients(gem, pred_flat)
     coeff_l1 = float((pred_flat - flatten_coefficients(gt_coeffs)).abs().mean())
 
@@ -101,7 +100,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     write_video(out / "test.mp4", video, cfg.test.fps)
 
     results = {"checkpoint": state["path"], "step": int(state["step"]), "signal": cfg.mapping.signal,
-               "architecture": cfg.mapping.architecture, "held_at_mean": _held_parts(cfg, gem),
+               "architecture": cfg.mapping.architecture, "held_at_mean": held,
                "basis_fine_tuned": "gem" in state,
                "regressor_checkpoint": regressor_ckpt, "frames": len(rows), "background": "white",
                "coefficient_l1_sigma": coeff_l1}
@@ -117,16 +116,14 @@ def evaluate_mapping(cfg, log=print) -> dict:
     return results
 
 
-def _held_parts(cfg, gem: GaussianEigenModel) -> list[str]:
-    return [] if gem.parts == ["all"] else list(cfg.mapping.hold_at_mean)
-
-
-def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> torch.Tensor:
-    """Predicted coefficients with the mapping.hold_at_mean parts at their mean."""
-    if cfg.mapping.hold_at_mean and gem.parts == ["all"]:
-        log(f"the GEM has no parts (gem.parts: false): nothing of mapping.hold_at_mean = "
-            f"{cfg.mapping.hold_at_mean} is held at its mean")
-    return hold_at_mean(flat, gem, cfg.mapping.hold_at_mean)
+def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> tuple[torch.Tensor, list[str]]:
+    """Predicted coefficients with the mapping.hold_at_mean parts at their mean. -> (flat, parts held)"""
+    if gem.parts == ["all"]:
+        if cfg.mapping.hold_at_mean:
+            log(f"the GEM has no parts (gem.parts: false): nothing of mapping.hold_at_mean = "
+                f"{cfg.mapping.hold_at_mean} is held at its mean")
+        return flat, []
+    return hold_at_mean(flat, gem, cfg.mapping.hold_at_mean), list(cfg.mapping.hold_at_mean)
 
 
 @torch.no_grad()
@@ -135,8 +132,7 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     paths, device, gem, net, state, flame = _trained(cfg)
     target = VhapExport.from_config(cfg)
     source = VhapExport.from_config(source_cfg)
-    src_flame = FlameModel.from_file(resolve(source_cfg.actor.flame_model), source_cfg.actor.n_shape,
-                                     source_cfg.actor.n_expr).to(device)
+    src_flame = FlameModel.from_config(source_cfg).to(device)
     src_data = ActorData(source, src_flame, device) if cfg.mapping.signal != "flame" else None
 
     frames = [f for f in source.split("test") if f.camera_index == source_cfg.test.camera]
@@ -145,8 +141,9 @@ def reenact(cfg, source_cfg, log=print) -> dict:
                            f"{source_cfg.test.camera} (the source's config)")
     frames = _pick(frames, cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
-    coeffs = split_coefficients(gem, _held(cfg, gem, net(driving_signals(
-        cfg, source, steps, src_data, source_cfg=source_cfg).to(device)), log))
+    signal = driving_signals(cfg, source, steps, src_data, source_cfg=source_cfg).to(device)
+    flat, held = _held(cfg, gem, net(signal), log)
+    coeffs = split_coefficients(gem, flat)
 
     # the source's motion relative to its identity frame, applied to the target's identity pose
     src_id, tgt_id = source_cfg.actor.identity_timestep, cfg.actor.identity_timestep
@@ -175,9 +172,8 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     write_video(out / "source.mp4", sources, cfg.test.fps)
     write_video(out / "target.mp4", targets, cfg.test.fps)
     write_video(out / "side_by_side.mp4", [_side_by_side(s, t) for s, t in zip(sources, targets)], cfg.test.fps)
-    flat = flatten_coefficients(coeffs)
     summary = {"target": cfg.actor.name, "source": source_cfg.actor.name, "source_data": str(source.root),
-               "checkpoint": state["path"], "signal": cfg.mapping.signal, "held_at_mean": _held_parts(cfg, gem),
+               "checkpoint": state["path"], "signal": cfg.mapping.signal, "held_at_mean": held,
                "frames": len(frames), "source_camera": source_cfg.test.camera, "target_camera": cfg.test.camera,
                "timesteps": steps, "coefficient_abs_mean_sigma": float(flat.abs().mean()),
                "coefficients_at_bound": float((flat.abs() > 0.99 * BOUND).float().mean()),

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lib.flame.lbs import blend_shapes, lbs
 from lib.flame.safe_pickle import load_pickle
+from lib.paths import resolve
 
 JOINT_NAMES = ("root", "neck", "jaw", "left_eye", "right_eye")
 SHAPE_COLUMNS = 300  # shapedirs columns before this are shape, from it on expression
@@ -95,6 +96,11 @@ class FlameModel(torch.nn.Module):
         columns and max(S - 300, 0) expression columns.
         """
         return cls.from_dict(load_pickle(path), n_shape, n_expr, dtype, source=str(path))
+
+    @classmethod
+    def from_config(cls, cfg) -> "FlameModel":
+        """The model of ``cfg.actor.flame_model`` with the config's shape and expression counts."""
+        return cls.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr)
 
     @classmethod
     def from_dict(

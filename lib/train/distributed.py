@@ -52,6 +52,13 @@ def setup(device: str = "auto", threads: int = 0) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+def evaluation_device(device: str = "auto", threads: int = 0) -> torch.device:
+    """Device and CPU threads of a one-process evaluation (test.py): CUDA unless device is 'cpu' or
+    there is none, so a model trained on a GPU can be evaluated on a CPU-only machine."""
+    set_threads(threads)
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def set_threads(threads: int, processes: int = 1) -> None:
     """CPU threads of this process: ``threads``, or 0 = the machine's cores shared by ``processes``."""
     torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(processes, 1)))

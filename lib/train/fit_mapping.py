@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lib.config import save_config
+from lib.config import Config, save_config
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport, read_flame_params
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, GemError, render_gem
@@ -44,7 +44,7 @@ from lib.models.mapping import (
     split_coefficients, variance_weights,
 )
 from lib.models.mesh_pca import MeshPCA
-from lib.paths import ActorPaths, resolve
+from lib.paths import ActorPaths
 from lib.train import distributed
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.train.data import ActorData, draw_training_image
@@ -94,8 +94,6 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
 
 def _with_mapping(source_cfg, cfg):
     """The source actor's config with the avatar's mapping section (the encoder and its settings)."""
-    from lib.config import Config
-
     values = source_cfg.to_dict()
     values["mapping"] = cfg.mapping.to_dict()
     return Config(values)
@@ -158,7 +156,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     torch.manual_seed(cfg.train.seed)
     paths = ActorPaths(cfg)
     gem = GaussianEigenModel.load(paths.gem, device=device)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
     gem_rows = {int(t): i for i, t in enumerate(gem.timesteps)}

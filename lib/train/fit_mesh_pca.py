@@ -15,12 +15,12 @@ from lib.dataset.vhap import VhapExport, read_flame_params
 from lib.flame.model import FlameModel
 from lib.models.avatar import canonical_mesh, split_global_pose
 from lib.models.mesh_pca import MeshPCA
-from lib.paths import ActorPaths, resolve
+from lib.paths import ActorPaths
 
 
 def fit_mesh_pca(cfg, log=print) -> MeshPCA:
     paths = ActorPaths(cfg)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr)
+    flame = FlameModel.from_config(cfg)
     export = VhapExport.from_config(cfg)
     files = dict(export.timesteps("train"))
     files.update(export.timesteps("val"))

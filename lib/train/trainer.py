@@ -74,7 +74,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     device = info.device
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr).to(device)
+    flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
     avatar = build_avatar(cfg, paths, flame).to(device)

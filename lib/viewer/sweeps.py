@@ -19,13 +19,12 @@ from lib.dataset.vhap import SPLITS, VhapExport
 from lib.eval.evaluate import write_video
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, gem_pose, render_gem
-from lib.paths import resolve
 
 
 def identity_view(cfg) -> tuple[Camera, Tensor, Tensor]:
     """The identity camera and the identity timestep's GEM pose. -> (camera, R [1, 3, 3], t [1, 3])"""
     export = VhapExport.from_config(cfg)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model), cfg.actor.n_shape, cfg.actor.n_expr)
+    flame = FlameModel.from_config(cfg)
     camera, params = None, None
     for split in SPLITS:
         for frame in export.split(split):
