@@ -60,13 +60,13 @@ from lib.cli import parse
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.synthetic_appearance import (
     Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
-    vertex_normals,
 )
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
 from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
 from lib.geometry.obj_io import read_obj
 from lib.geometry.rasterize import rasterize_camera
+from lib.geometry.uv import vertex_normals
 from lib.paths import resolve
 
 NERSEMBLE_HEIGHT, NERSEMBLE_WIDTH = 802, 550

@@ -427,16 +427,6 @@ def torso_texture(torso: Torso, palette: Palette, size: int, seed: int) -> Tenso
 # ---------------------------------------------------------------- shading
 
 
-def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
-    """Area-weighted unit vertex normals. verts: [B, V, 3], faces: [F, 3] -> [B, V, 3]"""
-    v0, v1, v2 = verts[:, faces[:, 0]], verts[:, faces[:, 1]], verts[:, faces[:, 2]]
-    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)
-    normals = torch.zeros_like(verts)
-    for corner in range(3):
-        normals.index_add_(1, faces[:, corner], fn)
-    return F.normalize(normals, dim=-1, eps=1e-12)
-
-
 def shade(face: Tensor, bary: Tensor, cam_centre: Tensor, faces: Tensor, verts: Tensor, normals: Tensor,
           faces_uv: Tensor, uvs: Tensor, texture: Tensor) -> Tensor:
     """Lit sRGB colour of visible surface points of one textured mesh.

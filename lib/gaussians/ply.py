@@ -16,12 +16,12 @@ coefficients) come back bit for bit; RGB, opacity and scale go through float64 o
 way and are exact to float32 rounding.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lib.atomic import write_bytes
 from lib.gaussians.gaussians import Gaussians
 
 SH_C0 = 0.28209479177387814
@@ -66,17 +66,7 @@ def write_ply(
     header = "ply\nformat binary_little_endian 1.0\n" f"element vertex {n}\n"
     header += "".join(f"property float {name}\n" for name in columns) + "end_header\n"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(vertices.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, header.encode("ascii") + vertices.tobytes())
 
 
 def read_ply(path: str | Path) -> Gaussians:

@@ -28,26 +28,13 @@ from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_cova
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lib.dataset.cameras import Camera  # noqa: E402
 from lib.gaussians.render import render  # noqa: E402
 from lib.gaussians.render_cpu import ALPHA_MAX, ALPHA_MIN, EPS2D, T_MIN  # noqa: E402
 
 HEIGHT, WIDTH = 401, 275  # half of NeRSemble's 802 x 550
 CASES = [(1000, None), (4096, None), (4096, 3), (16384, None), (65536, None)]  # (N, SH degree)
 RGB_TOL, DEPTH_TOL, COSINE_MIN, TIE_TOL = 1e-3, 1e-3, 0.99, 1e-4
-
-
-def look_at(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """OpenCV world-to-camera matrix of a camera at `eye` looking at `target`, world y up."""
-    z = target - eye
-    z = z / z.norm()
-    x = torch.linalg.cross(z, torch.tensor([0.0, -1.0, 0.0], dtype=eye.dtype))  # image x to the right
-    x = x / x.norm()
-    y = torch.linalg.cross(z, x)
-    rot = torch.stack([x, y, z])
-    viewmat = torch.eye(4, dtype=eye.dtype)
-    viewmat[:3, :3] = rot
-    viewmat[:3, 3] = -rot @ eye
-    return viewmat
 
 
 def head_scene(n: int, sh_degree: int | None, seed: int):
@@ -65,10 +52,10 @@ def head_scene(n: int, sh_degree: int | None, seed: int):
         colors = 0.3 * torch.randn(n, (sh_degree + 1) ** 2, 3, generator=g)
     yaw, pitch = math.radians(25.0), math.radians(10.0)
     eye = 1.0 * torch.tensor([math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch)])
-    viewmats = look_at(eye, torch.tensor([0.0, 0.01, 0.0]))[None]
     focal = 0.6 * HEIGHT / 0.22
     Ks = torch.tensor([[[focal, 0.0, 0.52 * WIDTH], [0.0, focal * 1.002, 0.47 * HEIGHT], [0.0, 0.0, 1.0]]])
-    return [means, quats, scales, opacities, colors], viewmats, Ks
+    camera = Camera.look_at(eye.numpy(), (0.0, 0.01, 0.0), Ks[0], WIDTH, HEIGHT)
+    return [means, quats, scales, opacities, colors], camera.viewmat[None].float(), Ks
 
 
 def run(params, viewmats, Ks, sh_degree, background, weights, device):
