@@ -13,6 +13,7 @@ import torch
 from lib.cli import parse
 from lib.models.gem import GaussianEigenModel, GemError
 from lib.paths import ActorPaths
+from lib.train.distributed import evaluation_device
 from lib.viewer.sweeps import identity_view, write_sweeps
 
 
@@ -23,7 +24,7 @@ def options(parser):
 if __name__ == "__main__":
     cfg, args = parse(__doc__, options)
     paths, v = ActorPaths(cfg), cfg.viewer
-    device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = evaluation_device(cfg.train.device, cfg.train.threads)
     try:
         model = GaussianEigenModel.load(paths.gem, device=device)
     except GemError as e:

@@ -116,6 +116,12 @@ def read_flame_params(path: str | Path) -> dict[str, Tensor | None]:
     return params
 
 
+def stack_flame_params(paths: list, device=None) -> dict[str, Tensor | None]:
+    """The FLAME parameters of several files as one batch (``read_flame_params`` keys, [T, ...])."""
+    params = [read_flame_params(p) for p in paths]
+    return {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
+
+
 class VhapExport:
     """A VHAP / GaussianAvatars export folder, read lazily (see the module docstring)."""
 

@@ -36,7 +36,8 @@ from lib.train.distributed import evaluation_device
 from lib.train.metrics import image_metrics
 
 
-def _u8(image: Tensor) -> np.ndarray:
+def to_uint8(image: Tensor) -> np.ndarray:
+    """Image(s) [..., H, W, 3] in [0, 1] (clamped) -> uint8 array."""
     return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
@@ -46,7 +47,8 @@ def _even(frame: np.ndarray) -> np.ndarray:
     return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """An RGB uint8 image as a PNG (its folder made); a failed write is an error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
@@ -79,7 +81,8 @@ def orbit_viewmats(viewmat: Tensor, centre: Tensor, n: int, yaw_deg: float) -> T
 
 
 
-def _pick(frames: list, count: int) -> list:
+def pick_frames(frames: list, count: int) -> list:
+    """``count`` frames evenly spaced over the list (all of them when count is 0 or more than there are)."""
     if count <= 0 or count >= len(frames):
         return frames
     return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
@@ -119,7 +122,7 @@ def evaluate(cfg, log=print) -> dict:
         frames = export.split(split)
         if split == "test":
             frames = [f for f in frames if f.camera_index == cfg.test.camera]
-        frames = _pick(frames, cfg.test.max_frames)
+        frames = pick_frames(frames, cfg.test.max_frames)
         rows, video = [], []
         for frame in frames:
             rgb, gt, mask = render_frame(avatar, data, frame)
@@ -128,10 +131,10 @@ def evaluate(cfg, log=print) -> dict:
                 row["lpips"] = float(lpips(rgb[None], gt[None])[0])
             rows.append(row)
             name = f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png"
-            _write_png(out / split / name, _u8(rgb))
-            compare = np.concatenate([_u8(rgb), _u8(gt), _u8((4 * (rgb - gt).abs()))], 1)
-            _write_png(out / split / "compare" / name, compare)
-            video.append(np.concatenate([_u8(rgb), _u8(gt)], 1))
+            write_png(out / split / name, to_uint8(rgb))
+            compare = np.concatenate([to_uint8(rgb), to_uint8(gt), to_uint8((4 * (rgb - gt).abs()))], 1)
+            write_png(out / split / "compare" / name, compare)
+            video.append(np.concatenate([to_uint8(rgb), to_uint8(gt)], 1))
         write_video(out / f"{split}.mp4", video, cfg.test.fps)
         keys = [k for k in rows[0] if k not in ("timestep", "camera")]
         mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
@@ -156,7 +159,7 @@ def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:
     frames = []
     for k in range(viewmats.shape[0]):
         rgb = render_gaussians(g, 0, viewmats[k:k + 1], cam.K[None].to(centre.device), cam.width, cam.height, white)[0]
-        frames.append(_u8(rgb))
-        _write_png(out / "spin" / f"{k:03d}.png", frames[-1])
+        frames.append(to_uint8(rgb))
+        write_png(out / "spin" / f"{k:03d}.png", frames[-1])
     write_video(out / "spin.mp4", frames, cfg.test.fps)
     return {"views": len(frames), "yaw_deg": cfg.test.spin_yaw_deg, "timestep": timestep, "camera": cfg.test.camera}

@@ -37,7 +37,7 @@ import torch
 
 from lib.atomic import write_json
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
-from lib.eval.evaluate import _pick, _u8, _write_png, write_video
+from lib.eval.evaluate import pick_frames, to_uint8, write_png, write_video
 from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
@@ -72,7 +72,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     frames = [f for f in export.split("test") if f.camera_index == cfg.test.camera]
     if not frames:
         raise DatasetError(f"the test split of {export.root} has no frame of camera test.camera = {cfg.test.camera}")
-    frames = _pick(frames, cfg.test.max_frames)
+    frames = pick_frames(frames, cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
     head, R, t = gem_space_frames(avatar, data, flame, timestep_files(export, ("test",)), steps)
     gt_coeffs = gem.project(GaussianSet(*(x.to(device) for x in head)))
@@ -94,8 +94,8 @@ def evaluate_mapping(cfg, log=print) -> dict:
             images[name] = render_gem(gem, c, R[i:i + 1].to(device), t[i:i + 1].to(device), *cam).rgb[0].clamp(0, 1)
         rows.append({"timestep": frame.timestep_index, "camera": frame.camera_index,
                      **{name: image_metrics(rgb, gt, sample.alpha) for name, rgb in images.items()}})
-        strip = np.concatenate([_u8(images["predicted"]), _u8(images["gt_coefficients"]), _u8(gt)], 1)
-        _write_png(out / "test" / f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png", strip)
+        strip = np.concatenate([to_uint8(images["predicted"]), to_uint8(images["gt_coefficients"]), to_uint8(gt)], 1)
+        write_png(out / "test" / f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png", strip)
         video.append(strip)
     write_video(out / "test.mp4", video, cfg.test.fps)
 
@@ -139,7 +139,7 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     if not frames:
         raise DatasetError(f"the test split of {source.root} has no frame of camera test.camera = "
                            f"{source_cfg.test.camera} (the source's config)")
-    frames = _pick(frames, cfg.test.max_frames)
+    frames = pick_frames(frames, cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
     signal = driving_signals(cfg, source, steps, src_data, source_cfg=source_cfg).to(device)
     flat, held = _held(cfg, gem, net(signal), log)
@@ -166,9 +166,9 @@ def reenact(cfg, source_cfg, log=print) -> dict:
         i = steps.index(frame.timestep_index)
         c = {a: v[i:i + 1] for a, v in coeffs.items()}
         rgb = render_gem(gem, c, R[i:i + 1], t[i:i + 1], viewmat, K, cam.width, cam.height, white).rgb[0]
-        targets.append(_u8(rgb))
-        sources.append(_u8(source.load_image(frame).to(device)))
-        _write_png(out / "frames" / f"{frame.timestep_index:05d}.png", _side_by_side(sources[-1], targets[-1]))
+        targets.append(to_uint8(rgb))
+        sources.append(to_uint8(source.load_image(frame).to(device)))
+        write_png(out / "frames" / f"{frame.timestep_index:05d}.png", _side_by_side(sources[-1], targets[-1]))
     write_video(out / "source.mp4", sources, cfg.test.fps)
     write_video(out / "target.mp4", targets, cfg.test.fps)
     write_video(out / "side_by_side.mp4", [_side_by_side(s, t) for s, t in zip(sources, targets)], cfg.test.fps)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lib.dataset.masks import mask_paths
-from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, read_flame_params
+from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params
 from lib.flame.model import FlameModel
 from lib.models.avatar import split_global_pose
 from lib.train.losses import composite_gt
@@ -45,9 +45,7 @@ class ActorData:
                 files.setdefault(t, path)
         self.timesteps = sorted(files)
         self._row = {t: i for i, t in enumerate(self.timesteps)}
-        params = [read_flame_params(files[t]) for t in self.timesteps]
-        batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device)
-                 for k in params[0]}
+        batch = stack_flame_params([files[t] for t in self.timesteps], device)
         with torch.no_grad():
             self.verts_head, self.R, self.t = split_global_pose(flame, batch)  # [T, V, 3], [T, 3, 3], [T, 3]
 

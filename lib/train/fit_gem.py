@@ -20,10 +20,11 @@ import torch
 
 from lib.atomic import write_json
 from lib.config import save_config
-from lib.dataset.vhap import Frame, VhapExport, read_flame_params
+from lib.dataset.vhap import Frame, VhapExport, stack_flame_params
+from lib.eval.evaluate import pick_frames
+from lib.eval.render import WHITE, render_frame
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
-from lib.gaussians.render import render
 from lib.models.avatar import GaussianAvatar, build_avatar, load_canonical_mesh
 from lib.models.gem import (
     ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, gem_pose, reconstruction_errors, render_gem,
@@ -33,7 +34,6 @@ from lib.paths import ActorPaths, resolve
 from lib.train import distributed
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
-from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
 
 MB = 1024.0 * 1024.0
@@ -65,9 +65,7 @@ def timestep_files(export: VhapExport, splits) -> dict[int, object]:
 @torch.no_grad()
 def frame_poses(flame: FlameModel, files: dict, timesteps: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The GEM pose (``lib.models.gem.gem_pose``) of timesteps from their FLAME files. -> R [T, 3, 3], t [T, 3]"""
-    params = [read_flame_params(files[t]) for t in timesteps]
-    batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
-    return gem_pose(flame, batch)
+    return gem_pose(flame, stack_flame_params([files[t] for t in timesteps], device))
 
 
 @torch.no_grad()
@@ -116,12 +114,12 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     report = {"checkpoint": ckpt, "timesteps": len(timesteps), "gaussians": model.n_gaussians,
               "parts": model.parts, "components": {a: model.n_components(a) for a in ATTRIBUTES}}
     report["train_error"] = _log_errors(model, frames, log, "training frames")
-    report["size_mb"] = _log_sizes(model, ckpt, log)
+    report["size_mb"] = _log_sizes(model, avatar, ckpt, log)
     path = model.save(paths.gem, half=cfg.gem.fp16)
     log(f"GEM ({'fp16' if cfg.gem.fp16 else 'fp32'} bases) -> {path}")
 
     if cfg.gem.evaluate:
-        report["renders"] = evaluate_renders(cfg, model, avatar, data, flame, export, log)
+        report["renders"] = evaluate_renders(cfg, model, avatar, data, flame, export, report["size_mb"], log)
     write_json(paths.gem_report, report)
     save_config(cfg, paths.gem_dir / "config.yml")
     log(f"report -> {paths.gem_report}")
@@ -136,10 +134,9 @@ def _log_errors(model: GaussianEigenModel, frames: GaussianSet, log, what: str) 
     return errors
 
 
-def _log_sizes(model: GaussianEigenModel, ckpt: str, log) -> dict:
-    state = load_checkpoint(ckpt)["model"]
+def _log_sizes(model: GaussianEigenModel, avatar: GaussianAvatar, ckpt: str, log) -> dict:
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(avatar.state_dict(), buffer)  # what the checkpoint's "model" holds
     sizes = {"gem_fp32": model.nbytes() / MB, "gem_fp16": model.nbytes(half=True) / MB,
              "regressor_checkpoint": os.path.getsize(ckpt) / MB, "regressor_weights": buffer.tell() / MB}
     log(f"size: GEM {sizes['gem_fp32']:.2f} MB fp32, {sizes['gem_fp16']:.2f} MB fp16; regressor checkpoint "
@@ -152,19 +149,17 @@ def _eval_frames(cfg, export: VhapExport, split: str) -> list[Frame]:
     frames = export.split(split)
     if split == "test":
         frames = [f for f in frames if f.camera_index == cfg.test.camera] or frames
-    if cfg.test.max_frames and len(frames) > cfg.test.max_frames:
-        keep = np.linspace(0, len(frames) - 1, cfg.test.max_frames).round().astype(int)
-        frames = [frames[i] for i in keep]
-    return frames
+    return pick_frames(frames, cfg.test.max_frames)
 
 
 @torch.no_grad()
 def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, data: ActorData,
-                     flame: FlameModel, export: VhapExport, log) -> dict:
+                     flame: FlameModel, export: VhapExport, sizes: dict, log) -> dict:
     """PSNR (full / masked) of the regressor and of GEM on val and test frames, and a table of GEM's
-    PSNR and size against the number of components (the same count for every attribute)."""
+    PSNR and size against the number of components (the same count for every attribute); sizes: the
+    full model's, from ``_log_sizes``."""
     device = data.device
-    white = torch.ones(3, device=device)
+    white = torch.tensor(WHITE, device=device)
     files = timestep_files(export, ("train", "val", "test"))
     full = max(b.n_components for blocks in model.blocks.values() for b in blocks)
     counts = sorted({min(n, full) for n in cfg.gem.table_components} | {full})
@@ -181,19 +176,16 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
             results["test_error"] = _log_errors(model, gem_frames, log, f"held-out test frames ({len(steps)})")
         scores = {name: [] for name in variants}
         for frame in frames:
-            sample = data.sample(frame)
-            gt = composite_gt(sample.image[None], sample.alpha[None], white[None])[0]
+            regressor, gt, alpha = render_frame(avatar, data, frame)
+            scores["regressor"].append(image_metrics(regressor, gt, alpha))
             i = row[frame.timestep_index]
-            cam = (sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height)
+            cam = (frame.camera.viewmat[None].to(device), frame.camera.K[None].to(device), frame.camera.width,
+                   frame.camera.height, white)
             head = GaussianSet(*(x.to(device) for x in gem_frames.frame(i)))
             for name, m in variants.items():
-                if m is None:
-                    g = avatar(*data.driving(frame.timestep_index))
-                    out = render(g.means[0], g.quats[0], g.scales[0], g.opacities[0], g.colors[0], *cam, white)
-                else:
-                    out = render_gem(m, m.project(head), R[i:i + 1], t[i:i + 1], *cam, white)
-                rgb = out.rgb[0].clamp(0, 1)
-                scores[name].append(image_metrics(rgb, gt, sample.alpha))
+                if m is not None:
+                    rgb = render_gem(m, m.project(head), R[i:i + 1], t[i:i + 1], *cam).rgb[0].clamp(0, 1)
+                    scores[name].append(image_metrics(rgb, gt, alpha))
         results[split] = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
                           for name, rows in scores.items()}
         res = results[split]
@@ -204,7 +196,9 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
     for n in counts:
         name = "gem" if n == full else f"gem_{n}"
         m = variants[name]
-        entry = {"components": n, "fp32_mb": m.nbytes() / MB, "fp16_mb": m.nbytes(half=True) / MB,
+        fp32, fp16 = ((sizes["gem_fp32"], sizes["gem_fp16"]) if n == full  # measured once already
+                      else (m.nbytes() / MB, m.nbytes(half=True) / MB))
+        entry = {"components": n, "fp32_mb": fp32, "fp16_mb": fp16,
                  **{f"{s}_{k}": results[s][name][k] for s in ("val", "test") for k in ("psnr", "psnr_masked")}}
         table.append(entry)
         log(f"{n:10d}  {entry['fp32_mb']:8.2f} / {entry['fp16_mb']:6.2f}     {entry['val_psnr']:6.2f} / "

@@ -11,7 +11,7 @@ import torch
 
 from lib.atomic import atomic_path
 from lib.config import save_config
-from lib.dataset.vhap import VhapExport, read_flame_params
+from lib.dataset.vhap import VhapExport, stack_flame_params
 from lib.flame.model import FlameModel
 from lib.models.avatar import canonical_mesh, split_global_pose
 from lib.models.mesh_pca import MeshPCA
@@ -24,8 +24,8 @@ def fit_mesh_pca(cfg, log=print) -> MeshPCA:
     export = VhapExport.from_config(cfg)
     files = dict(export.timesteps("train"))
     files.update(export.timesteps("val"))
-    params = [read_flame_params(files[t]) for t in sorted(files)]
-    batch = {k: None if params[0][k] is None else torch.cat([p[k] for p in params]) for k in params[0]}
+    steps = sorted(files)
+    batch = stack_flame_params([files[t] for t in steps])
     with torch.no_grad():
         verts, _, _ = split_global_pose(flame, batch)
         pca = MeshPCA.fit(verts, cfg.mesh_pca.n_components)
@@ -36,9 +36,10 @@ def fit_mesh_pca(cfg, log=print) -> MeshPCA:
             log(f"  first {k:3d} components explain {100 * float(ratio[k - 1]):6.2f}% of the variance")
     pca.save(paths.mesh_pca)
 
-    identity = read_flame_params(files.get(cfg.actor.identity_timestep, files[min(files)]))
+    row = steps.index(cfg.actor.identity_timestep) if cfg.actor.identity_timestep in files else 0
+    identity = {k: None if v is None else v[row:row + 1] for k, v in batch.items()}
     canonical_file = export.root / "canonical_flame_param.npz"
-    canonical = read_flame_params(canonical_file) if canonical_file.is_file() else None
+    canonical = export.load_canonical_flame() if canonical_file.is_file() else None
     with torch.no_grad():
         verts_c = canonical_mesh(flame, identity, canonical, cfg.mesh_pca.canonical_jaw_deg)
     with atomic_path(paths.canonical_mesh, suffix=".npz") as tmp:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lib.dataset.cameras import Camera
 from lib.dataset.vhap import SPLITS, VhapExport
-from lib.eval.evaluate import write_video
+from lib.eval.evaluate import to_uint8, write_png, write_video
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, gem_pose, render_gem
 
@@ -68,11 +68,6 @@ def render_sweep(model: GaussianEigenModel, attr: str, index: int, values: Tenso
     return torch.stack(images).clamp(0, 1)
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """[..., H, W, 3] in [0, 1] -> uint8 array."""
-    return (images.detach().cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
 def write_strip(images: Tensor, values: Tensor, path: Path) -> Path:
     """Images [S, H, W, 3] side by side, each labelled with its coefficient, as one PNG."""
     tiles = to_uint8(images).copy()
@@ -80,9 +75,7 @@ def write_strip(images: Tensor, values: Tensor, path: Path) -> Path:
     for tile, v in zip(tiles, values.tolist()):
         cv2.putText(tile, f"c={v:+.1f}", (3, int(14 * scale / 0.4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
                     cv2.LINE_AA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.concatenate(list(tiles), axis=1)[..., ::-1]):
-        raise OSError(f"could not write {path}")
+    write_png(path, np.concatenate(list(tiles), axis=1))
     return path
 
 
