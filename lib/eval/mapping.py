@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lib.atomic import write_json
-from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
+from lib.dataset.vhap import DatasetError, VhapExport
 from lib.eval.evaluate import pick_frames, to_uint8, write_png, write_video
 from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
@@ -45,7 +45,7 @@ from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
-from lib.train.fit_gem import frame_poses, gem_space_frames, load_regressor, timestep_files
+from lib.train.fit_gem import gem_space_frames, load_regressor
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
 from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
@@ -74,7 +74,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
         raise DatasetError(f"the test split of {export.root} has no frame of camera test.camera = {cfg.test.camera}")
     frames = pick_frames(frames, cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
-    head, R, t = gem_space_frames(avatar, data, flame, timestep_files(export, ("test",)), steps)
+    head, R, t = gem_space_frames(avatar, data, steps)
     gt_coeffs = gem.project(GaussianSet(*(x.to(device) for x in head)))
     pred_flat, held = _held(cfg, gem, net(driving_signals(cfg, export, steps, data).to(device)), log)
     pred_coeffs = split_coefficients(gem, pred_flat)
@@ -133,7 +133,7 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     target = VhapExport.from_config(cfg)
     source = VhapExport.from_config(source_cfg)
     src_flame = FlameModel.from_config(source_cfg).to(device)
-    src_data = ActorData(source, src_flame, device) if cfg.mapping.signal != "flame" else None
+    src_data = ActorData(source, src_flame, device)
 
     frames = [f for f in source.split("test") if f.camera_index == source_cfg.test.camera]
     if not frames:
@@ -147,8 +147,8 @@ def reenact(cfg, source_cfg, log=print) -> dict:
 
     # the source's motion relative to its identity frame, applied to the target's identity pose
     src_id, tgt_id = source_cfg.actor.identity_timestep, cfg.actor.identity_timestep
-    R_s, t_s = frame_poses(src_flame, timestep_files(source, SPLITS), [src_id, *steps], device)
-    R_i, t_i = frame_poses(flame, timestep_files(target, SPLITS), [tgt_id], device)
+    R_s, t_s = src_data.gem_pose([src_id, *steps])
+    R_i, t_i = ActorData(target, flame, device).gem_pose([tgt_id])
     M = R_s[1:] @ R_s[0].T
     R = M @ R_i[0]
     t = (M @ (t_i[0] - t_s[0])[:, None])[..., 0] + t_s[1:]

@@ -18,6 +18,7 @@ from lib.dataset.masks import mask_paths
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params
 from lib.flame.model import FlameModel
 from lib.models.avatar import split_global_pose
+from lib.models.gem import gem_pose
 from lib.train.losses import composite_gt
 
 
@@ -45,7 +46,9 @@ class ActorData:
                 files.setdefault(t, path)
         self.timesteps = sorted(files)
         self._row = {t: i for i, t in enumerate(self.timesteps)}
-        batch = stack_flame_params([files[t] for t in self.timesteps], device)
+        self.flame = flame
+        self.params = stack_flame_params([files[t] for t in self.timesteps], device)  # [T, ...] per key
+        batch = self.params
         with torch.no_grad():
             self.verts_head, self.R, self.t = split_global_pose(flame, batch)  # [T, V, 3], [T, 3, 3], [T, 3]
 
@@ -53,6 +56,12 @@ class ActorData:
         """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep."""
         i = self._row[timestep]
         return self.verts_head[i:i + 1], self.R[i:i + 1], self.t[i:i + 1]
+
+    @torch.no_grad()
+    def gem_pose(self, timesteps: list[int]) -> tuple[Tensor, Tensor]:
+        """The GEM pose (``lib.models.gem.gem_pose``) of timesteps. -> R [T, 3, 3], t [T, 3]"""
+        rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)
+        return gem_pose(self.flame, {k: None if v is None else v[rows] for k, v in self.params.items()})
 
     def sample(self, frame: Frame) -> Sample:
         ex, dev = self.export, self.device

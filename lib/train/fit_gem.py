@@ -20,14 +20,14 @@ import torch
 
 from lib.atomic import write_json
 from lib.config import save_config
-from lib.dataset.vhap import Frame, VhapExport, stack_flame_params
+from lib.dataset.vhap import Frame, VhapExport
 from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE, render_frame
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
 from lib.models.avatar import GaussianAvatar, build_avatar, load_canonical_mesh
 from lib.models.gem import (
-    ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, gem_pose, reconstruction_errors, render_gem,
+    ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, reconstruction_errors, render_gem,
     to_gem_space,
 )
 from lib.paths import ActorPaths, resolve
@@ -63,17 +63,11 @@ def timestep_files(export: VhapExport, splits) -> dict[int, object]:
 
 
 @torch.no_grad()
-def frame_poses(flame: FlameModel, files: dict, timesteps: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GEM pose (``lib.models.gem.gem_pose``) of timesteps from their FLAME files. -> R [T, 3, 3], t [T, 3]"""
-    return gem_pose(flame, stack_flame_params([files[t] for t in timesteps], device))
-
-
-@torch.no_grad()
-def gem_space_frames(avatar: GaussianAvatar, data: ActorData, flame: FlameModel, files: dict,
+def gem_space_frames(avatar: GaussianAvatar, data: ActorData,
                      timesteps: list[int]) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
     """The regressor's Gaussians of timesteps, in GEM space (on the CPU: T frames of N Gaussians can be
     large), and each timestep's GEM pose. -> (GaussianSet [T, N, ...], R [T, 3, 3], t [T, 3])"""
-    R, t = frame_poses(flame, files, timesteps, data.device)
+    R, t = data.gem_pose(timesteps)
     sets = []
     for i, step in enumerate(timesteps):
         g = avatar(*data.driving(step))
@@ -94,7 +88,7 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     files = timestep_files(export, cfg.gem.splits)
     timesteps = sorted(files)
     start = time.perf_counter()
-    frames, _, _ = gem_space_frames(avatar, data, flame, files, timesteps)
+    frames, _, _ = gem_space_frames(avatar, data, timesteps)
     log(f"regressor ({ckpt}) over {len(timesteps)} timesteps of {'+'.join(cfg.gem.splits)}: "
         f"{frames.means.shape[1]} Gaussians each ({time.perf_counter() - start:.1f} s)")
 
@@ -119,7 +113,7 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     log(f"GEM ({'fp16' if cfg.gem.fp16 else 'fp32'} bases) -> {path}")
 
     if cfg.gem.evaluate:
-        report["renders"] = evaluate_renders(cfg, model, avatar, data, flame, export, report["size_mb"], log)
+        report["renders"] = evaluate_renders(cfg, model, avatar, data, export, report["size_mb"], log)
     write_json(paths.gem_report, report)
     save_config(cfg, paths.gem_dir / "config.yml")
     log(f"report -> {paths.gem_report}")
@@ -154,13 +148,12 @@ def _eval_frames(cfg, export: VhapExport, split: str) -> list[Frame]:
 
 @torch.no_grad()
 def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, data: ActorData,
-                     flame: FlameModel, export: VhapExport, sizes: dict, log) -> dict:
+                     export: VhapExport, sizes: dict, log) -> dict:
     """PSNR (full / masked) of the regressor and of GEM on val and test frames, and a table of GEM's
     PSNR and size against the number of components (the same count for every attribute); sizes: the
     full model's, from ``_log_sizes``."""
     device = data.device
     white = torch.tensor(WHITE, device=device)
-    files = timestep_files(export, ("train", "val", "test"))
     full = max(b.n_components for blocks in model.blocks.values() for b in blocks)
     counts = sorted({min(n, full) for n in cfg.gem.table_components} | {full})
     variants = {"regressor": None, "gem": model.to(device)}
@@ -170,7 +163,7 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
     for split in ("val", "test"):
         frames = _eval_frames(cfg, export, split)
         steps = sorted({f.timestep_index for f in frames})
-        gem_frames, R, t = gem_space_frames(avatar, data, flame, files, steps)
+        gem_frames, R, t = gem_space_frames(avatar, data, steps)
         row = {s: i for i, s in enumerate(steps)}
         if split == "test":
             results["test_error"] = _log_errors(model, gem_frames, log, f"held-out test frames ({len(steps)})")

@@ -48,7 +48,7 @@ from lib.paths import ActorPaths
 from lib.train import distributed
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from lib.train.data import ActorData, draw_training_image
-from lib.train.fit_gem import frame_poses, timestep_files
+from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
 from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar
@@ -172,7 +172,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     if cfg.mapping.signal == "encoder" and not resuming and info.is_main:
         distributed.barrier(info)
     y = flatten_coefficients(gem.coefficients)[[gem_rows[t] for t in train_steps]].to(device)
-    R, t = frame_poses(flame, timestep_files(export, ("train",)), train_steps, device)
+    R, t = data.gem_pose(train_steps)
     # a channel that never moves (e.g. eyes in a sequence without gaze) keeps scale 1, not a division by ~0
     scale = x.std(0)
     scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))

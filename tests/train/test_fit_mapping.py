@@ -21,7 +21,7 @@ from lib.paths import REPO_ROOT, ActorPaths, resolve
 from lib.train import trainer
 from lib.train.checkpoint import latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
-from lib.train.fit_gem import fit_gem, frame_poses, timestep_files
+from lib.train.fit_gem import fit_gem
 from lib.train.fit_mapping import driving_signals, fit_mapping, load_mapping
 from lib.train.losses import composite_gt
 
@@ -77,7 +77,7 @@ def _image_loss(cfg, net=None) -> float:
     data = ActorData(export, flame, torch.device("cpu"))
     frames = export.split("train")
     steps = sorted({f.timestep_index for f in frames})
-    R, t = frame_poses(flame, timestep_files(export, ("train",)), steps, "cpu")
+    R, t = data.gem_pose(steps)
     with torch.no_grad():
         if net is None:
             coeffs = gem.zero_coefficients(len(steps))
