@@ -27,10 +27,9 @@ from lib.eval.lpips import load_lpips
 from lib.eval.render import WHITE, render_frame, render_gaussians
 from lib.flame.model import FlameModel
 from lib.geometry.rotations import axis_angle_to_matrix
-from lib.models.avatar import build_avatar
+from lib.models.avatar import load_regressor
 from lib.models.vgg import VggUnavailable
 from lib.paths import ActorPaths, resolve
-from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.metrics import image_metrics
@@ -93,18 +92,12 @@ def evaluate(cfg, log=print) -> dict:
     """Render and score the latest regressor checkpoint of ``cfg``; returns what metrics.json holds."""
     paths = ActorPaths(cfg)
     device = evaluation_device(cfg.train.device, cfg.train.threads)
-    latest = latest_checkpoint(paths.regressor_checkpoints)
-    if latest is None:
-        raise CheckpointError(f"no checkpoint in {paths.regressor_checkpoints}; train first (python train.py CONFIG)")
-    state = load_checkpoint(latest, map_location=device)
     flame = FlameModel.from_config(cfg).to(device)
+    avatar, regressor = load_regressor(cfg, paths, flame, device)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
-    avatar = build_avatar(cfg, paths, flame).to(device)
-    avatar.load_state_dict(state["model"])
-    avatar.eval()
     out = paths.regressor_eval
-    results: dict = {"checkpoint": str(latest), "step": int(state["step"]), "background": "white"}
+    results: dict = {"checkpoint": regressor["path"], "step": regressor["step"], "background": "white"}
     try:
         lpips = load_lpips(str(resolve(cfg.test.lpips_backbone)) if cfg.test.lpips_backbone else "",
                            str(resolve(cfg.test.lpips_weights)) if cfg.test.lpips_weights else "").to(device)

@@ -40,12 +40,13 @@ from lib.dataset.vhap import DatasetError, VhapExport
 from lib.eval.evaluate import pick_frames, to_uint8, write_png, write_video
 from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
+from lib.models.avatar import load_regressor
 from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
-from lib.train.fit_gem import gem_space_frames, load_regressor
+from lib.train.fit_gem import gem_space_frames
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
 from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
@@ -67,7 +68,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     paths, device, gem, net, state, flame = _trained(cfg)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
-    avatar, regressor_ckpt = load_regressor(cfg, paths, flame, device)
+    avatar, regressor = load_regressor(cfg, paths, flame, device)
 
     frames = [f for f in export.split("test") if f.camera_index == cfg.test.camera]
     if not frames:
@@ -102,7 +103,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     results = {"checkpoint": state["path"], "step": int(state["step"]), "signal": cfg.mapping.signal,
                "architecture": cfg.mapping.architecture, "held_at_mean": held,
                "basis_fine_tuned": "gem" in state,
-               "regressor_checkpoint": regressor_ckpt, "frames": len(rows), "background": "white",
+               "regressor_checkpoint": regressor["path"], "frames": len(rows), "background": "white",
                "coefficient_l1_sigma": coeff_l1}
     for name in ("predicted", "gt_coefficients"):
         results[name] = {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]}

@@ -38,6 +38,7 @@ from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normali
 from lib.models.mesh_pca import MeshPCA, MeshPcaError
 from lib.models.texture_unet import ColourHead, TextureUNet
 from lib.paths import resolve
+from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 GEOMETRY_CHANNELS = 11  # Δposition 3, Δrotation 4, Δscale 3, Δopacity 1
 # The network's position output is in centimetres: an output unit of 1 m would let one Adam step of
@@ -209,3 +210,21 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
         load_canonical_mesh(paths.canonical_mesh), regions, MeshPCA.load(paths.mesh_pca), r.uv_size, r.n_pca,
         r.widths, r.colour_width, r.feature_channels, r.style_dim, r.convs_per_level, tuple(r.removed_regions),
         r.init_scale)
+
+
+def load_regressor(cfg, paths, flame: FlameModel, device) -> tuple[GaussianAvatar, dict]:
+    """The trained regressor of stage 2 (newest checkpoint of ``paths``, an ``ActorPaths``), in eval
+    mode. -> (avatar, {"path": checkpoint file, "step": its training step})"""
+    ckpt = latest_checkpoint(paths.regressor_checkpoints)
+    if ckpt is None:
+        raise CheckpointError(f"no regressor checkpoint in {paths.regressor_checkpoints}; train it first "
+                              "(python train.py CONFIG) with the same actor.name")
+    avatar = build_avatar(cfg, paths, flame)
+    state = load_checkpoint(ckpt)
+    try:
+        avatar.load_state_dict(state["model"])
+    except RuntimeError as e:  # missing keys or shapes: another regressor.* config or code version
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {ckpt} does not fit the regressor of this config ({first}); use "
+                              "the config it was trained with, or retrain") from None
+    return avatar.to(device).eval(), {"path": str(ckpt), "step": int(state["step"])}

@@ -25,34 +25,17 @@ from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE, render_frame
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
-from lib.models.avatar import GaussianAvatar, build_avatar, load_canonical_mesh
+from lib.models.avatar import GaussianAvatar, load_canonical_mesh, load_regressor
 from lib.models.gem import (
     ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, reconstruction_errors, render_gem,
     to_gem_space,
 )
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
-from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
 from lib.train.metrics import image_metrics
 
 MB = 1024.0 * 1024.0
-
-
-def load_regressor(cfg, paths: ActorPaths, flame: FlameModel, device) -> tuple[GaussianAvatar, str]:
-    """The trained regressor of stage 2 (newest checkpoint), in eval mode. -> (avatar, checkpoint path)"""
-    ckpt = latest_checkpoint(paths.regressor_checkpoints)
-    if ckpt is None:
-        raise CheckpointError(f"no regressor checkpoint in {paths.regressor_checkpoints}; train it first "
-                              "(python train.py CONFIG) with the same actor.name")
-    avatar = build_avatar(cfg, paths, flame)
-    try:
-        avatar.load_state_dict(load_checkpoint(ckpt)["model"])
-    except RuntimeError as e:  # missing keys or shapes: another regressor.* config or code version
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the regressor of this config ({first}); run "
-                              "pca_gauss.py with the config it was trained with, or retrain") from None
-    return avatar.to(device).eval(), str(ckpt)
 
 
 def timestep_files(export: VhapExport, splits) -> dict[int, object]:
@@ -83,7 +66,8 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
-    avatar, ckpt = load_regressor(cfg, paths, flame, device)
+    avatar, regressor = load_regressor(cfg, paths, flame, device)
+    ckpt = regressor["path"]
 
     files = timestep_files(export, cfg.gem.splits)
     timesteps = sorted(files)

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from lib.config import load_config
-from lib.models.gem import ATTRIBUTES, GaussianEigenModel
 from lib.flame.model import FlameModel
+from lib.models.avatar import load_regressor
+from lib.models.gem import ATTRIBUTES, GaussianEigenModel
 from lib.paths import ActorPaths, resolve
 from lib.train import trainer
 from lib.train.checkpoint import CheckpointError
-from lib.train.fit_gem import fit_gem, load_regressor
+from lib.train.fit_gem import fit_gem
 from lib.viewer.sweeps import identity_view, render_sweep
 
 
