@@ -10,6 +10,19 @@ from dataclasses import dataclass, fields
 from torch import Tensor
 
 
+def check_gaussian_shapes(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
+                          who: str) -> None:
+    """ValueError naming ``who`` and the field unless the five tensors describe one set of N Gaussians."""
+    n = means.shape[0]
+    expected = {"means": (means, (n, 3)), "quats": (quats, (n, 4)), "scales": (scales, (n, 3)),
+                "opacities": (opacities, (n,))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{who}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not (colors.shape[0] == n and colors.shape[-1] == 3 and colors.dim() in (2, 3)):
+        raise ValueError(f"{who}: colors has shape {tuple(colors.shape)}, expected [{n}, 3] or [{n}, K, 3]")
+
+
 @dataclass
 class Gaussians:
     means: Tensor  # [N, 3] world, metres
@@ -19,14 +32,7 @@ class Gaussians:
     colors: Tensor  # [N, 3] RGB, or [N, K, 3] SH coefficients
 
     def __post_init__(self) -> None:
-        n = self.means.shape[0]
-        expected = {"means": (n, 3), "quats": (n, 4), "scales": (n, 3), "opacities": (n,)}
-        for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"Gaussians: {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
-        if not (self.colors.shape[0] == n and self.colors.shape[-1] == 3 and self.colors.dim() in (2, 3)):
-            shape = tuple(self.colors.shape)
-            raise ValueError(f"Gaussians: colors has shape {shape}, expected [{n}, 3] or [{n}, K, 3]")
+        check_gaussian_shapes(self.means, self.quats, self.scales, self.opacities, self.colors, "Gaussians")
 
     def __len__(self) -> int:
         return self.means.shape[0]

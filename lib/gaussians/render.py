@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from lib.gaussians.gaussians import check_gaussian_shapes
 from lib.gaussians.render_cpu import EPS2D, rasterize_cpu
 
 
@@ -85,17 +86,8 @@ def render(
 
 
 def _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks) -> None:
-    n = means.shape[0]
-    expected = {
-        "means": (means, (n, 3)),
-        "quats": (quats, (n, 4)),
-        "scales": (scales, (n, 3)),
-        "opacities": (opacities, (n,)),
-        "viewmats": (viewmats, (viewmats.shape[0], 4, 4)),
-        "Ks": (Ks, (viewmats.shape[0], 3, 3)),
-    }
-    for name, (tensor, shape) in expected.items():
+    check_gaussian_shapes(means, quats, scales, opacities, colors, "render")
+    C = viewmats.shape[0]
+    for name, tensor, shape in (("viewmats", viewmats, (C, 4, 4)), ("Ks", Ks, (C, 3, 3))):
         if tuple(tensor.shape) != shape:
             raise ValueError(f"render: {name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if not (colors.shape[0] == n and colors.shape[-1] == 3 and colors.dim() in (2, 3)):
-        raise ValueError(f"render: colors has shape {tuple(colors.shape)}, expected [{n}, 3] or [{n}, K, 3]")

@@ -54,7 +54,8 @@ def make_optimizer(avatar: GaussianAvatar, cfg) -> torch.optim.Adam:
 
 
 def perceptual_loss(cfg, weight: float, log) -> VggPerceptual | None:
-    """The VGG19 perceptual loss when loss.vgg_weights is set and its weight is positive, else None (said in the log)."""
+    """The VGG19 perceptual loss when loss.vgg_weights is set and its weight is positive, else None
+    (said in the log)."""
     if not cfg.loss.vgg_weights or weight <= 0:
         log("VGG perceptual loss off: loss.vgg_weights is not set (a torchvision VGG19 state_dict; nothing "
             "is downloaded at run time)")
