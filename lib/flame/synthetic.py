@@ -32,10 +32,7 @@ directions, so every output is a pure function of the seed.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +40,7 @@ import numpy as np
 import scipy.sparse
 from scipy.interpolate import PchipInterpolator
 
+from lib.atomic import atomic_path
 from lib.geometry.obj_io import write_obj
 
 FLAME_FILE = "flame2023.pkl"
@@ -725,25 +723,16 @@ def model_paths(out_dir: str | Path) -> dict[str, Path]:
 def generate_head_model(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write the model's three files into `out_dir` (created if needed) and return their paths.
 
-    Files are written in a temporary folder inside `out_dir` and moved into place one by one with
-    an atomic rename, so an interrupted run leaves only whole files (and `ensure_head_model`
-    regenerates whatever is missing).
+    Each file is written atomically (``lib.atomic``), so an interrupted run leaves only whole files
+    (and `ensure_head_model` regenerates whatever is missing).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = build_head_model(seed)
     paths = model_paths(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".synthetic-head-", dir=out_dir))
-    try:
-        with open(tmp / FLAME_FILE, "wb") as fh:
-            pickle.dump(flame_dict(model), fh, protocol=_PICKLE_PROTOCOL)
-        with open(tmp / MASKS_FILE, "wb") as fh:
-            pickle.dump(model.masks, fh, protocol=_PICKLE_PROTOCOL)
-        write_obj(tmp / UV_FILE, model.v_template, model.faces, model.uvs, model.faces_uv)
-        for path in paths.values():
-            os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for key, content in (("flame_model", flame_dict(model)), ("masks", model.masks)):
+        with atomic_path(paths[key]) as tmp, open(tmp, "wb") as fh:
+            pickle.dump(content, fh, protocol=_PICKLE_PROTOCOL)
+    with atomic_path(paths["uv_obj"], suffix=".obj") as tmp:
+        write_obj(tmp, model.v_template, model.faces, model.uvs, model.faces_uv)
     return paths
 
 
