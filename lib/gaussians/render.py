@@ -5,16 +5,27 @@ world-to-camera [C, 4, 4] (x right, y down, z forward), `Ks` [C, 3, 3] in pixels
 pixel (row i, col j) centred at (j + 0.5, i + 0.5); quaternions wxyz (need not be
 unit); scales linear (not log); opacities in [0, 1] (not logits); images [C, H, W, 3].
 
-CUDA tensors go to `gsplat.rasterization`; CPU tensors to our compositor in
-`render_cpu.py`, which follows gsplat's rules (see there), so both give the same image.
+CUDA tensors go to `gsplat.rasterization`; CPU tensors to `render_cpu.py` (projection),
+which follows gsplat's rules (see there), so both give the same image. The CPU's per-pixel
+compositing runs in native code (`render_numba.py`) when numba is installed, else in torch
+(`render_cpu.composite`, the reference the tests hold the native one to).
 """
 
+import sys
 from typing import NamedTuple
 
 from torch import Tensor
 
+from lib.gaussians import render_cpu
 from lib.gaussians.gaussians import check_gaussian_shapes
 from lib.gaussians.render_cpu import EPS2D, rasterize_cpu
+
+try:
+    from lib.gaussians.render_numba import composite as cpu_compositor
+except ImportError as error:  # numba is a wheel on every platform torch has; a broken install still renders
+    print(f"lib.gaussians.render: numba unavailable ({error}); the CPU renderer uses the torch compositor, "
+          "several times slower (pip install numba)", file=sys.stderr)
+    cpu_compositor = render_cpu.composite
 
 
 class RenderOutput(NamedTuple):
@@ -80,7 +91,7 @@ def render(
         return RenderOutput(rgb=out[..., :3], alpha=alpha, depth=out[..., 3:4])
     rgb, alpha, depth = rasterize_cpu(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        background, sh_degree, near, far,
+        background, sh_degree, near, far, compositor=cpu_compositor,
     )
     return RenderOutput(rgb=rgb, alpha=alpha, depth=depth)
 

@@ -305,6 +305,7 @@ def rasterize_cpu(
     sh_degree: int | None,
     near: float,
     far: float,
+    compositor=composite,  # composite() here, or render_numba.composite (same contract)
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> rgb [C, H, W, 3], alpha [C, H, W, 1], expected depth [C, H, W, 1]."""
     n_cams = viewmats.shape[0]
@@ -329,7 +330,7 @@ def rasterize_cpu(
         rgb = torch.clamp_min(_spherical_harmonics(sh_degree, dirs, colors.index_select(0, gids)) + 0.5, 0.0)
     depth_v = depths.flatten().index_select(0, flat)
     features = torch.cat([rgb, depth_v[:, None]], -1)
-    image, trans_final = composite(
+    image, trans_final = compositor(
         means2d.reshape(-1, 2).index_select(0, flat), conics.reshape(-1, 3).index_select(0, flat),
         opacities.index_select(0, gids), features, depth_v, cams, n_cams, width, height,
     )

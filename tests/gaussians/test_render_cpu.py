@@ -1,4 +1,4 @@
-"""The CPU renderer follows gsplat's rasterization rules and has exact gradients."""
+"""The CPU renderer follows gsplat's rasterization rules and has exact gradients (both compositors)."""
 
 import math
 
@@ -6,10 +6,19 @@ import pytest
 import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
+from lib.gaussians import render as render_module
+from lib.gaussians import render_cpu, render_numba
 from lib.gaussians.render import render
 
 F64 = torch.float64
 SH_C0 = 0.28209479177387814
+
+
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def compositor(request, monkeypatch):
+    """Every case holds for both CPU compositors: the native one render() uses and the torch reference."""
+    chosen = render_numba.composite if request.param == "numba" else render_cpu.composite
+    monkeypatch.setattr(render_module, "cpu_compositor", chosen)
 
 
 def camera(width, height, focal=40.0, cx=None, cy=None, distance=2.0, n=1):

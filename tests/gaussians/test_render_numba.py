@@ -1,0 +1,142 @@
+"""The native CPU compositor (numba) gives the torch reference compositor's images and gradients."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.gaussians import render as render_module
+from lib.gaussians import render_cpu, render_numba
+from lib.gaussians.render import render
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAD_AXES = (0.075, 0.11, 0.095)  # half extents of a head shell (m)
+PARAMS = ("means", "quats", "scales", "opacities", "colors", "viewmats")
+
+
+def head_frame(n, width, height, seed=0, n_cams=1, dtype=torch.float32):
+    """N Gaussians covering a head shell about once (as a trained avatar's do), seen from the
+    front at 1 m with crown to chin ~60% of the image height; extra cameras turn around it."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    means = dirs * torch.tensor(HEAD_AXES, dtype=torch.float64)
+    a, b, c = HEAD_AXES
+    area = 4 * math.pi * ((a * b) ** 1.6 + (a * c) ** 1.6 + (b * c) ** 1.6) ** (1 / 1.6) / 3 ** (1 / 1.6)
+    scales = math.sqrt(area / n) * (0.3 + 0.7 * torch.rand(n, 3, generator=g, dtype=torch.float64))
+    quats = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    opacities = 0.3 + 0.7 * torch.rand(n, generator=g, dtype=torch.float64)
+    colors = torch.rand(n, 3, generator=g, dtype=torch.float64)
+    viewmats = torch.eye(4, dtype=torch.float64).repeat(n_cams, 1, 1)
+    for i in range(n_cams):
+        yaw = 0.4 * i
+        viewmats[i, 0, 0], viewmats[i, 0, 2] = math.cos(yaw), math.sin(yaw)
+        viewmats[i, 2, 0], viewmats[i, 2, 2] = -math.sin(yaw), math.cos(yaw)
+        viewmats[i, 2, 3] = 1.0
+    focal = 0.6 * height / (2 * HEAD_AXES[1])
+    Ks = torch.tensor([[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]],
+                      dtype=torch.float64).repeat(n_cams, 1, 1)
+    return [t.to(dtype) for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
+
+
+def render_with(compositor, scene, width, height, background, grad=True, monkeypatch=None):
+    """Render with one compositor; -> (images (rgb, alpha, depth), gradients of a fixed loss or None)."""
+    monkeypatch.setattr(render_module, "cpu_compositor", compositor)
+    params = [t.clone().requires_grad_(grad) for t in scene[:6]]
+    out = render(*params, scene[6], width, height, background=background)
+    if not grad:
+        return out, None
+    weights = torch.rand(out.rgb.shape[:-1] + (5,), generator=torch.Generator().manual_seed(3)).to(out.rgb)
+    loss = (torch.cat([out.rgb, out.alpha, out.depth], -1) * weights).sum()
+    return out, torch.autograd.grad(loss, params)
+
+
+def assert_gradients_close(got, want, name):
+    rel = float((got - want).norm() / want.norm())
+    cos = float(torch.nn.functional.cosine_similarity(got.flatten().double(), want.flatten().double(), dim=0))
+    assert want.norm() > 0, name
+    assert rel <= 1e-4 and cos >= 0.9999, f"{name}: relative error {rel:.2e}, cosine {cos:.7f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "n, width, height, n_cams",
+    [
+        (12808, 137, 200, 1),  # the CPU default: UV 128's Gaussian count at H x W = 200 x 137
+        (3000, 110, 160, 3),  # several cameras in one call, each its own tiles
+        (2000, 33, 47, 1),  # image sides that are no multiple of the tile
+    ],
+)
+def test_matches_torch_compositor_on_head_frames(n, width, height, n_cams, dtype, monkeypatch):
+    scene = head_frame(n, width, height, seed=n, n_cams=n_cams, dtype=dtype)
+    background = torch.tensor([1.0, 0.5, 0.25], dtype=dtype)
+    ours, our_grads = render_with(render_numba.composite, scene, width, height, background, monkeypatch=monkeypatch)
+    ref, ref_grads = render_with(render_cpu.composite, scene, width, height, background, monkeypatch=monkeypatch)
+    assert float(ref.alpha.detach().mean()) > 0.2  # the head is really in the frame
+    for got, want in zip(ours, ref):
+        diff = (got - want).detach().abs()
+        if dtype == torch.float64:
+            assert float(diff.max()) <= 1e-8
+        else:
+            # float32: a pair whose T lands within rounding of the 1e-4 cutoff is kept by one
+            # compositor and dropped by the other (alpha is rounded differently); such a pair
+            # weighs < 1e-4. The rare pixels where that happens are allowed that much.
+            assert float((diff > 1e-5).float().mean()) <= 1e-4 and float(diff.max()) <= 2e-4
+    for name, got, want in zip(PARAMS, our_grads, ref_grads):
+        assert_gradients_close(got, want, name)
+
+
+def test_forward_only_path_gives_the_training_path_image(monkeypatch):
+    scene = head_frame(4000, 120, 90, seed=1)
+    with torch.no_grad():
+        fast, _ = render_with(render_numba.composite, scene, 120, 90, None, grad=False, monkeypatch=monkeypatch)
+    full, _ = render_with(render_numba.composite, scene, 120, 90, None, grad=True, monkeypatch=monkeypatch)
+    assert fast.rgb.grad_fn is None and full.rgb.grad_fn is not None
+    for got, want in zip(fast, full):
+        assert torch.equal(got, want.detach())
+
+
+def test_one_and_two_threads_give_identical_results_and_leave_torch_threads_alone(monkeypatch):
+    scene = head_frame(4000, 120, 90, seed=2)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(render_with(render_numba.composite, scene, 120, 90, None, monkeypatch=monkeypatch))
+            # numba's OpenMP layer shares torch's runtime: its launch must not change torch's count.
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    (out1, grads1), (out2, grads2) = results
+    for a, b in zip(list(out1) + list(grads1), list(out2) + list(grads2)):
+        assert torch.equal(a, b)  # per-slot gradient rows: no race, no order dependence
+
+
+def test_gradcheck_float64_on_overlapping_gaussians(monkeypatch):
+    # A tiny head: overlapping, partly opaque Gaussians across tile borders (tiles are 16 px).
+    monkeypatch.setattr(render_module, "cpu_compositor", render_numba.composite)
+    scene = head_frame(12, 24, 20, seed=5, dtype=torch.float64)
+    scene[2] = scene[2] * 4.0  # scales: each Gaussian spans several pixels
+
+    def fn(*params):
+        out = render(*params, scene[6], 24, 20, background=torch.tensor([0.2, 0.3, 0.4], dtype=torch.float64))
+        return out.rgb, out.alpha, out.depth
+
+    params = [t.clone().requires_grad_() for t in scene[:6]]
+    # fast mode: random projections of the Jacobian (the full one needs a backward pass per pixel)
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_without_numba_render_falls_back_to_the_torch_compositor_with_one_message():
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "from lib.gaussians import render, render_cpu\n"
+        "assert render.cpu_compositor is render_cpu.composite\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "numba" in line]
+    assert len(lines) == 1 and "torch compositor" in lines[0], done.stderr
