@@ -136,6 +136,16 @@ def test_gaussian_that_would_bring_transmittance_below_1e4_is_not_composited():
     torch.testing.assert_close(out.rgb[0, 10, 10], torch.tensor([0.999 + 5e-4, 0.999 + 5e-4, 0.999], dtype=F64))
 
 
+def test_alpha_is_clamped_at_0999_and_has_no_opacity_gradient_there():
+    viewmats, Ks = camera(21, 21, cx=10.5, cy=10.5)
+    means, quats, scales, opacities, colors = _stack([0.0], [0.9995], [[1.0, 1.0, 1.0]])
+    opacities.requires_grad_()
+    out = render(means, quats, scales, opacities, colors, viewmats, Ks, 21, 21)
+    torch.testing.assert_close(out.alpha[0, 10, 10, 0], torch.tensor(0.999, dtype=F64))
+    (grad,) = torch.autograd.grad(out.alpha[0, 10, 10, 0], opacities)
+    assert grad.item() == 0.0
+
+
 def test_off_centre_principal_point_shifts_image_by_the_pixel_offset():
     scene = random_scene(12, seed=3, spread=(0.3, 0.3, 0.3))
     viewmats, Ks = camera(32, 28)
