@@ -5,18 +5,28 @@ CUDA (when present): at H x W = 802 x 550 (NeRSemble), GEM frames per second (ev
 vector and the head pose, then gsplat) against gsplat alone rasterizing the same, already evaluated
 Gaussians, in one run; goal GEM >= 0.85x the rasterizer's own throughput. Gaussian counts: UV 256
 (65,536) and 262,144, with the default component counts (50 / 40 / 40 / 50).
-CPU: GEM frames per second at the CPU default resolution (H x W = 200 x 137) with the Gaussian count of the
-synthetic head's UV 64 layout (neck removed), through lib/gaussians/render (our compositor).
+CPU: a GEM the size of the default actor's (the synthetic head's UV 128 layout without the neck:
+12,808 Gaussians), fitted to frames of that head's canonical Gaussians (placed, oriented and sized as
+the regressor starts them, configs/default.yml) with small random deformations; GEM frames per
+second at NeRSemble's H x W = 802 x 550 and the CPU default 200 x 137, through the native CPU path
+render() uses and through the torch path it replaced, with 1 and 2 threads, in one run.
 
-    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only]
+    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2]
 """
-import argparse
-import math
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a machine shared with
+# other processes, spinning threads of a 2-thread run stall each other (measured: 2 threads 3x slower
+# than 1); with passive waits they are no slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,15 +38,38 @@ COMPONENTS = {"positions": 50, "rotations": 40, "scales": 40, "opacities": 50}
 HEAD_AXES = (0.075, 0.11, 0.095)  # half extents of the head shell (m)
 
 
-def uv64_count() -> int:
-    """Gaussians of the synthetic head at UV 64: valid texels outside the neck region."""
+def synthetic_gaussians(uv_size: int, init_scale: float = 0.5, seed: int = 0) -> GaussianSet:
+    """The synthetic head's canonical Gaussians at ``uv_size`` (neck removed), one frame:
+    surface points, tangent frames, k-NN scales x init_scale, opacity 0.7, random colours."""
     from lib.flame.synthetic import build_head_model
-    from lib.geometry.uv import texel_map, texel_regions
+    from lib.geometry.rotations import matrix_to_quat
+    from lib.geometry.uv import knn_log_scale, surface_points, texel_frames, texel_map, texel_regions
 
     head = build_head_model(0)
-    tm = texel_map(torch.as_tensor(head.uvs, dtype=torch.float32), torch.as_tensor(head.faces_uv).long(), 64)
-    neck = texel_regions({"neck": head.masks["neck"]}, torch.as_tensor(head.faces).long(), tm)["neck"]
-    return int((~neck).sum())
+    uvs, faces_uv = torch.as_tensor(head.uvs, dtype=torch.float32), torch.as_tensor(head.faces_uv).long()
+    faces = torch.as_tensor(head.faces).long()
+    full = texel_map(uvs, faces_uv, uv_size)
+    tm = full.subset(~texel_regions({"neck": head.masks["neck"]}, faces, full)["neck"])
+    verts = torch.as_tensor(head.v_template, dtype=torch.float32)[None]
+    means = surface_points(verts, faces, tm)[0]
+    quats = matrix_to_quat(texel_frames(verts, faces, uvs, faces_uv, tm)[0])
+    scales = (knn_log_scale(means).float().exp() * init_scale)[:, None].expand(-1, 3)
+    n = means.shape[0]
+    colors = torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+    return GaussianSet(means[None], quats[None], scales[None].contiguous(), torch.full((1, n), 0.7), colors[None])
+
+
+def deformed(base: GaussianSet, frames: int, seed: int = 0) -> GaussianSet:
+    """``frames`` small random deformations of one set of Gaussians (a stand-in for expressions)."""
+    g = torch.Generator().manual_seed(seed)
+    n = base.means.shape[1]
+    spacing = float(base.scales.mean())
+    wave = torch.randn(frames, 1, 1, generator=g)
+    means = base.means + spacing * (wave * torch.randn(1, n, 3, generator=g) + 0.3 * torch.randn(frames, n, 3, generator=g))
+    quats = normalize_quat(base.quats + 0.05 * torch.randn(frames, n, 4, generator=g))
+    scales = base.scales * (1 + 0.1 * torch.rand(frames, n, 3, generator=g))
+    opacities = (base.opacities + 0.05 * torch.randn(frames, n, generator=g)).clamp(0, 1)
+    return GaussianSet(means, quats, scales, opacities, base.colors.expand(frames, n, 3))
 
 
 def head_sequence(n: int, frames: int, seed: int = 0) -> GaussianSet:
@@ -56,11 +89,12 @@ def head_sequence(n: int, frames: int, seed: int = 0) -> GaussianSet:
     return GaussianSet(means, quats, scales, opacities, colors)
 
 
-def camera(width: int, height: int, device):
-    """Frontal camera at 1 m, crown to chin ~60% of the image height (NeRSemble framing)."""
+def camera(width: int, height: int, device, centre=(0.0, 0.0, 0.0), half_height: float = HEAD_AXES[1]):
+    """Frontal camera 1 m in front of ``centre`` (looking along +z), crown to chin (2 x half_height)
+    ~60% of the image height (NeRSemble framing)."""
     viewmats = torch.eye(4, device=device)[None].clone()
-    viewmats[0, 2, 3] = 1.0
-    focal = 0.6 * height / (2 * HEAD_AXES[1])
+    viewmats[0, :3, 3] = -torch.tensor(centre, device=device) + torch.tensor([0.0, 0.0, 1.0], device=device)
+    focal = 0.6 * height / (2 * half_height)
     Ks = torch.tensor([[[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]]], device=device)
     return viewmats, Ks
 
@@ -118,10 +152,72 @@ def bench(n: int, width: int, height: int, frames: int, device) -> tuple[float, 
     return max(gem_fps), max(raster_fps), timed(eval_frame, frames, device)
 
 
+def use_cpu_path(native: bool) -> None:
+    """Point render() at the native CPU path or at the torch one it replaced."""
+    from lib.gaussians import project_numba, render_cpu, render_numba
+    from lib.gaussians import render as render_module
+
+    render_module.cpu_projector = project_numba.project if native else render_cpu.project
+    render_module.cpu_compositor = render_numba.composite if native else render_cpu.composite
+
+
+@torch.no_grad()
+def cpu_bench(threads: list[int], quick: bool) -> None:
+    """GEM frames per second on the CPU: native vs torch path, per resolution and thread count."""
+    cpu = torch.device("cpu")
+    base = synthetic_gaussians(128)
+    n = base.means.shape[1]
+    model = GaussianEigenModel.fit(deformed(base, max(COMPONENTS.values()) + 1), COMPONENTS)
+    T = next(iter(model.coefficients.values())).shape[0]
+    coeffs = [{a: c[i:i + 1] for a, c in model.coefficients.items()} for i in range(T)]
+    poses = [(axis_angle_to_matrix(torch.tensor([[0.0, float(y), 0.0]])), torch.zeros(1, 3))
+             for y in torch.linspace(-0.3, 0.3, T)]
+    pts = base.means[0]
+    centre = pts.mean(0)
+    half_height = float(pts[:, 1].max() - pts[:, 1].min()) / 2
+    # Facing the head (FLAME: y up, the face looks along +z): OpenCV camera 1 m in front, y down.
+    flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+    viewmat = torch.eye(4)
+    viewmat[:3, :3] = flip
+    viewmat[:3, 3] = -flip @ (centre + torch.tensor([0.0, 0.0, 1.0]))
+    background = torch.ones(3)
+    print(f"CPU: GEM of the default actor's size ({n} Gaussians, synthetic head UV 128 without the neck), "
+          f"components {COMPONENTS}; cores usable {len(os.sched_getaffinity(0))}, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    for height, width in ((802, 550), (200, 137)):
+        focal = 0.6 * height / (2 * half_height)
+        Ks = torch.tensor([[[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]]])
+
+        def gem_frame(i):
+            return render_gem(model, coeffs[i % T], *poses[i % T], viewmat[None], Ks, width, height, background)
+
+        fps = {}
+        for t in threads:
+            torch.set_num_threads(t)
+            for native in (True, False):
+                use_cpu_path(native)
+                frames = (40 if native else 8) if height > 200 else (80 if native else 30)
+                frames = max(3, frames // 4) if quick else frames
+                fps[t, native] = max(timed(gem_frame, frames, cpu) for _ in range(2))  # best of two rounds
+        use_cpu_path(True)
+        coverage = float(gem_frame(0).alpha.mean())
+        for t in threads:
+            line = (f"  H x W = {height} x {width} (head covers {100 * coverage:.0f}%), {t} thread(s): native "
+                    f"{fps[t, True]:6.1f} fps ({1e3 / fps[t, True]:6.1f} ms)  torch {fps[t, False]:5.2f} fps "
+                    f"({1e3 / fps[t, False]:7.1f} ms)  speed-up {fps[t, True] / fps[t, False]:5.1f}x")
+            if t != threads[0]:
+                line += (f"; {t} vs {threads[0]} threads: native {fps[t, True] / fps[threads[0], True]:4.2f}x, "
+                         f"torch {fps[t, False] / fps[threads[0], False]:4.2f}x")
+            print(line, flush=True)
+    print(f"  load average at the end {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200, help="frames per timing (CPU: a tenth)")
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to compare")
+    parser.add_argument("--quick", action="store_true", help="CPU: fewer frames")
     args = parser.parse_args()
 
     if torch.cuda.is_available() and not args.cpu_only:
@@ -132,12 +228,7 @@ def main() -> None:
             print(f"  N={n:7d}: GEM {gem_fps:7.1f} fps ({1e3 / gem_fps:.3f} ms)  gsplat alone {raster_fps:7.1f} fps "
                   f"({1e3 / raster_fps:.3f} ms)  ratio {gem_fps / raster_fps:.3f} (goal >= 0.85); "
                   f"evaluation alone {1e3 / eval_fps:.3f} ms")
-    n = uv64_count()
-    print(f"CPU ({torch.get_num_threads()} threads), H x W = 200 x 137, UV 64 = {n} Gaussians, components {COMPONENTS}")
-    gem_fps, raster_fps, eval_fps = bench(n, 137, 200, max(10, args.frames // 10), torch.device("cpu"))
-    print(f"  GEM {gem_fps:.1f} fps ({1e3 / gem_fps:.1f} ms)  renderer alone {raster_fps:.1f} fps "
-          f"({1e3 / raster_fps:.1f} ms)  ratio {gem_fps / raster_fps:.3f}; evaluation alone {1e3 / eval_fps:.2f} ms")
-
+    cpu_bench(args.threads, quick=args.quick)
 
 if __name__ == "__main__":
     main()

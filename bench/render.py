@@ -1,31 +1,42 @@
 """Benchmark the Gaussian renderer.
 
-CPU: our sparse-pair compositor (lib/gaussians/render.py) against a naive tiled torch
-compositor written below (16x16 tiles, every tile padded to the largest per-tile count,
-dense cumprod compositing, autograd backward), on head-shell scenes framed like
-NeRSemble (crown to chin ~60% of the image height). CUDA (if present): gsplat at
-802x550 with 65,536 Gaussians.
+CPU: the native renderer render() uses (numba projection + tiled compositor, lib/gaussians/
+project_numba.py, render_numba.py) against the torch path it replaced (gsplat's torch projection +
+the sparse-pair torch compositor, lib/gaussians/render_cpu.py), on the same head-shell scenes framed
+like NeRSemble (crown to chin ~60% of the image height), forward (no gradients) and forward +
+backward, with 1 and 2 threads in one run. The 12,808-Gaussian cases are the default actor's size
+(UV 128) at the CPU default (H x W = 200 x 137) and NeRSemble (802 x 550) resolutions. `--naive`
+adds a naive tiled torch compositor (16x16 tiles padded to the busiest, dense cumprod, autograd).
+CUDA (if present): gsplat at 802x550 with 65,536 Gaussians.
 
-    .venv/bin/python bench/render.py [--quick] [--threads N]
+    .venv/bin/python bench/render.py [--quick] [--naive] [--threads 1 2]
 
-Times are wall-clock medians; on a shared machine compare the load averages printed
-at the start and the end (other processes on the same cores slow both sides).
+Times are medians of wall clock and of process CPU time; on a shared machine compare the load
+averages printed at the start and the end (other processes on the same cores slow both sides).
 """
 
-import argparse
-import math
 import os
-import statistics
-import sys
-import time
-from pathlib import Path
 
-import torch
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a machine shared with
+# other processes, spinning threads of a 2-thread run stall each other (measured: 2 threads 3x slower
+# than 1); with passive waits they are no slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci  # noqa: E402
 
+from lib.gaussians import render as render_module  # noqa: E402
+from lib.gaussians import render_cpu  # noqa: E402
 from lib.gaussians.render import render  # noqa: E402
 from lib.gaussians.render_cpu import ALPHA_MAX, ALPHA_MIN, EPS2D, T_MIN  # noqa: E402
 
@@ -122,25 +133,57 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
 
 
-def cpu_case(n: int, height: int, width: int, repeats: int, with_naive: bool) -> None:
+def use_cpu_path(native: bool) -> None:
+    """Point render() at the native CPU path or at the torch one it replaced."""
+    import lib.gaussians.project_numba as project_numba
+    import lib.gaussians.render_numba as render_numba
+
+    render_module.cpu_projector = project_numba.project if native else render_cpu.project
+    render_module.cpu_compositor = render_numba.composite if native else render_cpu.composite
+
+
+def cpu_case(n: int, height: int, width: int, repeats: int, threads: list[int], with_naive: bool) -> None:
     scene = head_scene(n, width, height)
     means, quats, scales, opacities, colors, viewmats, Ks = scene
     params = [t.clone().requires_grad_() for t in (means, quats, scales, opacities, colors)]
     background = torch.ones(3)
     weights = torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(1))
 
-    def ours_fwd():
+    def fwd():
         with torch.no_grad():
             return render(*params, viewmats, Ks, width, height, background=background).rgb
 
-    def ours_fwd_bwd():
+    def fwd_bwd():
         out = render(*params, viewmats, Ks, width, height, background=background)
         ((out.rgb * weights).sum() + out.alpha.sum()).backward()
 
-    (f, f_cpu), (fb, fb_cpu) = timed(ours_fwd, repeats), timed(ours_fwd_bwd, repeats)
-    line = (f"{n:>6} {height:>4}x{width:<4} ours: fwd {f:7.1f} ms  fwd+bwd {fb:7.1f} ms ({1e3 / fb:5.1f} it/s;"
-            f" cpu {f_cpu:6.1f} / {fb_cpu:6.1f} ms)")  # fmt: skip
+    times = {}
+    images = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        for native in (True, False):
+            use_cpu_path(native)
+            images[native] = fwd()
+            times[t, native] = timed(fwd, repeats), timed(fwd_bwd, repeats)
+    use_cpu_path(True)
+    diff = (images[True] - images[False]).abs().max().item()
+    for t in threads:
+        (f, f_cpu), (fb, fb_cpu) = times[t, True]
+        (of, of_cpu), (ofb, ofb_cpu) = times[t, False]
+        line = (f"{n:>6} {height:>4}x{width:<4} {t} thr | native: fwd {f:6.1f} ms ({1e3 / f:5.1f} fps)  fwd+bwd"
+                f" {fb:6.1f} ms | torch: fwd {of:6.1f} ms  fwd+bwd {ofb:6.1f} ms | native/torch speed-up: fwd"
+                f" {of / f:5.1f}x  fwd+bwd {ofb / fb:5.1f}x (cpu time {of_cpu / f_cpu:5.1f}x / {ofb_cpu / fb_cpu:5.1f}x)")
+        if t != threads[0]:
+            (f1, _), (fb1, _) = times[threads[0], True]
+            (of1, _), (ofb1, _) = times[threads[0], False]
+            line += (f" | {t} vs {threads[0]} thr: native fwd {f1 / f:4.2f}x fwd+bwd {fb1 / fb:4.2f}x,"
+                     f" torch fwd {of1 / of:4.2f}x fwd+bwd {ofb1 / ofb:4.2f}x")
+        else:
+            line += f" | max|diff| {diff:.1e}"
+        print(line, flush=True)
     if with_naive:
+        torch.set_num_threads(threads[0])
+
         def naive_fwd():
             with torch.no_grad():
                 return tiled_naive(*params, viewmats, Ks, width, height, background)
@@ -149,16 +192,12 @@ def cpu_case(n: int, height: int, width: int, repeats: int, with_naive: bool) ->
             rgb = tiled_naive(*params, viewmats, Ks, width, height, background)
             (rgb * weights).sum().backward()
 
-        diff = (ours_fwd() - naive_fwd()).abs().max().item()
+        (f, _), (fb, _) = times[threads[0], True]
         naive_repeats = max(1, repeats // 2)
-        (nf, nf_cpu), (nfb, nfb_cpu) = timed(naive_fwd, naive_repeats), timed(naive_fwd_bwd, naive_repeats)
-        line += (
-            f" | naive tiled: fwd {nf:7.1f} ms  fwd+bwd {nfb:7.1f} ms (cpu {nf_cpu:6.1f} / {nfb_cpu:6.1f} ms)"
-            f" | speed-up fwd {nf / f:5.1f}x  fwd+bwd {nfb / fb:5.1f}x"
-            f" (cpu {nf_cpu / f_cpu:5.1f}x / {nfb_cpu / fb_cpu:5.1f}x)"
-            f" | max|diff| {diff:.1e}"
-        )
-    print(line, flush=True)
+        (nf, _), (nfb, _) = timed(naive_fwd, naive_repeats), timed(naive_fwd_bwd, naive_repeats)
+        print(f"{'':>6} {'':>9} {threads[0]} thr | naive tiled: fwd {nf:7.1f} ms  fwd+bwd {nfb:7.1f} ms"
+              f" | native speed-up fwd {nf / f:5.1f}x  fwd+bwd {nfb / fb:5.1f}x"
+              f" | max|diff| {(fwd() - naive_fwd()).abs().max().item():.1e}", flush=True)
 
 
 def cuda_case(n: int, height: int, width: int, repeats: int) -> None:
@@ -184,19 +223,18 @@ def cuda_case(n: int, height: int, width: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the largest naive case")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, only the 12,808-Gaussian cases")
+    parser.add_argument("--naive", action="store_true", help="also time the naive tiled torch compositor")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to compare")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 10
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.2f}; "
-          "sizes are HxW; times are medians")  # fmt: skip
-    cpu_case(5000, 128, 128, repeats, with_naive=True)
-    for n in (5000, 20000):
-        for height, width in ((128, 88), (256, 176)):
-            naive = not (args.quick and n == 20000 and height == 256)
-            cpu_case(n, height, width, repeats, with_naive=naive)
+    repeats = 3 if args.quick else 7
+    print(f"torch {torch.__version__}, threads {args.threads} (cores usable: {len(os.sched_getaffinity(0))}), "
+          f"load average {os.getloadavg()[0]:.2f}; sizes are HxW; times are medians")  # fmt: skip
+    cases = [(12808, 200, 137), (12808, 550, 802)]
+    if not args.quick:
+        cases = [(5000, 128, 88), (20000, 256, 176)] + cases
+    for n, height, width in cases:
+        cpu_case(n, height, width, repeats, args.threads, with_naive=args.naive and height <= 256)
     if torch.cuda.is_available():
         cuda_case(65536, 802, 550, repeats)
     else:

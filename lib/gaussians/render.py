@@ -6,9 +6,10 @@ pixel (row i, col j) centred at (j + 0.5, i + 0.5); quaternions wxyz (need not b
 unit); scales linear (not log); opacities in [0, 1] (not logits); images [C, H, W, 3].
 
 CUDA tensors go to `gsplat.rasterization`; CPU tensors to `render_cpu.py` (projection),
-which follows gsplat's rules (see there), so both give the same image. The CPU's per-pixel
-compositing runs in native code (`render_numba.py`) when numba is installed, else in torch
-(`render_cpu.composite`, the reference the tests hold the native one to).
+which follows gsplat's rules (see there), so both give the same image. The CPU's projection
+and per-pixel compositing run in native code (`project_numba.py`, `render_numba.py`) when
+numba is installed, else in torch (`render_cpu.project` / `composite`, the reference the
+tests hold the native ones to).
 """
 
 import sys
@@ -21,11 +22,12 @@ from lib.gaussians.gaussians import check_gaussian_shapes
 from lib.gaussians.render_cpu import EPS2D, rasterize_cpu
 
 try:
+    from lib.gaussians.project_numba import project as cpu_projector
     from lib.gaussians.render_numba import composite as cpu_compositor
 except ImportError as error:  # numba is a wheel on every platform torch has; a broken install still renders
     print(f"lib.gaussians.render: numba unavailable ({error}); the CPU renderer uses the torch compositor, "
           "several times slower (pip install numba)", file=sys.stderr)
-    cpu_compositor = render_cpu.composite
+    cpu_projector, cpu_compositor = render_cpu.project, render_cpu.composite
 
 
 class RenderOutput(NamedTuple):
@@ -91,7 +93,7 @@ def render(
         return RenderOutput(rgb=out[..., :3], alpha=alpha, depth=out[..., 3:4])
     rgb, alpha, depth = rasterize_cpu(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        background, sh_degree, near, far, compositor=cpu_compositor,
+        background, sh_degree, near, far, projector=cpu_projector, compositor=cpu_compositor,
     )
     return RenderOutput(rgb=rgb, alpha=alpha, depth=depth)
 

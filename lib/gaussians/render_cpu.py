@@ -291,6 +291,26 @@ def composite(
     return image.reshape(n_cams, height, width, -1), trans_final.reshape(n_cams, height, width, 1)
 
 
+def project(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4] wxyz
+    scales: Tensor,  # [N, 3] linear
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    eps2d: float,
+    near: float,
+    far: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gsplat's projection -> radii [C, N, 2], means2d [C, N, 2], depths [C, N], conics [C, N, 3]."""
+    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    radii, means2d, depths, conics, _ = _fully_fused_projection(
+        means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near, far_plane=far
+    )
+    return radii, means2d, depths, conics
+
+
 def rasterize_cpu(
     means: Tensor,  # [N, 3]
     quats: Tensor,  # [N, 4] wxyz
@@ -305,13 +325,13 @@ def rasterize_cpu(
     sh_degree: int | None,
     near: float,
     far: float,
+    projector=project,  # project() here, or project_numba.project (same contract)
     compositor=composite,  # composite() here, or render_numba.composite (same contract)
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> rgb [C, H, W, 3], alpha [C, H, W, 1], expected depth [C, H, W, 1]."""
     n_cams = viewmats.shape[0]
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        means, covars, viewmats, Ks, width, height, eps2d=EPS2D, near_plane=near, far_plane=far
+    radii, means2d, depths, conics = projector(
+        means, quats, scales, viewmats, Ks, width, height, EPS2D, near, far
     )  # [C, N, 2], [C, N, 2], [C, N], [C, N, 3]
     # Opacity below 1/255 can never reach the alpha threshold (gsplat culls it too).
     # Non-finite projections (a diverged parameter) are dropped rather than allowed to

@@ -15,7 +15,7 @@ How:
   alpha falls to 1/255 (sigma = log(255 opacity), gsplat's opacity-aware extent), so no
   pixel it can reach lies outside. Boxes are binned into TILE_H x TILE_W tiles in global
   depth order, which leaves every tile's list already sorted front to back.
-- Rasterizing: tiles in parallel (numba prange; heaviest first, dealt out in turn);
+- Rasterizing: tiles in parallel (Python threads running nogil kernels; heaviest first);
   inside a tile, row by row: a Gaussian's exact column span on the row comes from one
   square root (where the row crosses the ellipse), so no pixel outside it is ever
   tested; a row stops scanning its list once all its pixels have ended.
@@ -28,20 +28,19 @@ How:
   so threads never write to the same memory; the slots are summed per Gaussian after.
   Without gradients nothing is recorded (the evaluation / viewer path).
 
-Threads: numba's, set to torch.get_num_threads() at every call, so the one knob
-(torch.set_num_threads, i.e. the config's `train.threads`) rules both; the two never
-run at the same time (and with numba's OpenMP layer they share one thread pool).
+Threads: torch.get_num_threads() at every call, so the one knob (torch.set_num_threads,
+i.e. the config's `train.threads`) rules torch and the renderer; the two never run at the
+same time (see run_threads for why not numba's parallel loops).
 """
 
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import math
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
 from lib.gaussians.render_cpu import ALPHA_MAX, ALPHA_MIN, T_MIN
@@ -126,178 +125,172 @@ def _bin(order, cams, x0, x1, y0, y1, n_cams, tiles_x, tiles_y, with_bound):
     return tile_start, tile_ids, pair_start
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(nogil=True, cache=True, error_model="numpy")
 def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_neg_a, mx, my, a, b, c, opac, feats,
                tiles_x, tiles_y, width, height, image, trans_final,
-               store, pair_start, row_end, pair_slot, pair_col, pair_alpha, pair_trans, n_workers):
+               store, pair_start, row_end, pair_slot, pair_col, pair_alpha, pair_trans):
     """Composite every listed tile into image [P, D] and trans_final [P] (P = C H W);
     with `store`, record the composited pairs (see the module docstring)."""
     n_feat = feats.shape[1]
-    # Tiles come heaviest first; worker w takes tiles w, w + n, w + 2n, ...: near-equal shares
-    # with numba's static schedule (its dynamic one costs more than it saves here).
-    for w in prange(n_workers):
-        for j in range(w, tiles.shape[0], n_workers):
-            t = tiles[j]
-            cam = t // (tiles_x * tiles_y)
-            ty = (t // tiles_x) % tiles_y
-            tx = t % tiles_x
-            px0 = tx * TILE_W
-            px1 = min(px0 + TILE_W, width)
-            py0 = ty * TILE_H
-            py1 = min(py0 + TILE_H, height)
-            ncols = px1 - px0
-            trans = np.empty(TILE_W, np.float64)
-            acc = np.empty((TILE_W, n_feat), np.float64)
-            done = np.empty(TILE_W, np.bool_)
-            n = pair_start[t] if store else 0
-            for y in range(py0, py1):
-                trans[:] = 1.0
-                acc[:] = 0.0
-                done[:] = False
-                live = ncols
-                yc = y + 0.5
-                for k in range(tile_start[t], tile_start[t + 1]):
-                    g = tile_ids[k]
-                    if y < y0[g] or y > y1[g]:
+    for j in range(tiles.shape[0]):
+        t = tiles[j]
+        cam = t // (tiles_x * tiles_y)
+        ty = (t // tiles_x) % tiles_y
+        tx = t % tiles_x
+        px0 = tx * TILE_W
+        px1 = min(px0 + TILE_W, width)
+        py0 = ty * TILE_H
+        py1 = min(py0 + TILE_H, height)
+        ncols = px1 - px0
+        trans = np.empty(TILE_W, np.float64)
+        acc = np.empty((TILE_W, n_feat), np.float64)
+        done = np.empty(TILE_W, np.bool_)
+        n = pair_start[t] if store else 0
+        for y in range(py0, py1):
+            trans[:] = 1.0
+            acc[:] = 0.0
+            done[:] = False
+            live = ncols
+            yc = y + 0.5
+            for k in range(tile_start[t], tile_start[t + 1]):
+                g = tile_ids[k]
+                if y < y0[g] or y > y1[g]:
+                    continue
+                ag, bg, cg = np.float64(a[g]), np.float64(b[g]), np.float64(c[g])
+                dy = np.float64(my[g]) - yc
+                bdy = bg * dy
+                # Columns where this row crosses 0.5 a dx^2 + b dy dx + 0.5 c dy^2 = level.
+                disc = bdy * bdy - ag * (cg * dy * dy - 2.0 * level[g])
+                if disc < 0.0:
+                    continue
+                half = math.sqrt(disc) * inv_a[g]
+                centre = np.float64(mx[g]) + bdy * inv_a[g]
+                # Clipped to the box too: the pair record's size bound counts box pixels only.
+                xa = max(int(max(np.ceil(centre - half - 0.5), -1.0)), px0, x0[g])
+                xb = min(int(min(np.floor(centre + half - 0.5), width)), px1 - 1, x1[g])
+                if xa > xb:
+                    continue
+                # Along the row sigma is quadratic in x, so exp(-sigma) steps by a ratio that
+                # itself steps by exp(-a): two products per pixel instead of an exp.
+                dx = np.float64(mx[g]) - (xa + 0.5)
+                raw = np.float64(opac[g]) * math.exp(-(0.5 * ag * dx * dx + 0.5 * cg * dy * dy + bdy * dx))
+                step = math.exp(ag * dx - 0.5 * ag + bdy)
+                step_ratio = exp_neg_a[g]
+                for x in range(xa, xb + 1):
+                    i = x - px0
+                    alpha = raw
+                    raw *= step
+                    step *= step_ratio
+                    if done[i]:
                         continue
-                    ag, bg, cg = np.float64(a[g]), np.float64(b[g]), np.float64(c[g])
-                    dy = np.float64(my[g]) - yc
-                    bdy = bg * dy
-                    # Columns where this row crosses 0.5 a dx^2 + b dy dx + 0.5 c dy^2 = level.
-                    disc = bdy * bdy - ag * (cg * dy * dy - 2.0 * level[g])
-                    if disc < 0.0:
+                    if alpha < ALPHA_MIN:
                         continue
-                    half = math.sqrt(disc) * inv_a[g]
-                    centre = np.float64(mx[g]) + bdy * inv_a[g]
-                    # Clipped to the box too: the pair record's size bound counts box pixels only.
-                    xa = max(int(max(np.ceil(centre - half - 0.5), -1.0)), px0, x0[g])
-                    xb = min(int(min(np.floor(centre + half - 0.5), width)), px1 - 1, x1[g])
-                    if xa > xb:
+                    clamped = alpha > ALPHA_MAX
+                    if clamped:
+                        alpha = ALPHA_MAX
+                    t_next = trans[i] * (1.0 - alpha)
+                    if t_next <= T_MIN:
+                        done[i] = True
+                        live -= 1
                         continue
-                    # Along the row sigma is quadratic in x, so exp(-sigma) steps by a ratio that
-                    # itself steps by exp(-a): two products per pixel instead of an exp.
-                    dx = np.float64(mx[g]) - (xa + 0.5)
-                    raw = np.float64(opac[g]) * math.exp(-(0.5 * ag * dx * dx + 0.5 * cg * dy * dy + bdy * dx))
-                    step = math.exp(ag * dx - 0.5 * ag + bdy)
-                    step_ratio = exp_neg_a[g]
-                    for x in range(xa, xb + 1):
-                        i = x - px0
-                        alpha = raw
-                        raw *= step
-                        step *= step_ratio
-                        if done[i]:
-                            continue
-                        if alpha < ALPHA_MIN:
-                            continue
-                        clamped = alpha > ALPHA_MAX
-                        if clamped:
-                            alpha = ALPHA_MAX
-                        t_next = trans[i] * (1.0 - alpha)
-                        if t_next <= T_MIN:
-                            done[i] = True
-                            live -= 1
-                            continue
-                        w = alpha * trans[i]
-                        for d in range(n_feat):
-                            acc[i, d] += w * feats[g, d]
-                        if store:
-                            pair_slot[n] = k
-                            pair_col[n] = i
-                            # The sign carries "clamped" (alpha has no gradient there).
-                            pair_alpha[n] = -alpha if clamped else alpha
-                            pair_trans[n] = trans[i]
-                            n += 1
-                        trans[i] = t_next
-                    if live == 0:
-                        break
-                p0 = (cam * height + y) * width + px0
-                for i in range(ncols):
-                    trans_final[p0 + i] = trans[i]
+                    w = alpha * trans[i]
                     for d in range(n_feat):
-                        image[p0 + i, d] = acc[i, d]
-                if store:
-                    row_end[t * TILE_H + (y - py0)] = n
+                        acc[i, d] += w * feats[g, d]
+                    if store:
+                        pair_slot[n] = k
+                        pair_col[n] = i
+                        # The sign carries "clamped" (alpha has no gradient there).
+                        pair_alpha[n] = -alpha if clamped else alpha
+                        pair_trans[n] = trans[i]
+                        n += 1
+                    trans[i] = t_next
+                if live == 0:
+                    break
+            p0 = (cam * height + y) * width + px0
+            for i in range(ncols):
+                trans_final[p0 + i] = trans[i]
+                for d in range(n_feat):
+                    image[p0 + i, d] = acc[i, d]
+            if store:
+                row_end[t * TILE_H + (y - py0)] = n
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(nogil=True, cache=True, error_model="numpy")
 def _backward(tiles, tile_start, tile_ids, mx, my, a, b, c, opac, feats, tiles_x, tiles_y, width, height,
               v_image, v_trans, trans_final, pair_start, row_end, pair_slot, pair_col, pair_alpha, pair_trans,
-              n_workers):
-    """Gradient rows [E, 6 + D] per tile-list slot: d/d (mean2d x, y, conic a, b, c, opacity,
-    features). Exact derivative of `_rasterize` with the recorded pairs held fixed."""
+              slot_grads):
+    """Adds into slot_grads [E, 6 + D] (one row per tile-list slot) d/d (mean2d x, y, conic a, b,
+    c, opacity, features): the exact derivative of `_rasterize` with the recorded pairs held fixed."""
     n_feat = feats.shape[1]
-    slot_grads = np.zeros((tile_ids.shape[0], N_GRAD + n_feat), np.float64)
-    for w in prange(n_workers):  # shares as in _rasterize
-        for j in range(w, tiles.shape[0], n_workers):
-            t = tiles[j]
-            cam = t // (tiles_x * tiles_y)
-            ty = (t // tiles_x) % tiles_y
-            tx = t % tiles_x
-            px0 = tx * TILE_W
-            px1 = min(px0 + TILE_W, width)
-            py0 = ty * TILE_H
-            py1 = min(py0 + TILE_H, height)
-            behind = np.empty(TILE_W, np.float64)
-            v_feat = np.empty(n_feat, np.float64)
-            start = pair_start[t]
-            for y in range(py0, py1):
-                end = row_end[t * TILE_H + (y - py0)]
-                p0 = (cam * height + y) * width + px0
-                # behind_k = sum over the pairs behind k of (c . v) w, plus T_final v_T.
-                for i in range(px1 - px0):
-                    behind[i] = np.float64(trans_final[p0 + i]) * v_trans[p0 + i]
-                yc = y + 0.5
-                # The pairs of one Gaussian's span on this row are consecutive in the record:
-                # sum them in registers and write the slot's row once per span.
-                cur = -1
-                s0 = s1 = s2 = s3 = s4 = s5 = 0.0
-                for m in range(end - 1, start - 2, -1):
-                    k = pair_slot[m] if m >= start else -1  # -1: past the row's first pair
-                    if k != cur or k < 0:
-                        if cur >= 0:
-                            slot_grads[cur, 0] += s0
-                            slot_grads[cur, 1] += s1
-                            slot_grads[cur, 2] += s2
-                            slot_grads[cur, 3] += s3
-                            slot_grads[cur, 4] += s4
-                            slot_grads[cur, 5] += s5
-                            for d in range(n_feat):
-                                slot_grads[cur, N_GRAD + d] += v_feat[d]
-                        if k < 0:
-                            break
-                        cur = k
-                        s0 = s1 = s2 = s3 = s4 = s5 = 0.0
-                        v_feat[:] = 0.0
-                        g = tile_ids[k]
-                        ag, bg, cg = np.float64(a[g]), np.float64(b[g]), np.float64(c[g])
-                        mxg = np.float64(mx[g])
-                        dy = np.float64(my[g]) - yc
-                        inv_o = 1.0 / opac[g]
-                    i = pair_col[m]
-                    p = p0 + i
-                    alpha = np.float64(pair_alpha[m])
-                    clamped = alpha < 0.0
-                    alpha = abs(alpha)
-                    tr = np.float64(pair_trans[m])
-                    w = alpha * tr
-                    cv = 0.0
-                    for d in range(n_feat):
-                        cv += feats[g, d] * v_image[p, d]
-                        v_feat[d] += w * v_image[p, d]
-                    if not clamped:
-                        # d out / d alpha_k = c_k T_k - behind_k / (1 - alpha_k); alpha = o exp(-sigma).
-                        v_alpha = cv * tr - behind[i] / (1.0 - alpha)
-                        v_sigma = -alpha * v_alpha
-                        dx = mxg - (px0 + i + 0.5)
-                        s0 += v_sigma * (ag * dx + bg * dy)
-                        s1 += v_sigma * (bg * dx + cg * dy)
-                        s2 += v_sigma * 0.5 * dx * dx
-                        s3 += v_sigma * dx * dy
-                        s4 += v_sigma * 0.5 * dy * dy
-                        s5 += v_alpha * alpha * inv_o
-                    behind[i] += cv * w
-                start = end
-    return slot_grads
+    for j in range(tiles.shape[0]):
+        t = tiles[j]
+        cam = t // (tiles_x * tiles_y)
+        ty = (t // tiles_x) % tiles_y
+        tx = t % tiles_x
+        px0 = tx * TILE_W
+        px1 = min(px0 + TILE_W, width)
+        py0 = ty * TILE_H
+        py1 = min(py0 + TILE_H, height)
+        behind = np.empty(TILE_W, np.float64)
+        v_feat = np.empty(n_feat, np.float64)
+        start = pair_start[t]
+        for y in range(py0, py1):
+            end = row_end[t * TILE_H + (y - py0)]
+            p0 = (cam * height + y) * width + px0
+            # behind_k = sum over the pairs behind k of (c . v) w, plus T_final v_T.
+            for i in range(px1 - px0):
+                behind[i] = np.float64(trans_final[p0 + i]) * v_trans[p0 + i]
+            yc = y + 0.5
+            # The pairs of one Gaussian's span on this row are consecutive in the record:
+            # sum them in registers and write the slot's row once per span.
+            cur = -1
+            s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+            for m in range(end - 1, start - 2, -1):
+                k = pair_slot[m] if m >= start else -1  # -1: past the row's first pair
+                if k != cur or k < 0:
+                    if cur >= 0:
+                        slot_grads[cur, 0] += s0
+                        slot_grads[cur, 1] += s1
+                        slot_grads[cur, 2] += s2
+                        slot_grads[cur, 3] += s3
+                        slot_grads[cur, 4] += s4
+                        slot_grads[cur, 5] += s5
+                        for d in range(n_feat):
+                            slot_grads[cur, N_GRAD + d] += v_feat[d]
+                    if k < 0:
+                        break
+                    cur = k
+                    s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+                    v_feat[:] = 0.0
+                    g = tile_ids[k]
+                    ag, bg, cg = np.float64(a[g]), np.float64(b[g]), np.float64(c[g])
+                    mxg = np.float64(mx[g])
+                    dy = np.float64(my[g]) - yc
+                    inv_o = 1.0 / opac[g]
+                i = pair_col[m]
+                p = p0 + i
+                alpha = np.float64(pair_alpha[m])
+                clamped = alpha < 0.0
+                alpha = abs(alpha)
+                tr = np.float64(pair_trans[m])
+                w = alpha * tr
+                cv = 0.0
+                for d in range(n_feat):
+                    cv += feats[g, d] * v_image[p, d]
+                    v_feat[d] += w * v_image[p, d]
+                if not clamped:
+                    # d out / d alpha_k = c_k T_k - behind_k / (1 - alpha_k); alpha = o exp(-sigma).
+                    v_alpha = cv * tr - behind[i] / (1.0 - alpha)
+                    v_sigma = -alpha * v_alpha
+                    dx = mxg - (px0 + i + 0.5)
+                    s0 += v_sigma * (ag * dx + bg * dy)
+                    s1 += v_sigma * (bg * dx + cg * dy)
+                    s2 += v_sigma * 0.5 * dx * dx
+                    s3 += v_sigma * dx * dy
+                    s4 += v_sigma * 0.5 * dy * dy
+                    s5 += v_alpha * alpha * inv_o
+                behind[i] += cv * w
+            start = end
 
 
 @njit(cache=True, error_model="numpy")
@@ -355,21 +348,36 @@ def bin_tiles(
     return Bins(tiles, tile_start, tile_ids, pair_start, x0, x1, y0, y1, level, inv_a, exp_neg_a, tiles_x, tiles_y)
 
 
-@contextmanager
-def _threads():
-    """numba's thread count = torch's for the duration.
+_pool: ThreadPoolExecutor | None = None
 
-    numba's OpenMP layer loads the same libgomp as torch, and its first launch sets the
-    runtime's thread count to every core: torch's own count is put back afterwards, or
-    torch would silently run (and spin) on all cores from then on.
+
+def run_threads(kernel, chunks: list) -> None:
+    """kernel(chunk) for every chunk, on torch.get_num_threads() threads (this one included).
+
+    The kernels are numba functions compiled with nogil, so Python threads run them in parallel.
+    Why not numba's own parallel loops: their OpenMP layer shares torch's libgomp, whose idle
+    threads spin; on a machine shared with other processes a spinning or preempted thread
+    stalls the whole loop at its barrier (2 threads ran 3x slower than 1 here). A thread pool
+    hands out chunks dynamically and waits without spinning.
     """
-    n = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+    global _pool
+    threads = min(torch.get_num_threads(), len(chunks))
+    if threads <= 1:
+        for chunk in chunks:
+            kernel(chunk)
+        return
+    if _pool is None or _pool._max_workers < threads - 1:
+        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="gaussians")
+    rest = [_pool.submit(kernel, chunk) for chunk in chunks[1:]]
+    kernel(chunks[0])
+    for future in rest:
+        future.result()
+
+
+def tile_chunks(tiles: np.ndarray, threads: int) -> list[np.ndarray]:
+    """Tiles (heaviest first) dealt into chunks of about equal cost: chunk w gets tiles w, w + k, ..."""
+    k = min(tiles.shape[0], 4 * threads if threads > 1 else 1)
+    return [tiles[w::k] for w in range(k)] if k else []
 
 
 class _Composite(torch.autograd.Function):
@@ -390,13 +398,13 @@ class _Composite(torch.autograd.Function):
         bins, (row_end, slot, col, alpha, trans, trans_final), (width, height) = ctx.bins, ctx.record, ctx.size
         mx, my = (_numpy(t) for t in means2d.t())
         a, b, c = (_numpy(t) for t in conics.t())
-        with _threads():  # autograd may run this on another thread: numba's count is per thread
-            slot_grads = _backward(
-                bins.tiles, bins.tile_start, bins.tile_ids, mx, my, a, b, c, _numpy(opacities), _numpy(features),
-                bins.tiles_x, bins.tiles_y, width, height, _numpy(v_image.to(torch.float64)),
+        slot_grads = np.zeros((bins.tile_ids.shape[0], N_GRAD + features.shape[1]), np.float64)
+        args = (bins.tile_start, bins.tile_ids, mx, my, a, b, c, _numpy(opacities), _numpy(features), bins.tiles_x,
+                bins.tiles_y, width, height, _numpy(v_image.to(torch.float64)),
                 _numpy(v_trans_final.to(torch.float64)), trans_final, bins.pair_start, row_end, slot, col, alpha,
-                trans, numba.get_num_threads(),
-            )
+                trans, slot_grads)
+        # Threads write disjoint slot rows (every slot belongs to one tile).
+        run_threads(lambda tiles: _backward(tiles, *args), tile_chunks(bins.tiles, torch.get_num_threads()))
         grads = torch.from_numpy(_sum_slots(slot_grads, bins.tile_ids, means2d.shape[0])).to(features.dtype)
         return grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, N_GRAD:], None, None, None, None
 
@@ -415,12 +423,10 @@ def _forward(means2d, conics, opacities, features, bins: Bins, n_pixels, width, 
     trans = np.empty(n_pairs, image.dtype)
     mx, my = (_numpy(t) for t in means2d.t())
     a, b, c = (_numpy(t) for t in conics.t())
-    with _threads():
-        _rasterize(
-            bins.tiles, bins.tile_start, bins.tile_ids, bins.x0, bins.x1, bins.y0, bins.y1, bins.level,
-            bins.inv_a, bins.exp_neg_a, mx, my, a, b, c, _numpy(opacities), _numpy(features), bins.tiles_x, bins.tiles_y, width, height,
-            image, trans_final, store, bins.pair_start, row_end, slot, col, alpha, trans, numba.get_num_threads(),
-        )
+    args = (bins.tile_start, bins.tile_ids, bins.x0, bins.x1, bins.y0, bins.y1, bins.level, bins.inv_a,
+            bins.exp_neg_a, mx, my, a, b, c, _numpy(opacities), _numpy(features), bins.tiles_x, bins.tiles_y, width,
+            height, image, trans_final, store, bins.pair_start, row_end, slot, col, alpha, trans)
+    run_threads(lambda tiles: _rasterize(tiles, *args), tile_chunks(bins.tiles, torch.get_num_threads()))
     image_t, trans_t = torch.from_numpy(image).to(dtype), torch.from_numpy(trans_final).to(dtype)
     return image_t, trans_t, (row_end, slot, col, alpha, trans, trans_final)
 

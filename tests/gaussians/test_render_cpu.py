@@ -7,7 +7,7 @@ import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
 from lib.gaussians import render as render_module
-from lib.gaussians import render_cpu, render_numba
+from lib.gaussians import project_numba, render_cpu, render_numba
 from lib.gaussians.render import render
 
 F64 = torch.float64
@@ -15,10 +15,11 @@ SH_C0 = 0.28209479177387814
 
 
 @pytest.fixture(autouse=True, params=["numba", "torch"])
-def compositor(request, monkeypatch):
-    """Every case holds for both CPU compositors: the native one render() uses and the torch reference."""
-    chosen = render_numba.composite if request.param == "numba" else render_cpu.composite
-    monkeypatch.setattr(render_module, "cpu_compositor", chosen)
+def cpu_backend(request, monkeypatch):
+    """Every case holds for both CPU paths: the native one render() uses and the torch reference."""
+    native = request.param == "numba"
+    monkeypatch.setattr(render_module, "cpu_projector", project_numba.project if native else render_cpu.project)
+    monkeypatch.setattr(render_module, "cpu_compositor", render_numba.composite if native else render_cpu.composite)
 
 
 def camera(width, height, focal=40.0, cx=None, cy=None, distance=2.0, n=1):
