@@ -43,6 +43,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from lib.gaussians import render_cpu
 from lib.gaussians.render_cpu import ALPHA_MAX, ALPHA_MIN, T_MIN
 
 TILE_W = 16  # pixels; a tile row is one contiguous run of the image row
@@ -50,6 +51,7 @@ TILE_H = 16
 # The bound ellipse's level is padded a hair (relative and absolute) so that rounding can
 # never drop a pixel centre whose alpha reaches 1/255; the exact alpha test decides.
 LEVEL_PAD_REL, LEVEL_PAD_ABS = 1e-5, 1e-6
+FEATURES = 4  # channels the rasterizing kernel composites (in registers)
 N_GRAD = 6  # per-slot gradient columns before the features: mean2d x, y; conic a, b, c; opacity
 
 
@@ -129,9 +131,10 @@ def _bin(order, cams, x0, x1, y0, y1, n_cams, tiles_x, tiles_y, with_bound):
 def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_neg_a, mx, my, a, b, c, opac, feats,
                tiles_x, tiles_y, width, height, image, trans_final,
                store, pair_start, row_end, pair_slot, pair_col, pair_alpha, pair_trans):
-    """Composite every listed tile into image [P, D] and trans_final [P] (P = C H W);
-    with `store`, record the composited pairs (see the module docstring)."""
-    n_feat = feats.shape[1]
+    """Composite every listed tile into image [P, 4] and trans_final [P] (P = C H W);
+    with `store`, record the composited pairs (see the module docstring).
+
+    Exactly 4 feature channels (RGB + depth: what render() composites), held in registers."""
     for j in range(tiles.shape[0]):
         t = tiles[j]
         cam = t // (tiles_x * tiles_y)
@@ -143,12 +146,16 @@ def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_ne
         py1 = min(py0 + TILE_H, height)
         ncols = px1 - px0
         trans = np.empty(TILE_W, np.float64)
-        acc = np.empty((TILE_W, n_feat), np.float64)
+        acc0, acc1, acc2, acc3 = (np.empty(TILE_W, np.float64), np.empty(TILE_W, np.float64),
+                                  np.empty(TILE_W, np.float64), np.empty(TILE_W, np.float64))
         done = np.empty(TILE_W, np.bool_)
         n = pair_start[t] if store else 0
         for y in range(py0, py1):
             trans[:] = 1.0
-            acc[:] = 0.0
+            acc0[:] = 0.0
+            acc1[:] = 0.0
+            acc2[:] = 0.0
+            acc3[:] = 0.0
             done[:] = False
             live = ncols
             yc = y + 0.5
@@ -176,6 +183,7 @@ def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_ne
                 raw = np.float64(opac[g]) * math.exp(-(0.5 * ag * dx * dx + 0.5 * cg * dy * dy + bdy * dx))
                 step = math.exp(ag * dx - 0.5 * ag + bdy)
                 step_ratio = exp_neg_a[g]
+                f0, f1, f2, f3 = feats[g, 0], feats[g, 1], feats[g, 2], feats[g, 3]
                 for x in range(xa, xb + 1):
                     i = x - px0
                     alpha = raw
@@ -194,8 +202,10 @@ def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_ne
                         live -= 1
                         continue
                     w = alpha * trans[i]
-                    for d in range(n_feat):
-                        acc[i, d] += w * feats[g, d]
+                    acc0[i] += w * f0
+                    acc1[i] += w * f1
+                    acc2[i] += w * f2
+                    acc3[i] += w * f3
                     if store:
                         pair_slot[n] = k
                         pair_col[n] = i
@@ -209,8 +219,10 @@ def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_ne
             p0 = (cam * height + y) * width + px0
             for i in range(ncols):
                 trans_final[p0 + i] = trans[i]
-                for d in range(n_feat):
-                    image[p0 + i, d] = acc[i, d]
+                image[p0 + i, 0] = acc0[i]
+                image[p0 + i, 1] = acc1[i]
+                image[p0 + i, 2] = acc2[i]
+                image[p0 + i, 3] = acc3[i]
             if store:
                 row_end[t * TILE_H + (y - py0)] = n
 
@@ -445,8 +457,14 @@ def composite(
     """Composite visible projected Gaussians -> (features [C, H, W, D], T_final [C, H, W, 1]).
 
     Same contract as render_cpu.composite. Without gradients (torch.no_grad, or no input
-    requiring one) no pair is recorded: the forward-only path.
+    requiring one) no pair is recorded: the forward-only path. The kernel holds 4 channels
+    (render()'s RGB + depth); fewer are padded, more go to the torch compositor.
     """
+    n_feat = features.shape[1]
+    if n_feat > FEATURES:
+        return render_cpu.composite(means2d, conics, opacities, features, depths, cams, n_cams, width, height)
+    if n_feat < FEATURES:
+        features = torch.nn.functional.pad(features, (0, FEATURES - n_feat))
     n_pixels = n_cams * height * width
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opacities, features))
     bins = bin_tiles(means2d, conics, opacities, depths, cams, n_cams, width, height, with_bound=needs_grad)
@@ -454,4 +472,4 @@ def composite(
         image, trans_final = _Composite.apply(means2d, conics, opacities, features, bins, n_pixels, width, height)
     else:
         image, trans_final, _ = _forward(means2d, conics, opacities, features, bins, n_pixels, width, height, False)
-    return image.reshape(n_cams, height, width, -1), trans_final.reshape(n_cams, height, width, 1)
+    return image[:, :n_feat].reshape(n_cams, height, width, n_feat), trans_final.reshape(n_cams, height, width, 1)

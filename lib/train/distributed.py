@@ -59,9 +59,18 @@ def evaluation_device(device: str = "auto", threads: int = 0) -> torch.device:
     return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, a container's cpuset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int, processes: int = 1) -> None:
-    """CPU threads of this process: ``threads``, or 0 = the machine's cores shared by ``processes``."""
-    torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(processes, 1)))
+    """CPU threads of this process (torch's, which the CPU renderer follows): ``threads``, or 0 = the
+    cores this process may use, shared by ``processes``."""
+    torch.set_num_threads(threads if threads > 0 else max(1, usable_cores() // max(processes, 1)))
 
 
 def broadcast_float(info: DistInfo, value: float) -> float:
