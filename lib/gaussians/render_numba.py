@@ -33,10 +33,10 @@ i.e. the config's `train.threads`) rules torch and the renderer; the two never r
 same time (see run_threads for why not numba's parallel loops).
 """
 
+import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
-
-import math
 
 import numpy as np
 import torch
@@ -360,7 +360,9 @@ def bin_tiles(
     return Bins(tiles, tile_start, tile_ids, pair_start, x0, x1, y0, y1, level, inv_a, exp_neg_a, tiles_x, tiles_y)
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool: ThreadPoolExecutor | None = None  # helper threads (the calling thread works too), grown on demand
+_pool_size = 0
+_DONE = object()
 
 
 def run_threads(kernel, chunks: list) -> None:
@@ -372,17 +374,28 @@ def run_threads(kernel, chunks: list) -> None:
     stalls the whole loop at its barrier (2 threads ran 3x slower than 1 here). A thread pool
     hands out chunks dynamically and waits without spinning.
     """
-    global _pool
+    global _pool, _pool_size
     threads = min(torch.get_num_threads(), len(chunks))
     if threads <= 1:
         for chunk in chunks:
             kernel(chunk)
         return
-    if _pool is None or _pool._max_workers < threads - 1:
+    if _pool is None or _pool_size < threads - 1:
         _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="gaussians")
-    rest = [_pool.submit(kernel, chunk) for chunk in chunks[1:]]
-    kernel(chunks[0])
-    for future in rest:
+        _pool_size = threads - 1
+    todo, lock = iter(chunks), threading.Lock()
+
+    def work():  # every thread takes the next chunk until none is left
+        while True:
+            with lock:
+                chunk = next(todo, _DONE)
+            if chunk is _DONE:
+                return
+            kernel(chunk)
+
+    helpers = [_pool.submit(work) for _ in range(threads - 1)]
+    work()
+    for future in helpers:
         future.result()
 
 
