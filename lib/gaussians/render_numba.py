@@ -231,9 +231,8 @@ def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_ne
 def _backward(tiles, tile_start, tile_ids, mx, my, a, b, c, opac, feats, tiles_x, tiles_y, width, height,
               v_image, v_trans, trans_final, pair_start, row_end, pair_slot, pair_col, pair_alpha, pair_trans,
               slot_grads):
-    """Adds into slot_grads [E, 6 + D] (one row per tile-list slot) d/d (mean2d x, y, conic a, b,
-    c, opacity, features): the exact derivative of `_rasterize` with the recorded pairs held fixed."""
-    n_feat = feats.shape[1]
+    """Adds into slot_grads [E, 6 + 4] (one row per tile-list slot) d/d (mean2d x, y, conic a, b,
+    c, opacity, 4 features): the exact derivative of `_rasterize` with the recorded pairs held fixed."""
     for j in range(tiles.shape[0]):
         t = tiles[j]
         cam = t // (tiles_x * tiles_y)
@@ -244,7 +243,6 @@ def _backward(tiles, tile_start, tile_ids, mx, my, a, b, c, opac, feats, tiles_x
         py0 = ty * TILE_H
         py1 = min(py0 + TILE_H, height)
         behind = np.empty(TILE_W, np.float64)
-        v_feat = np.empty(n_feat, np.float64)
         start = pair_start[t]
         for y in range(py0, py1):
             end = row_end[t * TILE_H + (y - py0)]
@@ -253,32 +251,37 @@ def _backward(tiles, tile_start, tile_ids, mx, my, a, b, c, opac, feats, tiles_x
             for i in range(px1 - px0):
                 behind[i] = np.float64(trans_final[p0 + i]) * v_trans[p0 + i]
             yc = y + 0.5
-            # The pairs of one Gaussian's span on this row are consecutive in the record:
-            # sum them in registers and write the slot's row once per span.
+            # The pairs of one Gaussian's span on this row are consecutive in the record (and
+            # share dy): sum v_sigma dx^0,1,2 and w v over the span in registers, then turn them
+            # into the slot's gradient once per span.
             cur = -1
-            s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+            s0 = s1 = s2 = v0 = v1 = v2 = v3 = 0.0
+            ag = bg = cg = mxg = dy = inv_o = f0 = f1 = f2 = f3 = 0.0  # set at each span's first pair
             for m in range(end - 1, start - 2, -1):
                 k = pair_slot[m] if m >= start else -1  # -1: past the row's first pair
                 if k != cur or k < 0:
                     if cur >= 0:
-                        slot_grads[cur, 0] += s0
-                        slot_grads[cur, 1] += s1
-                        slot_grads[cur, 2] += s2
-                        slot_grads[cur, 3] += s3
-                        slot_grads[cur, 4] += s4
-                        slot_grads[cur, 5] += s5
-                        for d in range(n_feat):
-                            slot_grads[cur, N_GRAD + d] += v_feat[d]
+                        # sigma = 0.5 (a dx^2 + c dy^2) + b dx dy; d alpha / d opacity = alpha / opacity
+                        slot_grads[cur, 0] += ag * s1 + bg * dy * s0
+                        slot_grads[cur, 1] += bg * s1 + cg * dy * s0
+                        slot_grads[cur, 2] += 0.5 * s2
+                        slot_grads[cur, 3] += dy * s1
+                        slot_grads[cur, 4] += 0.5 * dy * dy * s0
+                        slot_grads[cur, 5] -= s0 * inv_o
+                        slot_grads[cur, N_GRAD + 0] += v0
+                        slot_grads[cur, N_GRAD + 1] += v1
+                        slot_grads[cur, N_GRAD + 2] += v2
+                        slot_grads[cur, N_GRAD + 3] += v3
                     if k < 0:
                         break
                     cur = k
-                    s0 = s1 = s2 = s3 = s4 = s5 = 0.0
-                    v_feat[:] = 0.0
+                    s0 = s1 = s2 = v0 = v1 = v2 = v3 = 0.0
                     g = tile_ids[k]
                     ag, bg, cg = np.float64(a[g]), np.float64(b[g]), np.float64(c[g])
                     mxg = np.float64(mx[g])
                     dy = np.float64(my[g]) - yc
                     inv_o = 1.0 / opac[g]
+                    f0, f1, f2, f3 = feats[g, 0], feats[g, 1], feats[g, 2], feats[g, 3]
                 i = pair_col[m]
                 p = p0 + i
                 alpha = np.float64(pair_alpha[m])
@@ -286,21 +289,19 @@ def _backward(tiles, tile_start, tile_ids, mx, my, a, b, c, opac, feats, tiles_x
                 alpha = abs(alpha)
                 tr = np.float64(pair_trans[m])
                 w = alpha * tr
-                cv = 0.0
-                for d in range(n_feat):
-                    cv += feats[g, d] * v_image[p, d]
-                    v_feat[d] += w * v_image[p, d]
+                g0, g1, g2, g3 = v_image[p, 0], v_image[p, 1], v_image[p, 2], v_image[p, 3]
+                cv = f0 * g0 + f1 * g1 + f2 * g2 + f3 * g3
+                v0 += w * g0
+                v1 += w * g1
+                v2 += w * g2
+                v3 += w * g3
                 if not clamped:
                     # d out / d alpha_k = c_k T_k - behind_k / (1 - alpha_k); alpha = o exp(-sigma).
-                    v_alpha = cv * tr - behind[i] / (1.0 - alpha)
-                    v_sigma = -alpha * v_alpha
+                    v_sigma = alpha * (behind[i] / (1.0 - alpha) - cv * tr)
                     dx = mxg - (px0 + i + 0.5)
-                    s0 += v_sigma * (ag * dx + bg * dy)
-                    s1 += v_sigma * (bg * dx + cg * dy)
-                    s2 += v_sigma * 0.5 * dx * dx
-                    s3 += v_sigma * dx * dy
-                    s4 += v_sigma * 0.5 * dy * dy
-                    s5 += v_alpha * alpha * inv_o
+                    s0 += v_sigma
+                    s1 += v_sigma * dx
+                    s2 += v_sigma * dx * dx
                 behind[i] += cv * w
             start = end
 
