@@ -1,8 +1,8 @@
 """Gaussian compositing on the CPU in native code (numba), with gsplat's rules.
 
-A drop-in for `render_cpu.composite` (same arguments, same images, same gradients): the
-projection stays in torch (gsplat's reference functions, differentiated by autograd), and
-this module does the per-pixel work, which is where the time goes.
+A drop-in for `render_cpu.composite` (same arguments, same images, same gradients); the
+projection before it is `project_numba.project` (or gsplat's torch reference), and this
+module does the per-pixel work, which is where the time goes.
 
 Rules (gsplat 1.5.3, "classic"; stated in full in render_cpu.py): a Gaussian reaches a
 pixel centre p when alpha = min(0.999, opacity exp(-sigma)) >= 1/255 with
@@ -18,7 +18,8 @@ How:
 - Rasterizing: tiles in parallel (Python threads running nogil kernels; heaviest first);
   inside a tile, row by row: a Gaussian's exact column span on the row comes from one
   square root (where the row crosses the ellipse), so no pixel outside it is ever
-  tested; a row stops scanning its list once all its pixels have ended.
+  tested; along the span alpha steps by products, not exps; a row stops scanning its
+  list once all its pixels have ended.
 - Sums in float64 whatever the input dtype: T is a running product, and the backward
   pass's "what lies behind" is a running sum over up to hundreds of pairs.
 - With gradients, every composited pair (tile-list slot, column, alpha, T in front) is
