@@ -26,6 +26,7 @@ from lib.dataset.vhap import VhapExport
 from lib.eval.curve import plot_curve
 from lib.eval.render import render_gaussians, score_frames
 from lib.flame.model import FlameModel
+from lib.gaussians.render import warm_up
 from lib.models.avatar import GaussianAvatar, build_avatar
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
@@ -113,6 +114,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     first_step = step
     limit = cfg.train.time_limit_minutes
     bar = progress_bar(total, step, info.is_main)
+    warm_up(device)  # native CPU kernels loaded (or compiled) before the clock starts
     t_start = time.perf_counter() - elapsed
     done = progress(step, total, elapsed, limit)
     while done < 1.0:
