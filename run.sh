@@ -27,6 +27,22 @@ if [ $# -ge 3 ]; then SOURCE=$3; elif [ $# -eq 0 ]; then SOURCE=configs/syntheti
 
 RAN=" "  # ids of the stages that ran in this invocation
 
+# A stage runs in the background while this script waits, so that an interrupt or a kill reaches the
+# trap at once (bash defers traps while a foreground child runs): the trap stops the stage and exits.
+# A SIGKILL of this script cannot be trapped: each stage asks Linux to end it when its parent dies
+# (GEM_PARENT_PID, lib/cli.py), so no stage is left running on its own.
+export GEM_PARENT_PID=$$
+CHILD=
+stop_stage() {
+    local sig=$1
+    if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null || true; wait "$CHILD" 2>/dev/null || true; fi
+    echo "=== interrupted (${sig}); the stage was stopped, finished stages keep their outputs" >&2
+    exit $((128 + $(kill -l "$sig")))
+}
+trap 'stop_stage INT' INT
+trap 'stop_stage TERM' TERM
+trap 'stop_stage HUP' HUP
+
 # stage ID TITLE UPSTREAM SCRIPT ARGS...: runs `$PY SCRIPT ARGS...` unless lib.stages finds stage ID
 # done for ARGS, or a stage of UPSTREAM (ids) ran in this invocation (its outputs changed).
 stage() {
@@ -37,7 +53,10 @@ stage() {
         why=$($PY -m lib.stages done "$id" "$@") && { echo "=== ${title}: skipped (outputs exist for the same config)"; return 0; }
     fi
     echo "=== ${title} (${why:-not known to be done})"
-    $PY $script "$@" || rc=$?  # $script unquoted: "-m module" is two words
+    $PY $script "$@" &  # $script unquoted: "-m module" is two words
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=
     if [ $rc -eq 2 ]; then
         echo "=== ${title}: not implemented yet in this version; the pipeline stops here."
         exit 2

@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib.errors import ProjectError
 from lib.paths import EXPERIMENTS, REPO_ROOT
 
 MANIFEST = REPO_ROOT / "checkpoints.txt"
@@ -40,7 +41,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
-class BundleError(Exception):
+class BundleError(ProjectError):
     """A bundle that cannot be fetched, verified, unpacked or packed; the message says what to do."""
 
 

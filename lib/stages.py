@@ -38,6 +38,7 @@ from typing import Callable
 
 from lib.atomic import write_json
 from lib.config import Config, load_config
+from lib.errors import ProjectError
 from lib.paths import REPO_ROOT, ActorPaths, resolve
 
 
@@ -68,7 +69,7 @@ def _latest_checkpoint(folder: Path) -> list[Path]:
 
 def _reenactment(cfg: Config, source: Config | None) -> list[Path]:
     if source is None:
-        raise ValueError("cross-identity reenactment needs a source actor's config (a second config file)")
+        raise StageError("cross-identity reenactment needs a source actor's config (a second config file)")
     return [ActorPaths(cfg).reenactment(source.actor.name) / "reenactment.json"]  # written last
 
 
@@ -88,7 +89,7 @@ OUTPUTS: dict[str, Callable[[Config, Config | None], list[Path]]] = {
 }
 
 
-class StageError(ValueError):
+class StageError(ProjectError, ValueError):
     """A stage name or stage arguments that cannot be used as given."""
 
 
@@ -115,7 +116,8 @@ def _shown(path: Path) -> str:
 
 
 def _present(path: Path) -> bool:
-    return any(path.iterdir()) if path.is_dir() else path.is_file()
+    """A file, or a folder holding a file or folder that is not hidden (a lock file proves nothing)."""
+    return any(not p.name.startswith(".") for p in path.iterdir()) if path.is_dir() else path.is_file()
 
 
 def why_not_done(name: str, cfg: Config, source: Config | None = None) -> str | None:
@@ -204,7 +206,7 @@ def main(argv: list[str]) -> int:
             mark(name, cfg, source)
             return 0
         reason = why_not_done(name, cfg, source)
-    except (ValueError, OSError) as e:  # ConfigError, StageError and DatasetError among them
+    except (ProjectError, OSError) as e:
         print(f"stages: {e}", file=sys.stderr)
         return 1
     if reason is not None:

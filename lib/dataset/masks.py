@@ -41,7 +41,7 @@ from torch import Tensor
 from lib.atomic import write_bytes
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.vhap import Frame, VhapExport
-from lib.flame.model import FlameModel
+from lib.flame.model import FlameFormatError, FlameModel
 from lib.geometry.rasterize import rasterize_camera
 
 ALPHA_DIR, MOUTH_DIR = "alpha_masks", "mouth_masks"
@@ -83,7 +83,7 @@ class MaskRegions:
     def from_masks(cls, faces: Tensor, n_verts: int, masks: dict) -> "MaskRegions":
         for name in ("neck", "lips"):
             if name not in masks:
-                raise ValueError(f"the FLAME masks file has no '{name}' region (it has {sorted(masks)}); "
+                raise FlameFormatError(f"the FLAME masks file has no '{name}' region (it has {sorted(masks)}); "
                                "use FLAME's FLAME_masks.pkl or the synthetic head's")
         mouth = region_faces(faces, masks["lips"])
         if "mouth" in masks:

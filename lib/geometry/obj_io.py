@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-class ObjFormatError(ValueError):
+from lib.errors import ProjectError
+
+class ObjFormatError(ProjectError, ValueError):
     """An OBJ file this reader cannot take; the message names the file and the line."""
 
 

@@ -44,7 +44,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from lib.atomic import atomic_path
+from lib.atomic import save_torch
+from lib.errors import ProjectError
 from lib.flame.model import FlameModel
 from lib.gaussians.render import RenderOutput, render
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
@@ -70,7 +71,7 @@ _RANK_TOL = 1e-10  # variance ratio below which a component is numerical noise
 _GRAM_CHUNK = 1 << 22  # values per chunk of the float64 Gram accumulation (memory bound)
 
 
-class GemError(ValueError):
+class GemError(ProjectError, ValueError):
     """A GEM file or input that cannot be used; the message names the file and what to do."""
 
 
@@ -437,8 +438,7 @@ class GaussianEigenModel:
     def save(self, path: str | Path, half: bool = False) -> Path:
         """Write the model atomically (temp file + rename)."""
         path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(self.state(half), tmp)
+        save_torch(path, self.state(half))
         return path
 
     @classmethod

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from lib.atomic import atomic_path
+from lib.errors import ProjectError
 
 
-class MeshPcaError(ValueError):
+class MeshPcaError(ProjectError, ValueError):
     """A mesh PCA file that cannot be used; the message names the file and what to do."""
 
 
@@ -43,7 +44,7 @@ class MeshPCA(torch.nn.Module):
         """PCA of meshes verts [T, V, 3]; keeps min(n_components, T - 1) components."""
         T = verts.shape[0]
         if T < 2:
-            raise ValueError(f"mesh PCA needs at least 2 meshes, got {T}")
+            raise MeshPcaError(f"mesh PCA needs at least 2 meshes, got {T}")
         x = verts.reshape(T, -1).double()
         mean = x.mean(0)
         _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)

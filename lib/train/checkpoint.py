@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from lib.atomic import atomic_path
+from lib.atomic import save_torch
+from lib.errors import ProjectError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ProjectError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and what to do."""
 
 
@@ -44,8 +45,7 @@ def save_checkpoint(state: dict, folder: str | Path, step: int, keep: int = 2) -
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, step)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -59,11 +59,29 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in str(e).lower():
+            # torch's message suggests weights_only=False: never for a file that may come from elsewhere.
+            why = "it holds Python objects besides tensors and numbers, which this project never writes"
+        else:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a checkpoint of this project ({first}); delete it "
+            f"checkpoint {path} is corrupt or not a checkpoint of this project ({why}); delete it "
             "to resume from the previous one, or retrain") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} does not hold a training state (no 'model'/'step'); "
                               "delete it or point at a checkpoint written by train.py")
     return state
+
+
+def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str = "model") -> None:
+    """``module.load_state_dict(state)``; a checkpoint of another shape raises CheckpointError naming
+    ``path`` (what: "model", "optimizer", ...) instead of torch's size-mismatch traceback."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:  # missing keys, shapes, parameter groups
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the {what} of this config ({detail}): it was written with other "
+            "network settings or code. Use the config it was trained with, or train anew in another run "
+            "folder (move the old one aside)") from None

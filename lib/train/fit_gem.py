@@ -25,6 +25,7 @@ from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE, render_frame
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
+from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, load_canonical_mesh, load_regressor
 from lib.models.gem import (
     ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, reconstruction_errors, render_gem,
@@ -59,6 +60,7 @@ def gem_space_frames(avatar: GaussianAvatar, data: ActorData,
     return GaussianSet(*(torch.cat(x) for x in zip(*sets))), R, t
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).gem_dir, "the GEM folder")
 def fit_gem(cfg, log=print) -> GaussianEigenModel:
     info = distributed.setup(cfg.train.device, cfg.train.threads)
     device = info.device

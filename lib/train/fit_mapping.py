@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lib.config import Config, save_config
-from lib.dataset.vhap import SPLITS, DatasetError, VhapExport, read_flame_params
+from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, GemError, render_gem
 from lib.models.image_encoder import encoder_signal
@@ -44,9 +44,10 @@ from lib.models.mapping import (
     split_coefficients, variance_weights,
 )
 from lib.models.mesh_pca import MeshPCA
+from lib.lock import locks_run_folder
 from lib.paths import ActorPaths
 from lib.train import distributed
-from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into, save_checkpoint
 from lib.train.data import ActorData, draw_training_image
 from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
@@ -84,7 +85,7 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
         return encoder_signal(encoder_cfg, export, data, timesteps, identity, ActorPaths(cfg).encoder_pca, fit).cpu()
     steps = [identity, *timesteps]
     if kind == "flame":
-        signal = torch.cat([flame_signal(read_flame_params(files[t])) for t in steps])
+        signal = torch.cat([flame_signal(export.load_flame(files[t])) for t in steps])
     else:
         pca = MeshPCA.load(ActorPaths(cfg).mesh_pca).to(data.device)
         rows = torch.tensor([data.timesteps.index(t) for t in steps], device=data.device)
@@ -134,12 +135,7 @@ def load_mapping(cfg, gem: GaussianEigenModel, device) -> tuple[MappingNetwork, 
             raise CheckpointError(f"checkpoint {ckpt} was trained with mapping.{key} = '{trained}', the config "
                                   f"asks for '{getattr(cfg.mapping, key)}'; set it accordingly or retrain")
     net = build_mapping(cfg, gem, int(state["n_signal"]))
-    try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the mapping network of this config and GEM "
-                              f"({first}); use the config it was trained with, or retrain") from None
+    load_into(net, state["model"], ckpt, "mapping network of this config and GEM")
     state["path"] = str(ckpt)
     return net.to(device).eval(), state
 
@@ -149,6 +145,7 @@ def mapping_gem(state: dict, gem: GaussianEigenModel, device) -> GaussianEigenMo
     return gem if "gem" not in state else GaussianEigenModel.from_state(state["gem"]).to(device)
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).mapping, "the mapping run folder")
 def fit_mapping(cfg, log=print) -> MappingNetwork:
     info = distributed.setup(cfg.train.device, cfg.train.threads)
     log = log if info.is_main else (lambda *a, **k: None)
@@ -189,14 +186,14 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.mapping.lr, weight_decay=cfg.mapping.weight_decay)
     if state is not None and "optimizer" in state:
-        opt.load_state_dict(state["optimizer"])
+        load_into(opt, state["optimizer"], state["path"], "optimizer")
     warmup, total = cfg.mapping.warmup_iterations, cfg.mapping.warmup_iterations + cfg.mapping.iterations
     basis, basis_opt = [], None
     if cfg.mapping.basis_lr > 0 and warmup > 0:  # a fine-tuned GEM is saved whole with every checkpoint
         basis = gem.fine_tunable()
         basis_opt = torch.optim.Adam(basis, lr=cfg.mapping.basis_lr)
         if state is not None and "basis_optimizer" in state:
-            basis_opt.load_state_dict(state["basis_optimizer"])
+            load_into(basis_opt, state["basis_optimizer"], state["path"], "basis optimizer")
         _freeze(basis, step >= warmup)
     if info.is_main:
         save_config(cfg, paths.mapping / "config.yml")

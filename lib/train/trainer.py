@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport
+from lib.errors import ProjectError
 from lib.eval.curve import plot_curve
 from lib.eval.render import render_gaussians, score_frames
 from lib.flame.model import FlameModel
@@ -30,7 +31,8 @@ from lib.models.avatar import GaussianAvatar, build_avatar
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
-from lib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.lock import locks_run_folder
+from lib.train.checkpoint import latest_checkpoint, load_checkpoint, load_into, save_checkpoint
 from lib.train.data import ActorData, draw_training_image
 from lib.train.losses import mouth_weight, photometric, regularisers
 from lib.train.schedule import lr_factor, progress
@@ -38,7 +40,7 @@ from lib.train.schedule import lr_factor, progress
 _MAX_NAN_RESTORES = 10  # consecutive non-finite steps before training gives up
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ProjectError, RuntimeError):
     """The NaN guard restored the last good state too often in a row."""
 
 
@@ -67,6 +69,7 @@ def perceptual_loss(cfg, weight: float, log) -> VggPerceptual | None:
         return None
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).regressor, "the regressor run folder")
 def train(cfg, log=print) -> GaussianAvatar:
     """Train (or resume) the regressor of ``cfg``; returns the trained avatar (also checkpointed)."""
     info = distributed.setup(cfg.train.device, cfg.train.threads)
@@ -88,8 +91,8 @@ def train(cfg, log=print) -> GaussianAvatar:
     latest = latest_checkpoint(paths.regressor_checkpoints)
     if latest is not None:
         state = load_checkpoint(latest, map_location=device)
-        avatar.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_into(avatar, state["model"], latest)
+        load_into(opt, state["optimizer"], latest, "optimizer")
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(f"resuming from {latest} (step {step})")
     if info.is_main:
