@@ -41,6 +41,18 @@ class Key:
     lt: float | None = None
     length: int | tuple | None = None  # a list's length: exact, or (min, max) with None = unbounded
 
+    def rule(self) -> str:
+        """The allowed values in words, e.g. '>= 1', '> 0, <= 1', '3 items' (empty when any)."""
+        parts = [f"{op} {bound:g}" for op, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+                 if bound is not None]
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(map(str, self.choices)))
+        if isinstance(self.length, int):
+            parts.append(f"{self.length} items")
+        elif self.length is not None and self.length[0]:
+            parts.append(f"at least {self.length[0]} item{'s' if self.length[0] > 1 else ''}")
+        return ", ".join(parts)
+
 
 # fmt: off
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -435,9 +447,9 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
 
 def describe() -> str:
-    """Every key with its default and meaning (the README's table is made from this)."""
-    lines = []
+    """Every key with its default, allowed values and meaning: the README's config table."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for section, keys in SCHEMA.items():
         for key, spec in keys.items():
-            lines.append(f"{section}.{key} = {spec.default!r}  # {spec.help}")
+            lines.append(f"| `{section}.{key}` | `{spec.default!r}` | {spec.rule()} | {spec.help} |")
     return "\n".join(lines)

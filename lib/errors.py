@@ -19,6 +19,9 @@ class ProjectError(Exception):
 class DiskFullError(ProjectError, OSError):
     """A write failed because the file system holding it is full (or over quota)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno 28]"
+
 
 # Below this many free bytes a failed write is taken as a full disk, whatever the writer's own
 # message says (torch's serializer and numpy report it as a generic error, without ENOSPC).

@@ -1,7 +1,8 @@
 """Advisory locks on the folders a process writes: one writer per run folder or generated dataset.
 
 ``locked(folder, what)`` holds ``folder/.lock`` (``fcntl.flock``, released by the kernel when the
-process ends, even by SIGKILL, so a lock is never stale). A second process that wants the same folder
+process ends, even by SIGKILL, so a lock is never stale; the file is removed when the block ends, and a
+file left by a killed holder is simply locked again). A second process that wants the same folder
 gets ``LockHeld`` naming the holder (pid, command, start time) instead of writing beside it. While the
 lock is held, the partial files that killed writers left behind (``lib.atomic`` temp files) are
 removed from the folder and its subfolders, except subfolders with a lock of their own (another
@@ -40,14 +41,8 @@ def locked(folder: str | Path, what: str, lock_file: str | Path | None = None, c
     folder = Path(folder)
     lock_file = Path(lock_file) if lock_file is not None else folder / LOCK_NAME
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(lock_file, what, folder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise LockHeld(f"{what} {folder} is in use by {holder}; wait for it to finish or stop it, then run "
-                           f"again (lock file {lock_file})") from None
         command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({command}), started "
@@ -56,7 +51,28 @@ def locked(folder: str | Path, what: str, lock_file: str | Path | None = None, c
             remove_partials(folder)
         yield folder
     finally:
-        os.close(fd)  # releases the lock; the file stays (deleting it would race with the next holder)
+        lock_file.unlink(missing_ok=True)  # while still held: a waiter that opened it sees it vanish
+        os.close(fd)
+
+
+def _acquire(lock_file: Path, what: str, folder: Path) -> int:
+    """Open and flock ``lock_file``; -> its descriptor. Retries when the holder removed the file between
+    our open and our flock (we would hold a lock on a file nobody else can see)."""
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockHeld(f"{what} {folder} is in use by {holder}; wait for it to finish or stop it, then run "
+                           f"again (lock file {lock_file})") from None
+        try:
+            if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def remove_partials(folder: Path) -> list[Path]:

@@ -15,7 +15,8 @@ EXPERIMENTS = REPO_ROOT / "experiments"
 def resolve(path: str | Path) -> Path:
     """A path from a config (relative to the repository root) as an absolute path."""
     path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
+    # normpath: '../x' from a config names the file as the user knows it (errors quote these paths)
+    return path if path.is_absolute() else Path(os.path.normpath(REPO_ROOT / path))
 
 
 class ActorPaths:

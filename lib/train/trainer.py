@@ -91,7 +91,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     latest = latest_checkpoint(paths.regressor_checkpoints)
     if latest is not None:
         state = load_checkpoint(latest, map_location=device)
-        load_into(avatar, state["model"], latest)
+        load_into(avatar, state["model"], latest, "regressor")
         load_into(opt, state["optimizer"], latest, "optimizer")
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(f"resuming from {latest} (step {step})")
