@@ -9,15 +9,15 @@ Frames whose masks exist are skipped. The rule is documented in lib/dataset/mask
 from lib.cli import main
 from lib.dataset.masks import render_masks
 from lib.dataset.vhap import VhapExport
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
+from lib.flame.model import FlameModel, load_regions
 from lib.paths import resolve
 
 
 def masks(cfg, _):
     export = VhapExport(resolve(cfg.actor.data_dir), cache_images=False, n_shape=cfg.actor.n_shape,
                         n_expr=cfg.actor.n_expr)
-    render_masks(export, FlameModel.from_config(cfg), load_pickle(resolve(cfg.actor.flame_masks)))
+    model = FlameModel.from_config(cfg)
+    render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Every artifact of the pipeline (configs, checkpoints, bases, masks, reports) is 
 folder, which is renamed onto the target only when writing succeeded (a rename within one folder is
 atomic). A killed writer leaves its temp file behind; ``lib.lock`` removes such partial files the next
 time the folder's writer starts. A write that fails because the disk is full raises
-``lib.errors.DiskFullError`` naming the file.
+``lib.errors.DiskFullError`` naming the file. Torch files are read back by ``load_torch``, which runs
+no code from the file.
 """
 from __future__ import annotations
 
@@ -75,6 +76,25 @@ def save_torch(path: str | Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())
+
+
+def load_torch(path: str | Path, error: type[Exception], hint: str, map_location="cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, never code. A
+    truncated, corrupt or foreign file raises ``error`` naming it, with ``hint`` (what to do)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        if "weights only load failed" in str(e).lower():
+            # torch's own message suggests weights_only=False: never for a file that may come from elsewhere.
+            why = "it holds Python objects besides tensors and numbers, which this project never writes"
+        else:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{path} is corrupt or not a file of this project ({why}); {hint}") from None
 
 
 def _finite(value: Any) -> Any:

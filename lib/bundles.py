@@ -32,8 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.errors import ProjectError
 from lib.atomic import atomic_path, is_partial
+from lib.errors import ProjectError
 from lib.lock import LOCK_NAME, locked
 from lib.paths import EXPERIMENTS, REPO_ROOT
 

@@ -63,8 +63,7 @@ from lib.dataset.vhap import DatasetError
 from lib.dataset.synthetic_appearance import (
     Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
 )
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
+from lib.flame.model import FlameModel, load_regions
 from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
 from lib.geometry.obj_io import read_obj
 from lib.geometry.rasterize import rasterize_camera
@@ -368,7 +367,7 @@ class HeadFiles:
                                         "flame_masks at its files")
         model = FlameModel.from_file(self.flame_model)
         obj = read_obj(self.flame_uv)
-        masks = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(self.flame_masks).items()}
+        masks = load_regions(self.flame_masks, model.v_template.shape[0])
         return model, torch.as_tensor(obj["uvs"], dtype=torch.float32), torch.as_tensor(obj["faces_uv"]).long(), masks
 
 

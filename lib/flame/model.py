@@ -259,6 +259,25 @@ class FlameModel(torch.nn.Module):
         return value.to(dtype).expand(batch, width)
 
 
+def load_regions(path: str | os.PathLike, n_verts: int | None = None) -> dict[str, np.ndarray]:
+    """A FLAME_masks.pkl-style file: region name -> vertex indices [K] int64, each in [0, n_verts)."""
+    data = load_pickle(path)
+    if not isinstance(data, dict) or not data:
+        raise FlameFormatError(f"{path} holds a {type(data).__name__}, not a dict of region name -> vertex "
+                               "indices (FLAME_masks.pkl)")
+    regions = {}
+    for name, indices in data.items():
+        values = np.asarray(indices)
+        if not isinstance(name, str) or values.ndim != 1 or values.dtype.kind not in "iu":
+            raise FlameFormatError(f"{path}: region {name!r} is not a name with a 1-D array of vertex indices "
+                                   f"(got {values.dtype} {values.shape})")
+        if values.size and (values.min() < 0 or (n_verts is not None and values.max() >= n_verts)):
+            raise FlameFormatError(f"{path}: region '{name}' indexes vertices outside [0, {n_verts}); the masks "
+                                   "belong to another head model")
+        regions[name] = values.astype(np.int64)
+    return regions
+
+
 def _array(data: dict, key: str, source: str) -> np.ndarray:
     try:
         array = np.asarray(data[key])

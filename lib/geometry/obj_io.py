@@ -130,6 +130,9 @@ def read_obj(path: str | Path) -> dict[str, np.ndarray | None]:
                         faces_uv.append([corner_t[0], corner_t[i], corner_t[i + 1]])
     if not verts:
         raise ObjFormatError(f"{path}: no vertices (is this an OBJ file?)")
+    for kind, values in (("vertex", verts), ("texture", uvs)):
+        if values and not np.isfinite(np.asarray(values)).all():
+            raise ObjFormatError(f"{path}: {kind} coordinates hold NaN or infinity; the file is damaged")
     return {
         "verts": np.asarray(verts, dtype=np.float64).reshape(-1, 3),
         "faces": np.asarray(faces, dtype=np.int64).reshape(-1, 3),

@@ -23,6 +23,7 @@ Gaussian (the ground-truth masks exclude neck and torso). Conventions: metres, q
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
-from lib.geometry import uv
 from lib.config import ConfigError
+from lib.errors import check_finite
+from lib.flame.model import FlameModel, load_regions
+from lib.geometry import uv
 from lib.geometry.obj_io import ObjFormatError, read_obj
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
 from lib.models.mesh_pca import MeshPCA, MeshPcaError
@@ -191,8 +192,15 @@ def load_canonical_mesh(path: Path) -> Tensor:
     """The canonical mesh ``pca_mesh.py`` stored. -> [V, 3]"""
     if not path.is_file():
         raise MeshPcaError(f"canonical mesh not found at {path}; run `python pca_mesh.py CONFIG` first (stage 1)")
-    with np.load(path, allow_pickle=False) as data:
-        return torch.as_tensor(data["verts"], dtype=torch.float32)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            verts = np.asarray(data["verts"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise MeshPcaError(f"cannot read the canonical mesh {path} ({e}); rerun pca_mesh.py") from None
+    if verts.ndim != 2 or verts.shape[1] != 3:
+        raise MeshPcaError(f"canonical mesh {path} holds verts {verts.shape}, not [V, 3]; rerun pca_mesh.py")
+    check_finite(verts, "verts", f"canonical mesh {path}", MeshPcaError)
+    return torch.from_numpy(verts)
 
 
 def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
@@ -204,7 +212,7 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
     if obj["faces"].shape[0] != flame.faces.shape[0]:
         raise ObjFormatError(f"{resolve(cfg.actor.flame_uv)} has {obj['faces'].shape[0]} faces but the model "
                          f"{resolve(cfg.actor.flame_model)} has {flame.faces.shape[0]}: they must be the same mesh")
-    regions = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(resolve(cfg.actor.flame_masks)).items()}
+    regions = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
     r = cfg.regressor
     return GaussianAvatar(
         flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]),

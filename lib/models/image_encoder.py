@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lib.atomic import atomic_path
-from lib.errors import ProjectError
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport
-from lib.flame.safe_pickle import load_pickle
+from lib.errors import ProjectError
+from lib.flame.model import load_regions
 from lib.paths import resolve
 
 BOUND = 2.9  # sigma: the clamp of every signal value (METHOD.md, stage 4)
@@ -212,7 +212,7 @@ def encoder_features(cfg, export: VhapExport, data, timesteps: list[int]) -> Ten
     path = resolve(cfg.mapping.encoder)
     encoder = load_encoder(path, data.device)
     masks_path = resolve(cfg.actor.flame_masks)
-    regions = load_pickle(masks_path)
+    regions = load_regions(masks_path, data.verts_head.shape[1])
     if "face" not in regions:
         raise DatasetError(f"{masks_path} has no 'face' region (it has {sorted(regions)}); the encoder signal "
                            "crops to it: point actor.flame_masks at FLAME_masks.pkl")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lib.atomic import atomic_path
-from lib.errors import ProjectError
+from lib.errors import ProjectError, check_finite
 
 
 class MeshPcaError(ProjectError, ValueError):
@@ -95,4 +95,11 @@ class MeshPCA(torch.nn.Module):
                 arrays = {k: torch.as_tensor(data[k]) for k in ("mean", "components", "variances")}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise MeshPcaError(f"cannot read mesh PCA {path} ({e}); delete it and rerun pca_mesh.py") from None
-        return cls(arrays["mean"], arrays["components"], arrays["variances"])
+        mean, components, variances = arrays["mean"], arrays["components"], arrays["variances"]
+        if components.ndim != 2 or variances.shape != components.shape[:1] or mean.numel() != components.shape[1]:
+            raise MeshPcaError(f"mesh PCA {path} holds mean {tuple(mean.shape)}, components "
+                               f"{tuple(components.shape)}, variances {tuple(variances.shape)}, which do not fit "
+                               "together; delete it and rerun pca_mesh.py")
+        for name, value in arrays.items():
+            check_finite(value, name, f"mesh PCA {path}", MeshPcaError)
+        return cls(mean, components, variances)

@@ -5,14 +5,12 @@ is a plain dict of tensors and numbers (no pickled objects), so loading runs no 
 """
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
-from lib.atomic import save_torch
+from lib.atomic import load_torch, save_torch
 from lib.errors import ProjectError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -56,17 +54,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; train first (python train.py CONFIG)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        if "weights only load failed" in str(e).lower():
-            # torch's message suggests weights_only=False: never for a file that may come from elsewhere.
-            why = "it holds Python objects besides tensors and numbers, which this project never writes"
-        else:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a checkpoint of this project ({why}); delete it "
-            "to resume from the previous one, or retrain") from None
+    state = load_torch(path, CheckpointError, "delete it to resume from the previous checkpoint, or retrain",
+                       map_location)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} does not hold a training state (no 'model'/'step'); "
                               "delete it or point at a checkpoint written by train.py")

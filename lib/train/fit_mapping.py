@@ -43,8 +43,8 @@ from lib.models.mapping import (
     MappingNetwork, coefficient_loss, coefficient_parts, flame_signal, flatten_coefficients, relative_to_identity,
     split_coefficients, variance_weights,
 )
-from lib.models.mesh_pca import MeshPCA
 from lib.lock import locks_run_folder
+from lib.models.mesh_pca import MeshPCA
 from lib.paths import ActorPaths
 from lib.train import distributed
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into, save_checkpoint

@@ -27,11 +27,11 @@ from lib.errors import ProjectError
 from lib.eval.curve import plot_curve
 from lib.eval.render import render_gaussians, score_frames
 from lib.flame.model import FlameModel
+from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, build_avatar
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
-from lib.lock import locks_run_folder
 from lib.train.checkpoint import latest_checkpoint, load_checkpoint, load_into, save_checkpoint
 from lib.train.data import ActorData, draw_training_image
 from lib.train.losses import mouth_weight, photometric, regularisers

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.atomic import write_json
-from lib.cli import parse, run
+from lib.cli import parse
 from lib.config import ConfigError
 from lib.dataset.vhap import DatasetError
 from lib.train.checkpoint import CheckpointError, load_checkpoint
@@ -30,6 +30,8 @@ def test_overrides_work_before_or_after_an_option(argv):
 
 
 def test_a_project_error_is_one_line_and_exit_1(capsys):
+    from lib.cli import run
+
     def body():
         raise DatasetError("transforms_val.json, frame 3: fl_x = 0; re-export")
 
@@ -43,6 +45,8 @@ def test_a_project_error_is_one_line_and_exit_1(capsys):
 
 
 def test_a_config_error_goes_the_same_way_and_a_bug_keeps_its_traceback(capsys):
+    from lib.cli import run
+
     with pytest.raises(SystemExit) as exit_:
         run(lambda: parse("x", argv=["/nonexistent/config.yml"]), debug=False)
     assert exit_.value.code == 1 and "config file not found" in capsys.readouterr().err

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from lib.config import load_config
-from lib.lock import locked
 from lib.paths import REPO_ROOT, ActorPaths, resolve
 
 
@@ -170,6 +169,8 @@ def test_partial_checkpoints_of_a_killed_write_are_removed_on_the_next_start(run
 # ---------------------------------------------------------------- concurrency
 
 def test_a_second_training_of_one_run_folder_says_who_holds_it(run_config):
+    from lib.lock import locked
+
     config, overrides = run_config
     folder = ActorPaths(load_config(config, overrides)).regressor
     with locked(folder, "the regressor run folder"):
@@ -180,6 +181,8 @@ def test_a_second_training_of_one_run_folder_says_who_holds_it(run_config):
 
 
 def test_a_second_generation_of_one_synthetic_actor_stops_with_the_first_ones_pid(tmp_path, tiny_actor_config):
+    from lib.lock import locked
+
     data = tmp_path / "fresh_actor"
     overrides = [f"actor.data_dir={_rel(data)}"]
     with locked(data, "the synthetic dataset", data.parent / f".{data.name}.lock", clean=False):
