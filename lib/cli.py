@@ -58,7 +58,7 @@ def run(body: Callable[[], object], debug: bool | None = None) -> None:
         full = disk_full_error(e.filename or "a file", e) if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
         if full is None:
             raise
-        _fail(full, debug)
+        _fail(full, debug, e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -71,9 +71,12 @@ def main(description: str, body: Callable[[Config, argparse.Namespace], object],
     run(lambda: body(*parse(description, extra, source)))
 
 
-def _fail(error: BaseException, debug: bool) -> None:
+def _fail(error: BaseException, debug: bool, raised: BaseException | None = None) -> None:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()  # now, not at exit after our message: the error stays the last line
     if debug:
-        traceback.print_exception(error)
+        traceback.print_exception(raised or error)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
 

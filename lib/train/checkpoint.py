@@ -70,6 +70,7 @@ def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str 
     except (RuntimeError, ValueError, KeyError) as e:  # missing keys, shapes, parameter groups
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        detail = detail if len(detail) <= 240 else detail[:240] + " ..."
         raise CheckpointError(
             f"checkpoint {path} does not fit the {what} of this config ({detail}): it was written with other "
             "network settings or code. Use the config it was trained with, or train anew in another run "
