@@ -226,6 +226,7 @@ def _all_keys() -> list[str]:
 
 
 def _unknown(name: str, where: str) -> ConfigError:
+    name = str(name)
     close = difflib.get_close_matches(name, _all_keys() + list(SCHEMA), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known sections: {', '.join(SCHEMA)}"
     return ConfigError(f"unknown config key '{name}' in {where}{hint}")
@@ -329,7 +330,7 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, st
         raise ConfigError(f"{path}: '{e.key}' is written twice (lines {e.first} and {e.second}); a second "
                           "copy would silently replace the first: merge them into one") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(e)}") from None
     if data is None:
         raise ConfigError(f"{path} is empty; a config holds sections of keys (e.g. 'base: default.yml' and "
                           "'actor: {name: ...}'); to run with every default, name configs/default.yml")
@@ -337,6 +338,8 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, st
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     layers = []
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base = {base!r} must be the path of another config file (relative to this one)")
     if base is not None:
         layers += _read_layers(path.parent / base, seen + (path,))
     layers.append((data, str(path)))
@@ -354,7 +357,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         value = _load_yaml(raw) if raw != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({e})") from None
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_one_line(e)})") from None
     return section, key, value
 
 
@@ -370,6 +373,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         lines = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, got {key!r}",
+                                                        key_node.start_mark)
             line = key_node.start_mark.line + 1
             if key in lines:
                 raise _DuplicateKey(key, lines[key], line)
@@ -379,6 +385,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (line, column)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _as_float(value: Any) -> Any:

@@ -149,3 +149,17 @@ def test_a_mapping_run_that_would_not_train_is_refused():
 def test_every_shipped_config_passes_the_checks():
     for path in sorted((REPO_ROOT / "configs").glob("*.yml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: 5\n", "base = 5 must be the path of another config file"),
+    ("1: {a: 1}\n", "unknown config key '1'"),
+    ("? [a]\n: b\n", "a key must be a name, got \\['a'\\] at line 1"),
+    ("train: {lr: !!python/object/apply:os.system [echo]}\n", "could not determine a constructor .* at line 1"),
+    ("train:\n  lr: [\n", "is not valid YAML: .* at line 3, column 1$"),
+])
+def test_malformed_files_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "bad.yml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(tmp_path / "bad.yml")
+    assert "\n" not in str(err.value)
