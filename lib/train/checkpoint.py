@@ -5,13 +5,14 @@ is a plain dict of tensors and numbers (no pickled objects), so loading runs no 
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import torch
 
 from lib.atomic import load_torch, save_torch
-from lib.errors import ProjectError
+from lib.errors import ProjectError, check_finite
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -59,15 +60,25 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} does not hold a training state (no 'model'/'step'); "
                               "delete it or point at a checkpoint written by train.py")
+    step, elapsed = state["step"], state.get("elapsed", 0.0)
+    if not isinstance(state["model"], dict) or isinstance(step, bool) or not isinstance(step, int) or step < 0 \
+            or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) or elapsed < 0:
+        raise CheckpointError(f"checkpoint {path} holds a malformed training state (model {type(state['model']).__name__}, "
+                              f"step {step!r}, elapsed {elapsed!r}); delete it to resume from the previous one")
+    for name, value in state["model"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            check_finite(value, name, f"checkpoint {path}", CheckpointError)
     return state
 
 
 def load_into(module: torch.nn.Module, state: dict, path: str | Path, what: str = "model") -> None:
     """``module.load_state_dict(state)``; a checkpoint of another shape raises CheckpointError naming
     ``path`` (what: "model", "optimizer", ...) instead of torch's size-mismatch traceback."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no {what} state; delete it to resume from the previous one")
     try:
         module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:  # missing keys, shapes, parameter groups
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # missing keys, shapes, parameter groups
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         detail = detail if len(detail) <= 240 else detail[:240] + " ..."

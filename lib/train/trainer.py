@@ -92,8 +92,8 @@ def train(cfg, log=print) -> GaussianAvatar:
     if latest is not None:
         state = load_checkpoint(latest, map_location=device)
         load_into(avatar, state["model"], latest, "regressor")
-        load_into(opt, state["optimizer"], latest, "optimizer")
-        step, elapsed = int(state["step"]), float(state["elapsed"])
+        load_into(opt, state.get("optimizer"), latest, "optimizer")
+        step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resuming from {latest} (step {step})")
     if info.is_main:
         save_config(cfg, paths.regressor / "config.yml")

@@ -74,3 +74,24 @@ def test_a_checkpoint_holding_objects_is_refused_without_unsafe_advice(tmp_path)
     message = str(err.value)
     assert str(path) in message and "holds Python objects" in message
     assert "weights_only" not in message and "False" not in message
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"model": {}, "step": "ten"}, "malformed training state"),
+    ({"model": [], "step": 3}, "malformed training state"),
+    ({"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 3}, "'w' holds 1 non-finite"),
+])
+def test_a_malformed_checkpoint_is_refused_naming_it(tmp_path, state, message):
+    path = tmp_path / "step_00000003.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_by_load_into(tmp_path):
+    from lib.train.checkpoint import load_into
+
+    opt = torch.optim.Adam([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_into(opt, None, tmp_path / "step_00000003.pt", "optimizer")
