@@ -1,7 +1,7 @@
 """pca_viewer.py CONFIG [--serve] [section.key=value ...] — stage 3, inspecting GEM.
 
 Without --serve: sweeps of the first viewer.components components of every attribute from
--viewer.sigma to +viewer.sigma, as PNG strips and MP4 videos in experiments/<actor>/gem/sweeps/.
+-viewer.sigma to +viewer.sigma, as PNG strips and MP4 videos in experiments/<actor>/<run>/gem/sweeps/.
 With --serve: the interactive web viewer on http://viewer.host:viewer.port (a slider per
 component, orbit camera, playback of the fitted frames, export to PLY). Overrides may come before
 or after --serve.

@@ -5,7 +5,7 @@ the head from the newest checkpoint; writes PNGs, MP4s and metrics.json (PSNR fu
 the head mask, SSIM, L1, LPIPS when its weights are configured) into the run's eval/ folder.
 Mapping network: self-reenactment on the test split, predicted against ground-truth GEM coefficients
 (metrics.json); with SOURCE_CONFIG, cross-identity reenactment instead: that actor's motion drives
-this avatar (videos in experiments/<actor>/mapping/reenact/<source actor>/).
+this avatar (videos in experiments/<actor>/<run>/mapping/reenact/<source actor>/).
 """
 from lib.cli import main
 from lib.config import ConfigError

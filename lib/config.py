@@ -57,7 +57,7 @@ class Key:
 # fmt: off
 SCHEMA: dict[str, dict[str, Key]] = {
     "actor": {
-        "name": Key("synthetic_a", "actor name; its artifacts live in experiments/<name>/"),
+        "name": Key("synthetic_a", "actor name; its runs live in experiments/<name>/"),
         "data_dir": Key("data/synthetic/actor_a", "VHAP/GaussianAvatars export folder (holds transforms_*.json)", is_path=True),
         "flame_model": Key("data/synthetic/head/flame2023.pkl", "FLAME-format model pickle (real FLAME 2020/2023 or the synthetic one)", is_path=True),
         "flame_uv": Key("data/synthetic/head/head_template.obj", "OBJ with the model's UV layout (vt and f v/vt)", is_path=True),
@@ -67,6 +67,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "identity_timestep": Key(0, "timestep of the neutral reference ('identity') frame", ge=0),
         "identity_camera": Key(8, "camera of the neutral reference frame (the frontal camera)", ge=0),
         "experiments_dir": Key("experiments", "folder holding one artifact folder per actor", is_path=True),
+    },
+    "run": {
+        "name": Key("default", "name of this run of the actor: its artifacts live in experiments/<actor>/<run>/; another name trains an ablation beside it"),
     },
     "data": {
         "ds_rate": Key(1, "image downsampling factor applied when images are loaded (1 = full size)", ge=1),
@@ -112,6 +115,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "grad_clip": Key(5.0, "gradient-norm clip (0 = off)", ge=0),
         "random_background": Key(True, "render and composite the ground truth on a random colour (else data.background)"),
         "seed": Key(0, "seed of the weights and of the frame / background sampling", ge=0),
+        "resume": Key(True, "continue from the newest checkpoint of the run folder; false starts over and moves the old checkpoints aside (never deletes them)"),
         "device": Key("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda")),
         "threads": Key(0, "CPU threads per process; 0 = the machine's cores shared by the processes", ge=0),
         "bf16": Key(False, "bf16 autocast on the generator (CUDA only)"),
@@ -190,6 +194,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 # fmt: on
+
+
+# Keys a run may change and still resume from its checkpoints: how long, how often, where and on what
+# hardware it runs, not what it trains. Every other key a stage reads shapes its model
+# (lib.train.checkpoint.check_resume).
+RESUMABLE = frozenset({
+    "actor.experiments_dir", "data.cache_images", "train.iterations", "train.time_limit_minutes", "train.device",
+    "train.threads", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.nan_snapshot_every",
+    "train.log_every", "train.image_every", "train.curve_every_minutes", "train.curve_views", "mapping.iterations",
+    "mapping.time_limit_minutes",
+})
 
 
 class ConfigError(ProjectError, ValueError):
@@ -424,10 +439,10 @@ def _check_relations(values: dict[str, dict[str, Any]], source: str) -> None:
     def fail(message: str) -> None:
         raise ConfigError(f"{message} (resolved from {source})")
 
-    name = values["actor"]["name"]
-    if not name or name.startswith(".") or "/" in name or "\\" in name:
-        fail(f"actor.name = {name!r} names a folder under {values['actor']['experiments_dir']}/: use letters, "
-             "digits, '_', '-' or '.', not a path")
+    for key, name in (("actor.name", values["actor"]["name"]), ("run.name", values["run"]["name"])):
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            fail(f"{key} = {name!r} names a folder under {values['actor']['experiments_dir']}/: use letters, "
+                 "digits, '_', '-' or '.', not a path")
     r = values["regressor"]
     levels = math.log2(r["uv_size"] / 8)
     if levels != int(levels):

@@ -20,10 +20,12 @@ def resolve(path: str | Path) -> Path:
 
 
 class ActorPaths:
-    """The artifacts of one actor under ``experiments/<actor.name>/``."""
+    """The artifacts of one run of an actor under ``experiments/<actor.name>/<run.name>/``: runs of one
+    actor with other settings (ablations) live side by side."""
 
     def __init__(self, cfg):
-        self.root = Path(os.path.normpath(resolve(cfg.actor.experiments_dir) / cfg.actor.name))
+        self.actor = Path(os.path.normpath(resolve(cfg.actor.experiments_dir) / cfg.actor.name))
+        self.root = self.actor / cfg.run.name
 
     def stage_dir(self, stage: str) -> Path:
         """Folder of one stage's run (checkpoints, logs, resolved config)."""

@@ -19,7 +19,7 @@ from lib.dataset.vhap import VhapExport
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
 from lib.flame.synthetic import ensure_head_model
-from lib.paths import REPO_ROOT, resolve
+from lib.paths import REPO_ROOT, ActorPaths, resolve
 from lib.train.fit_mesh_pca import fit_mesh_pca
 
 
@@ -65,8 +65,7 @@ def tiny_actor_config(tmp_path_factory):
 @pytest.fixture
 def run_config(tiny_actor_config, tmp_path):
     """A fresh run of the tiny actor: stage 1 copied from the session's, its own run folder."""
-    cfg = load_config(tiny_actor_config)
-    src = resolve(cfg.actor.experiments_dir) / cfg.actor.name / "mesh_pca"
-    experiments = tmp_path / "experiments"
-    shutil.copytree(src, experiments / "tiny" / "mesh_pca")
-    return tiny_actor_config, [f"actor.experiments_dir={_rel(experiments)}"]
+    overrides = [f"actor.experiments_dir={_rel(tmp_path / 'experiments')}"]
+    shutil.copytree(ActorPaths(load_config(tiny_actor_config)).stage_dir("mesh_pca"),
+                    ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
+    return tiny_actor_config, overrides

@@ -11,7 +11,7 @@ white by GEM twice, with the same GEM pose:
                   (the best GEM can do; needs the stage-2 checkpoint)
 
 and both are scored against the images (PSNR full frame and inside the head mask, SSIM, L1). Written
-to ``experiments/<actor>/mapping/eval/``: metrics.json (means, per-frame rows and the coefficient L1
+to ``experiments/<actor>/<run>/mapping/eval/``: metrics.json (means, per-frame rows and the coefficient L1
 between the two), compare PNGs (predicted | GT coefficients | image) and test.mp4 of the same.
 
 The predicted coefficients of the GEM parts in ``mapping.hold_at_mean`` (the hair, as the method

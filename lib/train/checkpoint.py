@@ -2,16 +2,22 @@
 
 A run folder holds ``checkpoints/step_XXXXXXXX.pt``; the highest step is the latest. A checkpoint
 is a plain dict of tensors and numbers (no pickled objects), so loading runs no code from the file.
+It also holds the config values that shaped its model (``shaping_config``): a resume under another
+value of one of them is refused (``check_resume``), naming the keys, so a run is never continued
+by a config that did not train it.
 """
 from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lib.atomic import load_torch, save_torch
+from lib.config import RESUMABLE
 from lib.errors import ProjectError, check_finite
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -19,6 +25,46 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 class CheckpointError(ProjectError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and what to do."""
+
+
+def shaping_config(cfg, stage: str) -> dict[str, Any]:
+    """'section.key' -> value of every key that shapes the model of ``stage`` ("regressor", "mapping"):
+    the keys of the sections the stage and its upstream stages read, less ``lib.config.RESUMABLE``."""
+    from lib.stages import read_sections
+
+    values = cfg.to_dict()
+    return {f"{s}.{k}": v for s in read_sections(stage) for k, v in values[s].items()
+            if f"{s}.{k}" not in RESUMABLE}
+
+
+def check_resume(state: dict, cfg, stage: str, path: str | Path) -> None:
+    """Refuse to resume from checkpoint ``path`` when a key that shapes the model has another value now."""
+    recorded = state.get("shaping")
+    if not isinstance(recorded, dict):
+        return  # a checkpoint from before shaping records: nothing to compare
+    current = shaping_config(cfg, stage)
+    missing = object()
+    differ = [k for k in sorted(set(recorded) | set(current)) if recorded.get(k, missing) != current.get(k, missing)]
+    if differ:
+        shown = "; ".join(f"{k}: {recorded.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}" for k in differ[:8])
+        more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise CheckpointError(
+            f"{path} was trained with another config: {shown}{more}. These keys shape the model, so the run "
+            "cannot continue with them changed. Either give the new config its own run (run.name=NAME), or start "
+            "this run over with train.resume=false (the old checkpoints are moved aside, not deleted)")
+
+
+def set_aside(folder: str | Path) -> Path | None:
+    """Move a checkpoint folder out of the way (``checkpoints.before-YYYYmmdd-HHMMSS``) so that a run starts
+    over without deleting anything. -> the new name, or None when there was nothing to move"""
+    folder = Path(folder)
+    if not list_checkpoints(folder):
+        return None
+    target = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    while target.exists():
+        target = target.with_name(target.name + "x")
+    folder.rename(target)
+    return target
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""Stage 3: GEM of an actor, built from its trained regressor, into experiments/<actor>/gem/.
+"""Stage 3: GEM of an actor, built from its trained regressor, into experiments/<actor>/<run>/gem/.
 
 The regressor runs once per timestep of ``gem.splits`` (train + val: the val split shares the
 training timesteps, so these are the training expressions; the Gaussians do not depend on the

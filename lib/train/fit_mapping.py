@@ -1,5 +1,5 @@
 """Stage 4: training of the mapping network (a driving signal -> GEM coefficients), into
-experiments/<actor>/mapping/.
+experiments/<actor>/<run>/mapping/.
 
 Targets are the GEM's own coefficients of the training timesteps (stage 3 stores them: the projection
 of the regressor's Gaussians). One step counter runs through two phases:
@@ -47,12 +47,14 @@ from lib.lock import locks_run_folder
 from lib.models.mesh_pca import MeshPCA
 from lib.paths import ActorPaths
 from lib.train import distributed
-from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into, save_checkpoint
+from lib.train.checkpoint import (
+    CheckpointError, check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, shaping_config,
+)
 from lib.train.data import ActorData, draw_training_image
 from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
-from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar
+from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar, start_over
 
 # Warm-up steps between re-orthonormalisations of a fine-tuned basis: one costs about 40 ms on a CPU
 # core for the synthetic actor's GEM, and ten Adam steps at 1e-5 leave the rows orthonormal to about 2e-4.
@@ -111,7 +113,8 @@ def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, st
     """Write a mapping checkpoint (atomic; the train.keep_checkpoints newest kept); gem: a fine-tuned
     GEM, stored whole with its optimiser. -> its path"""
     state = {"model": net.state_dict(), "step": step, "elapsed": elapsed, "signal": cfg.mapping.signal,
-             "architecture": cfg.mapping.architecture, "n_signal": int(net.signal_scale.shape[0])}
+             "architecture": cfg.mapping.architecture, "n_signal": int(net.signal_scale.shape[0]),
+             "shaping": shaping_config(cfg, "mapping")}
     if opt is not None:
         state["optimizer"] = opt.state_dict()
     if gem is not None:
@@ -121,14 +124,17 @@ def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, st
     return save_checkpoint(state, ActorPaths(cfg).mapping_checkpoints, step, cfg.train.keep_checkpoints)
 
 
-def load_mapping(cfg, gem: GaussianEigenModel, device) -> tuple[MappingNetwork, dict]:
-    """The newest mapping checkpoint, in eval mode. -> (network, checkpoint state)"""
+def load_mapping(cfg, gem: GaussianEigenModel, device, resuming: bool = False) -> tuple[MappingNetwork, dict]:
+    """The newest mapping checkpoint, in eval mode; resuming: refuse it when a key that shapes the model
+    changed since (check_resume). -> (network, checkpoint state)"""
     folder = ActorPaths(cfg).mapping_checkpoints
     ckpt = latest_checkpoint(folder)
     if ckpt is None:
         raise CheckpointError(f"no mapping checkpoint in {folder}; train it first (python train.py CONFIG with "
                               "train.stage: mapping)")
     state = load_checkpoint(ckpt, map_location="cpu")
+    if resuming:
+        check_resume(state, cfg, "mapping", ckpt)
     for key in ("signal", "architecture"):
         trained = state.get(key, "parts" if key == "architecture" else None)
         if trained != getattr(cfg.mapping, key):
@@ -162,6 +168,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
         raise GemError(f"none of the train timesteps of {export.root} is in the GEM {paths.gem}; rebuild the "
                        "GEM (python pca_gauss.py CONFIG) for this actor")
     row = {t: i for i, t in enumerate(train_steps)}
+    start_over(cfg, paths.mapping_checkpoints, info, log)
     resuming = latest_checkpoint(paths.mapping_checkpoints) is not None
     if cfg.mapping.signal == "encoder" and not resuming and not info.is_main:
         distributed.barrier(info)  # wait for the PCA rank 0 fits, then read it
@@ -177,7 +184,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     weights = variance_weights(gem).to(device) if cfg.mapping.weighting == "variance" else None
     step, elapsed, state = 0, 0.0, None
     if resuming:
-        net, state = load_mapping(cfg, gem, device)
+        net, state = load_mapping(cfg, gem, device, resuming=True)
         gem = mapping_gem(state, gem, device)
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resumed from {state['path']} (step {step})")

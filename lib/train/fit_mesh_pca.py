@@ -1,4 +1,4 @@
-"""Stage 1: the mesh PCA of an actor and its canonical mesh, written into experiments/<actor>/mesh_pca/.
+"""Stage 1: the mesh PCA of an actor and its canonical mesh, written into experiments/<actor>/<run>/mesh_pca/.
 
 One head-space mesh per train + val timestep (the val split shares the training timesteps, seen
 from the frontal camera); the test sequence is held out.

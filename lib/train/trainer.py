@@ -32,7 +32,9 @@ from lib.models.avatar import GaussianAvatar, build_avatar
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
-from lib.train.checkpoint import latest_checkpoint, load_checkpoint, load_into, save_checkpoint
+from lib.train.checkpoint import (
+    check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, set_aside, shaping_config,
+)
 from lib.train.data import ActorData, draw_training_image
 from lib.train.losses import mouth_weight, photometric, regularisers
 from lib.train.schedule import lr_factor, progress
@@ -88,9 +90,11 @@ def train(cfg, log=print) -> GaussianAvatar:
     vgg = vgg.to(device) if vgg is not None else None
 
     step, elapsed = 0, 0.0
+    start_over(cfg, paths.regressor_checkpoints, info, log)
     latest = latest_checkpoint(paths.regressor_checkpoints)
     if latest is not None:
         state = load_checkpoint(latest, map_location=device)
+        check_resume(state, cfg, "regressor", latest)
         load_into(avatar, state["model"], latest, "regressor")
         load_into(opt, state.get("optimizer"), latest, "optimizer")
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
@@ -163,7 +167,8 @@ def train(cfg, log=print) -> GaussianAvatar:
         if step % cfg.train.checkpoint_every == 0 or done >= 1.0:
             if info.is_main:
                 save_checkpoint({"model": avatar.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                 "elapsed": elapsed}, paths.regressor_checkpoints, step, cfg.train.keep_checkpoints)
+                                 "elapsed": elapsed, "shaping": shaping_config(cfg, "regressor")},
+                                paths.regressor_checkpoints, step, cfg.train.keep_checkpoints)
             distributed.barrier(info)
     bar.close()
 
@@ -176,6 +181,16 @@ def train(cfg, log=print) -> GaussianAvatar:
         writer.close()
     distributed.teardown(info)
     return avatar
+
+
+def start_over(cfg, folder, info, log) -> None:
+    """With train.resume false, move the run's checkpoints aside (rank 0; the others wait) so it starts anew."""
+    if not cfg.train.resume:
+        if info.is_main:
+            moved = set_aside(folder)
+            if moved is not None:
+                log(f"train.resume is false: the previous checkpoints were moved to {moved}")
+        distributed.barrier(info)
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:

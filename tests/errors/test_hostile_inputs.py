@@ -44,9 +44,10 @@ def actor_copy(tiny_actor_config, tmp_path):
     cfg = load_config(tiny_actor_config)
     data = tmp_path / "actor"
     shutil.copytree(resolve(cfg.actor.data_dir), data)
-    experiments = tmp_path / "experiments"
-    shutil.copytree(ActorPaths(cfg).stage_dir("mesh_pca"), experiments / cfg.actor.name / "mesh_pca")
-    return tiny_actor_config, [f"actor.data_dir={_rel(data)}", f"actor.experiments_dir={_rel(experiments)}"]
+    overrides = [f"actor.data_dir={_rel(data)}", f"actor.experiments_dir={_rel(tmp_path / 'experiments')}"]
+    shutil.copytree(ActorPaths(cfg).stage_dir("mesh_pca"),
+                    ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
+    return tiny_actor_config, overrides
 
 
 def _edit_npz(path, **changes):
@@ -150,9 +151,24 @@ def test_an_empty_split_is_an_error_not_zero_frames(actor_copy):
 def test_resuming_with_another_network_shape_is_one_clear_line(run_config):
     config, overrides = run_config
     assert run_script("train.py", config, *overrides, "train.iterations=2").returncode == 0
+    paths = ActorPaths(load_config(config, overrides))
+    saved = (paths.regressor / "config.yml").read_text()
     result = run_script("train.py", config, *overrides, "train.iterations=4", "regressor.feature_channels=6")
-    folder = ActorPaths(load_config(config, overrides)).regressor_checkpoints
-    assert "does not fit the regressor" in assert_one_line_error(result, folder / "step_00000002.pt")
+    line = assert_one_line_error(result, paths.regressor_checkpoints / "step_00000002.pt")
+    assert "regressor.feature_channels: 4 -> 6" in line and "run.name" in line and "train.resume=false" in line
+    assert (paths.regressor / "config.yml").read_text() == saved  # the record of how it was trained stays
+
+
+def test_a_checkpoint_of_another_shape_without_a_config_record_is_refused_by_its_weights(run_config):
+    config, overrides = run_config
+    cfg = load_config(config, overrides)
+    assert run_script("train.py", config, *overrides, "train.iterations=2").returncode == 0
+    path = ActorPaths(cfg).regressor_checkpoints / "step_00000002.pt"
+    state = torch.load(path, weights_only=True)
+    del state["shaping"]  # as written before checkpoints recorded their config
+    torch.save(state, path)
+    result = run_script("train.py", config, *overrides, "train.iterations=4", "regressor.feature_channels=6")
+    assert "does not fit the regressor" in assert_one_line_error(result, path)
 
 
 def test_partial_checkpoints_of_a_killed_write_are_removed_on_the_next_start(run_config):
