@@ -85,14 +85,27 @@ def die_with_parent() -> None:
     """Under run.sh (``GEM_PARENT_PID``), ask Linux for SIGTERM when the parent dies, so a killed
     run.sh leaves no orphan stage running."""
     parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux") or str(os.getppid()) != parent:
-        return  # not run.sh's own child (e.g. a torchrun worker: torchrun ends those)
+    if not parent or not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    if str(os.getppid()) != parent:
+        if not _alive(int(parent)):  # run.sh was killed while this process started up
+            os.kill(os.getpid(), signal.SIGTERM)
+        return  # else not run.sh's own child (e.g. a torchrun worker: torchrun ends those)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
     if str(os.getppid()) != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def not_implemented(stage: str) -> None:

@@ -207,7 +207,8 @@ def test_a_second_generation_of_one_synthetic_actor_stops_with_the_first_ones_pi
     assert not data.exists() and not list(tmp_path.glob(".fresh_actor.partial*"))
 
 
-def test_killing_run_sh_ends_the_stage_it_was_running(tmp_path, tiny_actor_config):
+@pytest.mark.parametrize("moment", ["while the stage starts up", "while the stage writes"])
+def test_killing_run_sh_ends_the_stage_it_was_running(tmp_path, tiny_actor_config, moment):
     """run.sh is SIGKILLed while it generates a new actor: the generator ends too, leaving no partial folder."""
     import signal
     import time
@@ -229,7 +230,8 @@ def test_killing_run_sh_ends_the_stage_it_was_running(tmp_path, tiny_actor_confi
         out = subprocess.run(["pgrep", "-P", str(run_sh.pid), "-f", "synthetic_actor"], capture_output=True, text=True)
         generator = int(out.stdout.split()[0]) if out.stdout.strip() else None
     assert generator is not None, "run.sh never started the generator"
-    while not list(tmp_path.glob(".fresh_actor.partial-*")) and time.time() < deadline:
+    while moment == "while the stage writes" and not list(tmp_path.glob(".fresh_actor.partial-*")) \
+            and time.time() < deadline:
         time.sleep(0.2)
     run_sh.send_signal(signal.SIGKILL)
     run_sh.wait()
