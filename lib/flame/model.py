@@ -261,6 +261,9 @@ class FlameModel(torch.nn.Module):
 
 def load_regions(path: str | os.PathLike, n_verts: int | None = None) -> dict[str, np.ndarray]:
     """A FLAME_masks.pkl-style file: region name -> vertex indices [K] int64, each in [0, n_verts)."""
+    if not os.path.isfile(path):
+        raise FlameFormatError(f"FLAME region masks not found at {path} (actor.flame_masks): FLAME_masks.pkl comes "
+                               "with FLAME from its website; the synthetic head model writes its own")
     data = load_pickle(path)
     if not isinstance(data, dict) or not data:
         raise FlameFormatError(f"{path} holds a {type(data).__name__}, not a dict of region name -> vertex "

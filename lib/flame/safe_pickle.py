@@ -85,7 +85,7 @@ def load_pickle(path: str | os.PathLike) -> Any:
     UnsafePickleError when it names anything but numpy / scipy.sparse / chumpy.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FlameModelNotFound(missing_model_message(path))
     with path.open("rb") as f:
         try:

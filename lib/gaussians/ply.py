@@ -78,6 +78,8 @@ def write_ply(
 def read_ply(path: str | Path) -> Gaussians:
     """Read a 3DGS PLY file written by us or by the 3DGS family of tools (float32 CPU tensors)."""
     path = Path(path)
+    if not path.is_file():
+        raise PlyFormatError(f"{path}: no such file")
     with open(path, "rb") as f:
         names, dtypes, n = _read_header(f, path)
         dtype = np.dtype(list(zip(names, dtypes)))

@@ -90,6 +90,8 @@ def read_obj(path: str | Path) -> dict[str, np.ndarray | None]:
             raise fail(lineno, f"{kind} index {index} refers past the {count} {kind} records read so far")
         return resolved
 
+    if not path.is_file():
+        raise ObjFormatError(f"{path}: no such file (actor.flame_uv names the head model's template OBJ)")
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         for lineno, raw in enumerate(fh, start=1):
             parts = raw.split("#", 1)[0].split()

@@ -290,3 +290,13 @@ def test_a_full_disk_is_named_with_the_path_and_keeps_the_previous_checkpoint(tm
         run(lambda: pca.save(tmp_path / "mesh_pca.npz"), debug=False)
     assert "no space left on device while writing" in capsys.readouterr().err
     assert not (tmp_path / "mesh_pca.npz").exists()
+
+
+@pytest.mark.parametrize("key", ["actor.flame_model", "actor.flame_uv", "actor.flame_masks", "actor.data_dir"])
+@pytest.mark.parametrize("wrong", ["a folder", "another kind of file"])
+def test_a_path_key_naming_a_folder_or_the_wrong_file_is_one_line(run_config, key, wrong):
+    config, overrides = run_config
+    target = "configs" if wrong == "a folder" else "configs/default.yml"
+    if key == "actor.data_dir" and wrong == "a folder":
+        target = "lib"  # a folder, but no export
+    assert_one_line_error(run_script("train.py", config, *overrides, f"{key}={target}"), REPO_ROOT / target)
