@@ -3,19 +3,10 @@
 Runs the trained regressor over the train + val timesteps, fits one linear basis per Gaussian
 attribute in the head's space (gem.* keys: component counts, parts, fp16), prints reconstruction
 errors and file sizes, scores GEM against the regressor on val and test frames, and writes
-experiments/<actor>/gem/gem.pt and report.json.
+experiments/<actor>/<run>/gem/gem.pt and report.json.
 """
-import sys
-
-from lib.cli import parse
-from lib.models.gem import GemError
-from lib.models.mesh_pca import MeshPcaError
-from lib.train.checkpoint import CheckpointError
+from lib.cli import main
 from lib.train.fit_gem import fit_gem
 
 if __name__ == "__main__":
-    cfg, _ = parse(__doc__)
-    try:
-        fit_gem(cfg)
-    except (MeshPcaError, CheckpointError, GemError) as e:
-        sys.exit(f"error: {e}")
+    main(__doc__, lambda cfg, _: fit_gem(cfg))

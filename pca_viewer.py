@@ -1,17 +1,18 @@
 """pca_viewer.py CONFIG [--serve] [section.key=value ...] — stage 3, inspecting GEM.
 
 Without --serve: sweeps of the first viewer.components components of every attribute from
--viewer.sigma to +viewer.sigma, as PNG strips and MP4 videos in experiments/<actor>/gem/sweeps/.
+-viewer.sigma to +viewer.sigma, as PNG strips and MP4 videos in experiments/<actor>/<run>/gem/sweeps/.
 With --serve: the interactive web viewer on http://viewer.host:viewer.port (a slider per
-component, orbit camera, playback of the fitted frames, export to PLY).
+component, orbit camera, playback of the fitted frames, export to PLY). Overrides may come before
+or after --serve.
 """
 import math
-import sys
 
 import torch
 
-from lib.cli import parse
-from lib.models.gem import GaussianEigenModel, GemError
+from lib.cli import main
+from lib.lock import locked
+from lib.models.gem import GaussianEigenModel
 from lib.paths import ActorPaths
 from lib.train.distributed import evaluation_device
 from lib.viewer.sweeps import identity_view, write_sweeps
@@ -21,14 +22,9 @@ def options(parser):
     parser.add_argument("--serve", action="store_true", help="start the interactive web viewer")
 
 
-if __name__ == "__main__":
-    cfg, args = parse(__doc__, options)
+def view(cfg, args):
     paths, v = ActorPaths(cfg), cfg.viewer
-    device = evaluation_device(cfg.train.device, cfg.train.threads)
-    try:
-        model = GaussianEigenModel.load(paths.gem, device=device)
-    except GemError as e:
-        sys.exit(f"error: {e}")
+    model = GaussianEigenModel.load(paths.gem, device=evaluation_device(cfg.train.device, cfg.train.threads))
     camera, R, t = identity_view(cfg)
     if args.serve:
         from lib.viewer.web import serve
@@ -38,5 +34,10 @@ if __name__ == "__main__":
         serve(model, v.host, v.port, v.sliders, v.sigma, v.fps, paths.gem_exports, eye_gem.numpy(), fov)
     else:
         print(f"sweeps of {v.components} components per attribute -> {paths.gem_sweeps}")
-        write_sweeps(model, camera, R, t, paths.gem_sweeps, v.components, v.sigma, v.strip_steps,
-                     v.video_frames, v.fps, torch.tensor(cfg.data.background, dtype=torch.float32))
+        with locked(paths.gem_sweeps, "the sweeps folder"):
+            write_sweeps(model, camera, R, t, paths.gem_sweeps, v.components, v.sigma, v.strip_steps,
+                         v.video_frames, v.fps, torch.tensor(cfg.data.background, dtype=torch.float32))
+
+
+if __name__ == "__main__":
+    main(__doc__, view, options)

@@ -6,21 +6,19 @@ in the frame's camera and writes, next to the sequence's images/ folder:
   mouth_masks/<t>_<c>.png   lips and mouth interior, slightly dilated
 Frames whose masks exist are skipped. The rule is documented in lib/dataset/masks.py.
 """
-import sys
-
-from lib.cli import parse
+from lib.cli import main
 from lib.dataset.masks import render_masks
 from lib.dataset.vhap import VhapExport
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
+from lib.flame.model import FlameModel, load_regions
 from lib.paths import resolve
 
+
+def masks(cfg, _):
+    export = VhapExport(resolve(cfg.actor.data_dir), cache_images=False, n_shape=cfg.actor.n_shape,
+                        n_expr=cfg.actor.n_expr)
+    model = FlameModel.from_config(cfg)
+    render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]))
+
+
 if __name__ == "__main__":
-    cfg, _ = parse(__doc__.splitlines()[0])
-    try:
-        export = VhapExport(resolve(cfg.actor.data_dir), ds_rate=1, cache_images=False)
-        model = FlameModel.from_config(cfg)
-        masks = load_pickle(resolve(cfg.actor.flame_masks))
-        render_masks(export, model, masks)
-    except (ValueError, FileNotFoundError) as e:  # DatasetError and FlameFormatError among them
-        sys.exit(f"render_masks: {e}")
+    main(__doc__.splitlines()[0], masks)

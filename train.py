@@ -5,20 +5,9 @@
 
 Resumes from the newest checkpoint of the run folder when rerun.
 """
-import sys
-
-from lib.cli import parse
-from lib.dataset.vhap import DatasetError
-from lib.models.gem import GemError
-from lib.models.image_encoder import EncoderError
-from lib.models.mesh_pca import MeshPcaError
-from lib.train.checkpoint import CheckpointError
+from lib.cli import main
 from lib.train.fit_mapping import fit_mapping
 from lib.train.trainer import train
 
 if __name__ == "__main__":
-    cfg, _ = parse(__doc__)
-    try:
-        fit_mapping(cfg) if cfg.train.stage == "mapping" else train(cfg)
-    except (MeshPcaError, GemError, CheckpointError, DatasetError, EncoderError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    main(__doc__, lambda cfg, _: fit_mapping(cfg) if cfg.train.stage == "mapping" else train(cfg))

@@ -9,8 +9,11 @@ non-blank character is ``#`` is a comment. The SHA-256 is that of the ``.tar.gz`
 Safety, in order: the download goes to a temporary file and its SHA-256 is checked before the archive
 is opened; every member is then checked by ``check_members`` (no absolute paths, no ``..``, nothing
 outside ``ACTOR/``, no link pointing out of it, no device files); extraction goes to a temporary folder
-inside the experiments folder, which is renamed into place only once complete. A refused bundle leaves
-nothing behind. An installed actor folder holds ``.bundle.sha256``, the hash of the bundle it came from,
+inside the experiments folder, which is renamed into place only once complete. Unpacking stops at a
+size limit (``--max-gb``, default ``MAX_UNPACKED_GB``): the sizes the archive declares are checked
+before anything is written, and the bytes actually written while extracting. A refused bundle leaves
+nothing behind; the temp files of a killed run are removed by the next run (it holds
+``experiments/.bundles.lock`` meanwhile, so a second ``checkpoints.sh`` waits its turn with an error). An installed actor folder holds ``.bundle.sha256``, the hash of the bundle it came from,
 which is how a re-run knows it can skip it.
 """
 from __future__ import annotations
@@ -29,10 +32,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib.atomic import atomic_path, is_partial
+from lib.errors import ProjectError
+from lib.lock import LOCK_NAME, locked
 from lib.paths import EXPERIMENTS, REPO_ROOT
 
 MANIFEST = REPO_ROOT / "checkpoints.txt"
+MAX_UNPACKED_GB = 20.0  # a trained actor (checkpoints, GEM, videos) is a few GB at NeRSemble scale
+MAX_MEMBERS = 200_000
 STAMP = ".bundle.sha256"
+BUNDLES_LOCK = ".bundles.lock"
 DOWNLOAD_TIMEOUT_S = 60
 _ACTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -40,7 +49,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
-class BundleError(Exception):
+class BundleError(ProjectError):
     """A bundle that cannot be fetched, verified, unpacked or packed; the message says what to do."""
 
 
@@ -196,7 +205,38 @@ def _normalise_owner_and_mode(m: tarfile.TarInfo) -> None:
     m.mode = 0o755 if m.isdir() or m.mode & 0o111 else 0o644
 
 
-def _unpack(archive: Path, bundle: Bundle, root: Path, force: bool) -> None:
+def _check_size(members: list[tarfile.TarInfo], bundle: Bundle, root: Path, max_bytes: int) -> None:
+    """Refuse an archive whose declared content exceeds ``max_bytes`` or the free disk, before writing."""
+    declared = sum(m.size for m in members if m.isreg())
+    if len(members) > MAX_MEMBERS:
+        raise BundleError(f"bundle {bundle.actor} from {bundle.url} holds {len(members)} members (limit "
+                          f"{MAX_MEMBERS}); nothing was written — it is not a bundle of this project")
+    if declared > max_bytes:
+        raise BundleError(f"bundle {bundle.actor} from {bundle.url} would unpack to {declared / 1e9:.2f} GB, over "
+                          f"the limit of {max_bytes / 1e9:.2f} GB; nothing was written — if you trust it, raise the "
+                          "limit with --max-gb")
+    free = shutil.disk_usage(root).free
+    if declared > free:
+        raise BundleError(f"bundle {bundle.actor} needs {declared / 1e9:.2f} GB but {root} has {free / 1e9:.2f} GB "
+                          "free; nothing was written — free space and run again")
+
+
+def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], staging: Path, bundle: Bundle,
+             max_bytes: int) -> None:
+    """Extract member by member, counting the bytes actually written against ``max_bytes``."""
+    written = 0
+    for m in members:
+        _normalise_owner_and_mode(m)
+        tar.extract(m, staging, **_DATA_FILTER)
+        if m.isreg():
+            written += (staging / m.name).stat().st_size
+            if written > max_bytes:
+                raise BundleError(f"bundle {bundle.actor} from {bundle.url} wrote more than its limit of "
+                                  f"{max_bytes / 1e9:.2f} GB while unpacking (it declares less: the archive "
+                                  "lies about its sizes); nothing was kept")
+
+
+def _unpack(archive: Path, bundle: Bundle, root: Path, force: bool, max_bytes: int) -> None:
     """Extract into a temporary folder inside ``root``, then rename ``ACTOR/`` into place."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -206,11 +246,10 @@ def _unpack(archive: Path, bundle: Bundle, root: Path, force: bool) -> None:
             except BundleError as e:
                 raise BundleError(f"bundle {bundle.actor} from {bundle.url} refused: {e}; nothing was "
                                   "written — the bundle is unsafe, ask its publisher for a clean one") from e
+            _check_size(members, bundle, root, max_bytes)
             staging = Path(tempfile.mkdtemp(prefix=f".{bundle.actor}.", suffix=".unpack", dir=root))
             try:
-                for m in members:
-                    _normalise_owner_and_mode(m)
-                tar.extractall(staging, members=members, **_DATA_FILTER)
+                _extract(tar, members, staging, bundle, max_bytes)
                 unpacked = staging / bundle.actor
                 if not unpacked.is_dir():
                     raise BundleError(f"bundle {bundle.actor} from {bundle.url} holds no folder "
@@ -234,28 +273,43 @@ def _exists_error(dest: Path) -> BundleError:
                        "pass --force to replace it")
 
 
-def fetch(bundle: Bundle, root: Path = EXPERIMENTS, force: bool = False) -> bool:
+def fetch(bundle: Bundle, root: Path = EXPERIMENTS, force: bool = False,
+          max_gb: float = MAX_UNPACKED_GB) -> bool:
     """Install one bundle into ``root/ACTOR``; False when it is already installed (skipped).
 
     An existing ``root/ACTOR`` that did not come from this very bundle is left alone unless ``force``.
+    Unpacking stops at ``max_gb`` gigabytes (declared or written).
     """
     root = Path(root)
-    dest = root / bundle.actor
-    if dest.exists() and not force:
-        if is_installed(bundle, root):
-            return False
-        raise _exists_error(dest)
     root.mkdir(parents=True, exist_ok=True)
-    archive, actual = _download(bundle, root)
-    try:
-        if actual != bundle.sha256:
-            raise BundleError(f"bundle {bundle.actor} from {bundle.url} fails its checksum: expected sha256 "
-                              f"{bundle.sha256}, got {actual}; nothing was written — the download is corrupt "
-                              "or the manifest line is stale")
-        _unpack(archive, bundle, root, force)
-    finally:
-        archive.unlink()
+    with locked(root, "the experiments folder (bundles)", root / BUNDLES_LOCK, clean=False):
+        remove_leftovers(root)
+        dest = root / bundle.actor
+        if dest.exists() and not force:
+            if is_installed(bundle, root):
+                return False
+            raise _exists_error(dest)
+        archive, actual = _download(bundle, root)
+        try:
+            if actual != bundle.sha256:
+                raise BundleError(f"bundle {bundle.actor} from {bundle.url} fails its checksum: expected sha256 "
+                                  f"{bundle.sha256}, got {actual}; nothing was written — the download is corrupt "
+                                  "or the manifest line is stale")
+            _unpack(archive, bundle, root, force, int(max_gb * 1e9))
+        finally:
+            archive.unlink()
     return True
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Delete the temp downloads, unpack folders and partial packs of killed runs (call holding the
+    bundles lock). -> what was removed"""
+    removed = []
+    for path in Path(root).glob(".*"):
+        if path.name.endswith((".download", ".unpack", ".partial")):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # ---------------------------------------------------------------- pack
@@ -273,8 +327,8 @@ def _tree(folder: Path, arcname: str, top: bool) -> list[tuple[tarfile.TarInfo, 
     members = [(_info(arcname, tarfile.DIRTYPE, 0o755), None)]
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path, name = Path(entry.path), f"{arcname}/{entry.name}"
-        if top and entry.name == STAMP:
-            continue
+        if (top and entry.name == STAMP) or entry.name == LOCK_NAME or is_partial(path):
+            continue  # bookkeeping of this machine: an install stamp, locks, writes in progress
         if entry.is_symlink():
             members.append((_info(name, tarfile.SYMTYPE, 0o777, linkname=os.readlink(path)), None))
         elif entry.is_dir():
@@ -306,12 +360,9 @@ def pack(actor: str, root: Path = EXPERIMENTS, out: Path | None = None) -> tuple
         check_members([m for m, _ in members], actor)
     except BundleError as e:
         raise BundleError(f"cannot pack {src}: {e}; fix the folder first") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    tmp = Path(name)
-    try:
+    with locked(root, "the experiments folder (bundles)", root / BUNDLES_LOCK, clean=False), atomic_path(out) as tmp:
         # An empty gzip file name and mtime 0 keep the header independent of where and when we pack.
-        with os.fdopen(fd, "wb") as raw, \
+        with open(tmp, "wb") as raw, \
                 gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for info, path in members:
@@ -320,10 +371,6 @@ def pack(actor: str, root: Path = EXPERIMENTS, out: Path | None = None) -> tuple
                 else:
                     with open(path, "rb") as f:
                         tar.addfile(info, f)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out, _sha256_file(out)
 
 
@@ -341,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, metavar="PATH", default=MANIFEST, help="manifest file (default: checkpoints.txt)")
     parser.add_argument("--root", type=Path, metavar="DIR", default=EXPERIMENTS, help="experiments folder (default: experiments/)")
     parser.add_argument("--force", action="store_true", help="replace an existing actor folder")
+    parser.add_argument("--max-gb", type=float, default=MAX_UNPACKED_GB, metavar="GB",
+                        help=f"refuse a bundle that unpacks to more than this (default {MAX_UNPACKED_GB:g})")
     parser.add_argument("--pack", metavar="ACTOR", help="pack experiments/ACTOR into a bundle instead")
     parser.add_argument("--out", type=Path, metavar="PATH", help="with --pack: the archive (default: experiments/ACTOR.tar.gz)")
     parser.add_argument("--url-base", metavar="URL", help="with --pack: where the archive will be published; the printed "
@@ -370,10 +419,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{bundle.actor}: already installed from this bundle, skipped")
                 continue
             print(f"{bundle.actor}: downloading {bundle.url}", flush=True)
-            fetch(bundle, args.root, args.force)
+            fetch(bundle, args.root, args.force, args.max_gb)
             print(f"{bundle.actor}: verified and unpacked into {args.root / bundle.actor}")
         return 0
-    except BundleError as e:
+    except ProjectError as e:  # BundleError, LockHeld, DiskFullError
         print(f"checkpoints.sh: error: {e}", file=sys.stderr)
         return 1
 

@@ -15,14 +15,17 @@ EXPERIMENTS = REPO_ROOT / "experiments"
 def resolve(path: str | Path) -> Path:
     """A path from a config (relative to the repository root) as an absolute path."""
     path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
+    # normpath: '../x' from a config names the file as the user knows it (errors quote these paths)
+    return path if path.is_absolute() else Path(os.path.normpath(REPO_ROOT / path))
 
 
 class ActorPaths:
-    """The artifacts of one actor under ``experiments/<actor.name>/``."""
+    """The artifacts of one run of an actor under ``experiments/<actor.name>/<run.name>/``: runs of one
+    actor with other settings (ablations) live side by side."""
 
     def __init__(self, cfg):
-        self.root = Path(os.path.normpath(resolve(cfg.actor.experiments_dir) / cfg.actor.name))
+        self.actor = Path(os.path.normpath(resolve(cfg.actor.experiments_dir) / cfg.actor.name))
+        self.root = self.actor / cfg.run.name
 
     def stage_dir(self, stage: str) -> Path:
         """Folder of one stage's run (checkpoints, logs, resolved config)."""

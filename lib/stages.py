@@ -1,21 +1,23 @@
 """Which pipeline stages are finished: stamps that let run.sh skip a stage already done.
 
-A stage counts as done when both hold:
-  * its stamp ``experiments/<actor>/stages/<stage>.json`` holds the hash of the stage's resolved
-    config (and of the source actor's, for cross-identity reenactment), so an edited config file,
-    an edited base file or another override makes the stage run again;
+A stage counts as done when all hold:
+  * no stage upstream of it (``UPSTREAM``) ran in this invocation of run.sh (``GEM_STAGES_RAN``);
+  * its stamp ``experiments/<actor>/<run>/stages/<stage>.json`` holds the hash of the config sections the
+    stage depends on (``SECTIONS``: its own and its upstream stages'; and the source actor's, for
+    cross-identity reenactment), so an edit of one of those, in the file, a base file or an override,
+    makes the stage run again, and an edit of another section does not;
   * the outputs that prove the stage finished (``OUTPUTS``, paths from ``ActorPaths``) exist, and
     are the ones the stamp recorded (a newer checkpoint written by a manual run is a change).
 run.sh calls ``done`` before a stage and ``mark`` after it succeeded; a stage that failed leaves
 no stamp. The hash covers the resolved config rather than the literal command line, so
 ``configs/x.yml`` and ``./configs/x.yml`` are the same run while an edit inside a base file makes
 another; the stage's name stands for its script (run.sh's table). Code changes are not hashed:
-delete ``experiments/<actor>/stages/`` to run every stage again.
+delete ``experiments/<actor>/<run>/stages/`` to run every stage again.
 
 What a rerun does is the stage's own business: train.py resumes from the newest checkpoint, so
 a run whose training config changed needs its run folder removed to train from scratch.
-Which later stages a rerun invalidates is run.sh's business (each stage names its upstream).
 
+    GEM_STAGES_RAN="data masks" \
     python -m lib.stages done NAME CONFIG [SOURCE_CONFIG] [section.key=value ...]  # exit 0: done, else
                                                                                    # 1 and the reason
     python -m lib.stages mark NAME CONFIG [SOURCE_CONFIG] [section.key=value ...]  # after success
@@ -38,6 +40,7 @@ from typing import Callable
 
 from lib.atomic import write_json
 from lib.config import Config, load_config
+from lib.errors import ProjectError
 from lib.paths import REPO_ROOT, ActorPaths, resolve
 
 
@@ -68,7 +71,7 @@ def _latest_checkpoint(folder: Path) -> list[Path]:
 
 def _reenactment(cfg: Config, source: Config | None) -> list[Path]:
     if source is None:
-        raise ValueError("cross-identity reenactment needs a source actor's config (a second config file)")
+        raise StageError("cross-identity reenactment needs a source actor's config (a second config file)")
     return [ActorPaths(cfg).reenactment(source.actor.name) / "reenactment.json"]  # written last
 
 
@@ -88,7 +91,41 @@ OUTPUTS: dict[str, Callable[[Config, Config | None], list[Path]]] = {
 }
 
 
-class StageError(ValueError):
+# Stage -> the stages whose outputs it reads (run.sh's order respects this graph).
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "data": (), "source_data": (), "masks": ("data",), "mesh_pca": ("data",), "regressor": ("masks", "mesh_pca"),
+    "regressor_test": ("regressor",), "gem": ("regressor",), "sweeps": ("gem",), "mapping": ("gem",),
+    "self_reenactment": ("mapping",), "cross_reenactment": ("mapping", "source_data"),
+}
+# Stage -> the config sections its script reads itself. A stage's hash covers these and those of every
+# stage upstream of it, so an edit reruns the stages that read the edited section and everything
+# downstream of them, and nothing else (a viewer setting reruns the sweeps, not GEM).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("actor", "synthetic"), "source_data": ("actor", "synthetic"), "masks": ("actor",),
+    "mesh_pca": ("actor", "mesh_pca"), "regressor": ("data", "regressor", "train", "loss"),
+    "regressor_test": ("test",), "gem": ("gem", "test"), "sweeps": ("viewer",), "mapping": ("mapping", "train", "loss"),
+    "self_reenactment": ("test",), "cross_reenactment": ("test",),
+}
+SOURCE_SECTIONS = ("actor", "synthetic", "test")
+RAN_ENV = "GEM_STAGES_RAN"  # run.sh: the stages that ran in this invocation, separated by spaces  # what cross-identity reenactment reads of the source actor
+
+
+def ancestors(name: str) -> list[str]:
+    """Every stage upstream of ``name``, nearest first, each once."""
+    found: list[str] = []
+    for up in UPSTREAM[name]:
+        for stage in [up, *ancestors(up)]:
+            if stage not in found:
+                found.append(stage)
+    return found
+
+
+def read_sections(name: str) -> list[str]:
+    """The config sections stage ``name`` depends on: its own and its upstream stages', sorted."""
+    return sorted({s for stage in [name, *ancestors(name)] for s in SECTIONS[stage]})
+
+
+class StageError(ProjectError, ValueError):
     """A stage name or stage arguments that cannot be used as given."""
 
 
@@ -98,13 +135,16 @@ def _check_name(name: str) -> None:
 
 
 def stamp_path(name: str, cfg: Config, source: Config | None = None) -> Path:
-    """``experiments/<actor>/stages/<name>.json``; per source actor for a stage that has one."""
+    """``experiments/<actor>/<run>/stages/<name>.json``; per source actor for a stage that has one."""
     return ActorPaths(cfg).root / "stages" / (f"{name}.{source.actor.name}.json" if source else f"{name}.json")
 
 
 def config_hash(name: str, cfg: Config, source: Config | None = None) -> str:
-    """sha256 of the stage name and its resolved config(s), independent of key order."""
-    payload = {"stage": name, "config": cfg.to_dict(), "source": source.to_dict() if source else None}
+    """sha256 of the stage name and the resolved config sections it depends on (``read_sections``; of the
+    source actor: ``SOURCE_SECTIONS``), independent of key order."""
+    values, source_values = cfg.to_dict(), source.to_dict() if source else None
+    payload = {"stage": name, "config": {s: values[s] for s in read_sections(name)},
+               "source": {s: source_values[s] for s in SOURCE_SECTIONS} if source_values else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -115,12 +155,17 @@ def _shown(path: Path) -> str:
 
 
 def _present(path: Path) -> bool:
-    return any(path.iterdir()) if path.is_dir() else path.is_file()
+    """A file, or a folder holding a file or folder that is not hidden (a lock file proves nothing)."""
+    return any(not p.name.startswith(".") for p in path.iterdir()) if path.is_dir() else path.is_file()
 
 
-def why_not_done(name: str, cfg: Config, source: Config | None = None) -> str | None:
-    """None when stage ``name`` is done for this config; else the reason it has to run."""
+def why_not_done(name: str, cfg: Config, source: Config | None = None, ran: tuple[str, ...] = ()) -> str | None:
+    """None when stage ``name`` is done for this config; else the reason it has to run. ran: the stages
+    that ran in this invocation of run.sh (a stage downstream of one of them runs again)."""
     _check_name(name)
+    for up in ancestors(name):
+        if up in ran:
+            return f"upstream stage '{up}' ran"
     stamp = stamp_path(name, cfg, source)
     if not stamp.is_file():
         return "no record of a finished run"
@@ -203,8 +248,8 @@ def main(argv: list[str]) -> int:
         if action == "mark":
             mark(name, cfg, source)
             return 0
-        reason = why_not_done(name, cfg, source)
-    except (ValueError, OSError) as e:  # ConfigError, StageError and DatasetError among them
+        reason = why_not_done(name, cfg, source, tuple(os.environ.get(RAN_ENV, "").split()))
+    except (ProjectError, OSError) as e:
         print(f"stages: {e}", file=sys.stderr)
         return 1
     if reason is not None:

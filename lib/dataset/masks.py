@@ -41,8 +41,9 @@ from torch import Tensor
 from lib.atomic import write_bytes
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.vhap import Frame, VhapExport
-from lib.flame.model import FlameModel
+from lib.flame.model import FlameFormatError, FlameModel
 from lib.geometry.rasterize import rasterize_camera
+from lib.lock import locked, remove_partials
 
 ALPHA_DIR, MOUTH_DIR = "alpha_masks", "mouth_masks"
 MOUTH_DILATION = 0.01  # of the image height, at least one pixel
@@ -83,7 +84,7 @@ class MaskRegions:
     def from_masks(cls, faces: Tensor, n_verts: int, masks: dict) -> "MaskRegions":
         for name in ("neck", "lips"):
             if name not in masks:
-                raise ValueError(f"the FLAME masks file has no '{name}' region (it has {sorted(masks)}); "
+                raise FlameFormatError(f"the FLAME masks file has no '{name}' region (it has {sorted(masks)}); "
                                "use FLAME's FLAME_masks.pkl or the synthetic head's")
         mouth = region_faces(faces, masks["lips"])
         if "mouth" in masks:
@@ -153,9 +154,16 @@ def _write_atomic(path: Path, image: np.ndarray) -> None:
 def render_masks(export: VhapExport, model: FlameModel, masks: dict, log=print) -> dict:
     """Write the alpha and mouth masks of every frame of the export's three splits.
 
-    `export` should be read at ds_rate 1 (masks are written at the images' size). -> a summary
-    dict: frames, written, skipped, seconds, kept (mean alpha / mean fg over written frames)
+    `export` should be read at ds_rate 1 (masks are written at the images' size). One process at a
+    time per export (``.masks.lock`` in its folder); the partial masks of a killed run are removed
+    first. -> a summary dict: frames, written, skipped, seconds, kept (mean alpha / mean fg over
+    written frames)
     """
+    with locked(export.root, "the masks of the export", export.root / ".masks.lock", clean=False):
+        return _render_masks(export, model, masks, log)
+
+
+def _render_masks(export: VhapExport, model: FlameModel, masks: dict, log) -> dict:
     start = time.time()
     faces = model.faces
     regions = MaskRegions.from_masks(faces, model.v_template.shape[0], masks)
@@ -163,6 +171,10 @@ def render_masks(export: VhapExport, model: FlameModel, masks: dict, log=print) 
     for split in ("train", "val", "test"):
         for frame in export.split(split):
             frames.setdefault(frame.image_path, frame)
+    folders = {p.parent for image in frames for p in (mask_paths(image).alpha, mask_paths(image).mouth)}
+    for folder in folders:
+        if folder.is_dir():
+            remove_partials(folder)
     todo: dict[tuple, list[Frame]] = defaultdict(list)
     for frame in frames.values():
         paths = mask_paths(frame.image_path)

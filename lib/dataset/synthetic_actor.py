@@ -56,17 +56,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib.cli import parse
+from lib.cli import main
+from lib.config import ConfigError
 from lib.dataset.cameras import Camera, stack_cameras
+from lib.dataset.vhap import DatasetError
 from lib.dataset.synthetic_appearance import (
     Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
 )
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
+from lib.flame.model import FlameModel, load_regions
 from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
 from lib.geometry.obj_io import read_obj
 from lib.geometry.rasterize import rasterize_camera
 from lib.geometry.uv import vertex_normals
+from lib.lock import locked
 from lib.paths import resolve
 
 NERSEMBLE_HEIGHT, NERSEMBLE_WIDTH = 802, 550
@@ -103,17 +105,17 @@ class ActorSpec:
 
     def check(self) -> None:
         if len(self.sequences) < 2:
-            raise ValueError(f"synthetic.sequences = {list(self.sequences)}: need at least two (the last one "
+            raise ConfigError(f"synthetic.sequences = {list(self.sequences)}: need at least two (the last one "
                              "is held out as the test split)")
         if len(set(self.sequences)) != len(self.sequences):
-            raise ValueError(f"synthetic.sequences = {list(self.sequences)} repeats a name")
+            raise ConfigError(f"synthetic.sequences = {list(self.sequences)} repeats a name")
         if self.n_cameras <= FRONTAL_CAMERA:
-            raise ValueError(f"synthetic.n_cameras = {self.n_cameras}: camera {FRONTAL_CAMERA} is the frontal "
+            raise ConfigError(f"synthetic.n_cameras = {self.n_cameras}: camera {FRONTAL_CAMERA} is the frontal "
                              f"(validation) camera, as in NeRSemble; use at least {FRONTAL_CAMERA + 1}")
         if self.frames_per_sequence < 1:
-            raise ValueError(f"synthetic.frames_per_sequence = {self.frames_per_sequence}: must be >= 1")
+            raise ConfigError(f"synthetic.frames_per_sequence = {self.frames_per_sequence}: must be >= 1")
         if not 0.05 <= self.scale <= 2.0:
-            raise ValueError(f"synthetic.scale = {self.scale}: use a fraction of 802x550 between 0.05 and 2")
+            raise ConfigError(f"synthetic.scale = {self.scale}: use a fraction of 802x550 between 0.05 and 2")
 
 
 def image_size(scale: float) -> tuple[int, int]:
@@ -360,12 +362,12 @@ class HeadFiles:
         """-> (FlameModel, uvs [T, 2], faces_uv [F, 3], masks: region -> vertex indices)"""
         for key, path in vars(self).items():
             if not path.is_file():
-                raise FileNotFoundError(f"actor.{key} = {path} does not exist; the synthetic head model is "
+                raise ConfigError(f"actor.{key} = {path} does not exist; the synthetic head model is "
                                         "written to synthetic.head_dir: point actor.flame_model, flame_uv and "
                                         "flame_masks at its files")
         model = FlameModel.from_file(self.flame_model)
         obj = read_obj(self.flame_uv)
-        masks = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(self.flame_masks).items()}
+        masks = load_regions(self.flame_masks, model.v_template.shape[0])
         return model, torch.as_tensor(obj["uvs"], dtype=torch.float32), torch.as_tensor(obj["faces_uv"]).long(), masks
 
 
@@ -535,7 +537,7 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
         log(f"synthetic actor: {data_dir} exists, nothing to do")
         return data_dir
     if data_dir.exists():
-        raise FileExistsError(f"{data_dir} exists but holds no transforms_test.json: it is not a finished "
+        raise DatasetError(f"{data_dir} exists but holds no transforms_test.json: it is not a finished "
                               "synthetic dataset; delete it (or point actor.data_dir elsewhere) and rerun")
     start = time.time()
     model, uvs, faces_uv, masks = head.load()
@@ -603,21 +605,20 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
     return data_dir
 
 
-def main() -> int:
-    # A terminated run (kill, CI timeout) unwinds like Ctrl-C, so the temporary folder is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    cfg, _ = parse("Generate the synthetic head model and actor dataset when missing.")
+def generate(cfg) -> None:
+    """The synthetic head model and this actor's dataset, each made when missing, each under a lock:
+    a second generator of the same files stops with the first one's pid instead of writing beside it."""
     if not cfg.synthetic.enabled:
         print(f"synthetic actor: actor '{cfg.actor.name}' is not synthetic (synthetic.enabled is false), nothing to do")
-        return 0
-    ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed)
-    try:
-        generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"synthetic actor: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return
+    head_dir, data_dir = resolve(cfg.synthetic.head_dir), resolve(cfg.actor.data_dir)
+    with locked(head_dir, "the synthetic head model folder", head_dir.parent / f".{head_dir.name}.lock"):
+        ensure_head_model(head_dir, cfg.synthetic.head_seed)
+    with locked(data_dir, "the synthetic dataset", data_dir.parent / f".{data_dir.name}.lock", clean=False):
+        generate_actor(data_dir, HeadFiles.from_config(cfg), ActorSpec.from_config(cfg))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A terminated run (kill, CI timeout) unwinds like Ctrl-C, so the temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    main("Generate the synthetic head model and actor dataset when missing.", lambda cfg, _: generate(cfg))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lib.dataset.cameras import Camera
+from lib.errors import ProjectError, check_finite
 from lib.paths import resolve
 
 SPLITS = ("train", "val", "test")
@@ -56,7 +57,7 @@ _REEXPORT_HINT = ("re-export the sequence with VHAP's export_as_nerf_dataset.py 
                   "(or regenerate the synthetic actor)")
 
 
-class DatasetError(ValueError):
+class DatasetError(ProjectError, ValueError):
     """An export that cannot be read as written; the message names the file and what to do."""
 
 
@@ -80,8 +81,9 @@ def _describe(expected: tuple) -> str:
     return "(" + ", ".join("N" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
 
 
-def read_flame_params(path: str | Path) -> dict[str, Tensor | None]:
-    """One VHAP ``flame_param/*.npz`` (or ``canonical_flame_param.npz``) as float32 tensors.
+def read_flame_params(path: str | Path, n_shape: int = 0, n_expr: int = 0) -> dict[str, Tensor | None]:
+    """One VHAP ``flame_param/*.npz`` (or ``canonical_flame_param.npz``) as float32 tensors; it must hold
+    at least ``n_shape`` shape and ``n_expr`` expression values (what the model uses) and only finite ones.
 
     -> shape [1, S], expr [1, E], rotation / neck_pose / jaw_pose / translation [1, 3],
        eyes_pose [1, 6], static_offset [1, V, 3] or None. Other stored keys (e.g. dynamic_offset)
@@ -111,21 +113,27 @@ def read_flame_params(path: str | Path) -> dict[str, Tensor | None]:
         if not _shape_ok(value.shape, shape):
             raise DatasetError(f"{path}: '{key}' has shape {value.shape}, expected {_describe(shape)}; "
                                f"{_REEXPORT_HINT}")
+        check_finite(value, key, str(path), DatasetError)
         params[key] = torch.as_tensor(np.asarray(value, dtype=np.float32))
     params["shape"] = params["shape"][None]
+    for key, need, config_key in (("shape", n_shape, "actor.n_shape"), ("expr", n_expr, "actor.n_expr")):
+        if params[key].shape[-1] < need:
+            raise DatasetError(f"{path}: '{key}' holds {params[key].shape[-1]} values but {config_key} = {need}; "
+                               f"set {config_key}: {params[key].shape[-1]} (what the tracking used) or re-track")
     return params
 
 
-def stack_flame_params(paths: list, device=None) -> dict[str, Tensor | None]:
+def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int = 0) -> dict[str, Tensor | None]:
     """The FLAME parameters of several files as one batch (``read_flame_params`` keys, [T, ...])."""
-    params = [read_flame_params(p) for p in paths]
+    params = [read_flame_params(p, n_shape, n_expr) for p in paths]
     return {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
 
 
 class VhapExport:
     """A VHAP / GaussianAvatars export folder, read lazily (see the module docstring)."""
 
-    def __init__(self, root: str | Path, ds_rate: int = 1, cache_images: bool = True):
+    def __init__(self, root: str | Path, ds_rate: int = 1, cache_images: bool = True, n_shape: int = 0,
+                 n_expr: int = 0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}; point actor.data_dir at a VHAP "
@@ -135,6 +143,7 @@ class VhapExport:
             raise ValueError(f"ds_rate must be a positive integer, got {ds_rate!r}")
         self.ds_rate = int(ds_rate)
         self.cache_images = cache_images
+        self.n_shape, self.n_expr = n_shape, n_expr  # the fewest values a parameter file may hold
         self._splits: dict[str, list[Frame]] = {}
         # Decoded, resized uint8 arrays keyed by path: a quarter of the float32 memory.
         self._cache: dict[Path, np.ndarray] = {}
@@ -142,7 +151,8 @@ class VhapExport:
     @classmethod
     def from_config(cls, cfg) -> "VhapExport":
         """The export of ``cfg.actor.data_dir`` with the ``data`` section's loading options."""
-        return cls(resolve(cfg.actor.data_dir), ds_rate=cfg.data.ds_rate, cache_images=cfg.data.cache_images)
+        return cls(resolve(cfg.actor.data_dir), ds_rate=cfg.data.ds_rate, cache_images=cfg.data.cache_images,
+                   n_shape=cfg.actor.n_shape, n_expr=cfg.actor.n_expr)
 
     # ---- index ----
 
@@ -151,8 +161,22 @@ class VhapExport:
         if name not in SPLITS:
             raise ValueError(f"unknown split '{name}'; one of {SPLITS}")
         if name not in self._splits:
-            self._splits[name] = self._read_split(self.root / f"transforms_{name}.json")
+            path = self.root / f"transforms_{name}.json"
+            frames = self._read_split(path)
+            if not frames:
+                raise DatasetError(f"{path} lists no frames (an empty {name} split); re-export the sequence "
+                                   "with frames in every split")
+            self._splits[name] = frames
         return list(self._splits[name])
+
+    def camera_frames(self, split: str, camera_index: int, key: str = "test.camera") -> list[Frame]:
+        """The frames of ``split`` seen by one camera; none is an error naming the config ``key``."""
+        frames = [f for f in self.split(split) if f.camera_index == camera_index]
+        if not frames:
+            cameras = sorted({f.camera_index for f in self.split(split)})
+            raise DatasetError(f"{key} = {camera_index} is not a camera of the {split} split of {self.root} "
+                               f"(it has {cameras}); set {key} to one of them")
+        return frames
 
     def timesteps(self, split: str) -> list[tuple[int, Path]]:
         """Sorted unique timesteps of a split with their FLAME parameter file."""
@@ -191,12 +215,12 @@ class VhapExport:
     def load_flame(self, frame_or_path: Frame | str | Path) -> dict[str, Tensor | None]:
         """FLAME parameters of a frame, or of a file (relative paths are relative to the root)."""
         if isinstance(frame_or_path, Frame):
-            return read_flame_params(frame_or_path.flame_param_path)
-        return read_flame_params(self._resolve(self.root, str(frame_or_path)))
+            return read_flame_params(frame_or_path.flame_param_path, self.n_shape, self.n_expr)
+        return read_flame_params(self._resolve(self.root, str(frame_or_path)), self.n_shape, self.n_expr)
 
     def load_canonical_flame(self) -> dict[str, Tensor | None]:
         """``canonical_flame_param.npz``: the actor's shape and offsets, neutral expression, jaw open."""
-        return read_flame_params(self.root / "canonical_flame_param.npz")
+        return read_flame_params(self.root / "canonical_flame_param.npz", self.n_shape, self.n_expr)
 
     # ---- internals ----
 
@@ -221,9 +245,14 @@ class VhapExport:
 
     def _read_frame(self, json_path: Path, index: int, entry: dict, top: dict) -> Frame:
         where = f"{json_path}, frame {index}"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where} is a {type(entry).__name__}, not an object of frame fields; {_REEXPORT_HINT}")
         for key in FRAME_KEYS:
             if key not in entry:
                 raise DatasetError(f"{where} has no '{key}'; {_REEXPORT_HINT}")
+        for key in ("file_path", "flame_param_path") + (("fg_mask_path",) if entry.get("fg_mask_path") is not None else ()):
+            if not isinstance(entry[key], str) or not entry[key]:
+                raise DatasetError(f"{where}: '{key}' must be a relative path, got {entry[key]!r}; {_REEXPORT_HINT}")
         camera_fields = {}
         for key in CAMERA_KEYS:
             value = entry.get(key, top.get(key))
@@ -231,20 +260,41 @@ class VhapExport:
                 raise DatasetError(f"{where} has no '{key}' (neither in the frame nor at the top level); "
                                    f"{_REEXPORT_HINT}")
             camera_fields[key] = value
-        c2w = np.asarray(entry["transform_matrix"], dtype=np.float64)
+        try:
+            c2w = np.asarray(entry["transform_matrix"], dtype=np.float64)
+            numbers = {k: float(v) for k, v in camera_fields.items()}
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: transform_matrix and {', '.join(CAMERA_KEYS)} must be numbers; "
+                               f"{_REEXPORT_HINT}") from None
         if c2w.shape != (4, 4):
             raise DatasetError(f"{where}: transform_matrix has shape {c2w.shape}, expected 4x4; {_REEXPORT_HINT}")
+        bad = [k for k, v in numbers.items() if not np.isfinite(v)] + (["transform_matrix"] if not np.isfinite(c2w).all() else [])
+        if bad:
+            raise DatasetError(f"{where}: {', '.join(bad)} not finite (NaN or infinity); {_REEXPORT_HINT}")
+        bad = [f"{k} = {numbers[k]:g}" for k in ("fl_x", "fl_y", "w", "h") if numbers[k] <= 0]
+        if bad:
+            raise DatasetError(f"{where}: {', '.join(bad)}; focal lengths and image sizes must be positive; "
+                               f"{_REEXPORT_HINT}")
+        if any(numbers[k] != int(numbers[k]) for k in ("w", "h")):
+            raise DatasetError(f"{where}: w, h = {numbers['w']:g}, {numbers['h']:g} must be whole pixel counts; "
+                               f"{_REEXPORT_HINT}")
         R = c2w[:3, :3]
         if np.abs(R.T @ R - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0:
             raise DatasetError(f"{where}: transform_matrix is not a rotation + translation (camera-to-"
                                f"world); scaled or mirrored poses are not supported; {_REEXPORT_HINT}")
 
-        camera_index = int(entry["camera_index"])
-        camera = Camera.from_vhap_fields(c2w, camera_index=camera_index, **camera_fields).resized(self.ds_rate)
+        try:
+            camera_index, timestep_index = int(entry["camera_index"]), int(entry["timestep_index"])
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: camera_index and timestep_index must be integers; {_REEXPORT_HINT}") from None
+        try:
+            camera = Camera.from_vhap_fields(c2w, camera_index=camera_index, **numbers).resized(self.ds_rate)
+        except ValueError as e:  # e.g. a ds_rate that leaves no pixels
+            raise DatasetError(f"{where}: {e}") from None
         folder = json_path.parent
         mask = entry.get("fg_mask_path")
         return Frame(
-            timestep_index=int(entry["timestep_index"]),
+            timestep_index=timestep_index,
             camera_index=camera_index,
             image_path=self._resolve(folder, entry["file_path"]),
             mask_path=None if mask is None else self._resolve(folder, mask),

@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from lib.atomic import write_json
-from lib.dataset.vhap import VhapExport
+from lib.dataset.vhap import DatasetError, VhapExport
 from lib.eval.lpips import load_lpips
 from lib.eval.render import WHITE, render_frame, render_gaussians
 from lib.flame.model import FlameModel
 from lib.geometry.rotations import axis_angle_to_matrix
+from lib.lock import locks_run_folder
 from lib.models.avatar import load_regressor
 from lib.models.vgg import VggUnavailable
 from lib.paths import ActorPaths, resolve
@@ -88,6 +89,7 @@ def pick_frames(frames: list, count: int) -> list:
 
 
 @torch.no_grad()
+@locks_run_folder(lambda cfg: ActorPaths(cfg).regressor_eval, "the regressor evaluation folder")
 def evaluate(cfg, log=print) -> dict:
     """Render and score the latest regressor checkpoint of ``cfg``; returns what metrics.json holds."""
     paths = ActorPaths(cfg)
@@ -112,9 +114,7 @@ def evaluate(cfg, log=print) -> dict:
             results["spin"] = _spin(cfg, avatar, data, export, out)
             log(f"spin: {cfg.test.spin_views} views -> {out / 'spin.mp4'}")
             continue
-        frames = export.split(split)
-        if split == "test":
-            frames = [f for f in frames if f.camera_index == cfg.test.camera]
+        frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
         frames = pick_frames(frames, cfg.test.max_frames)
         rows, video = [], []
         for frame in frames:
@@ -142,7 +142,7 @@ def evaluate(cfg, log=print) -> dict:
 def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:
     cams = {c.camera_index: c for split in ("val", "train") for c in export.cameras(split)}
     if cfg.test.camera not in cams:
-        raise ValueError(f"test.camera = {cfg.test.camera} is not a camera of {export.root} (it has {sorted(cams)})")
+        raise DatasetError(f"test.camera = {cfg.test.camera} is not a camera of {export.root} (it has {sorted(cams)})")
     cam = cams[cfg.test.camera]
     timestep = cfg.actor.identity_timestep if cfg.actor.identity_timestep in data.timesteps else data.timesteps[0]
     g = avatar(*data.driving(timestep))

@@ -11,7 +11,7 @@ white by GEM twice, with the same GEM pose:
                   (the best GEM can do; needs the stage-2 checkpoint)
 
 and both are scored against the images (PSNR full frame and inside the head mask, SSIM, L1). Written
-to ``experiments/<actor>/mapping/eval/``: metrics.json (means, per-frame rows and the coefficient L1
+to ``experiments/<actor>/<run>/mapping/eval/``: metrics.json (means, per-frame rows and the coefficient L1
 between the two), compare PNGs (predicted | GT coefficients | image) and test.mp4 of the same.
 
 The predicted coefficients of the GEM parts in ``mapping.hold_at_mean`` (the hair, as the method
@@ -40,6 +40,7 @@ from lib.dataset.vhap import DatasetError, VhapExport
 from lib.eval.evaluate import pick_frames, to_uint8, write_png, write_video
 from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
+from lib.lock import locks_run_folder
 from lib.models.avatar import load_regressor
 from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
@@ -64,16 +65,14 @@ def _trained(cfg):
 
 
 @torch.no_grad()
+@locks_run_folder(lambda cfg: ActorPaths(cfg).mapping_eval, "the self-reenactment folder")
 def evaluate_mapping(cfg, log=print) -> dict:
     paths, device, gem, net, state, flame = _trained(cfg)
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, device)
     avatar, regressor = load_regressor(cfg, paths, flame, device)
 
-    frames = [f for f in export.split("test") if f.camera_index == cfg.test.camera]
-    if not frames:
-        raise DatasetError(f"the test split of {export.root} has no frame of camera test.camera = {cfg.test.camera}")
-    frames = pick_frames(frames, cfg.test.max_frames)
+    frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
     head, R, t = gem_space_frames(avatar, data, steps)
     gt_coeffs = gem.project(GaussianSet(*(x.to(device) for x in head)))
@@ -128,6 +127,7 @@ def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> tuple[torch.
 
 
 @torch.no_grad()
+@locks_run_folder(lambda cfg: ActorPaths(cfg).mapping / "reenact", "the reenactment folder")
 def reenact(cfg, source_cfg, log=print) -> dict:
     """Cross-identity reenactment of the avatar of ``cfg`` by the actor of ``source_cfg`` (module docstring)."""
     paths, device, gem, net, state, flame = _trained(cfg)
@@ -136,11 +136,8 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     src_flame = FlameModel.from_config(source_cfg).to(device)
     src_data = ActorData(source, src_flame, device)
 
-    frames = [f for f in source.split("test") if f.camera_index == source_cfg.test.camera]
-    if not frames:
-        raise DatasetError(f"the test split of {source.root} has no frame of camera test.camera = "
-                           f"{source_cfg.test.camera} (the source's config)")
-    frames = pick_frames(frames, cfg.test.max_frames)
+    frames = pick_frames(source.camera_frames("test", source_cfg.test.camera, "test.camera of the source's config"),
+                         cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
     signal = driving_signals(cfg, source, steps, src_data, source_cfg=source_cfg).to(device)
     flat, held = _held(cfg, gem, net(signal), log)

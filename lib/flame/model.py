@@ -24,6 +24,7 @@ import scipy.sparse
 import torch
 from torch import Tensor
 
+from lib.errors import ProjectError, check_finite
 from lib.flame.lbs import blend_shapes, lbs
 from lib.flame.safe_pickle import load_pickle
 from lib.paths import resolve
@@ -35,7 +36,7 @@ _REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "we
                   "kintree_table")
 
 
-class FlameFormatError(ValueError):
+class FlameFormatError(ProjectError, ValueError):
     """A FLAME-format model file lacks a key or holds an array of the wrong shape."""
 
 
@@ -86,14 +87,14 @@ class FlameModel(torch.nn.Module):
     def from_file(
         cls,
         path: str | os.PathLike,
-        n_shape: int = 300,
-        n_expr: int = 100,
+        n_shape: int | None = None,
+        n_expr: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> "FlameModel":
         """Load a FLAME-format pickle (safely, see safe_pickle).
 
-        n_shape / n_expr are truncated to what the file holds: min(S, 300) shape
-        columns and max(S - 300, 0) expression columns.
+        n_shape / n_expr: None takes all the file holds (min(S, 300) shape columns and
+        max(S - 300, 0) expression columns); asking for more than that is an error.
         """
         return cls.from_dict(load_pickle(path), n_shape, n_expr, dtype, source=str(path))
 
@@ -106,8 +107,8 @@ class FlameModel(torch.nn.Module):
     def from_dict(
         cls,
         data: dict,
-        n_shape: int = 300,
-        n_expr: int = 100,
+        n_shape: int | None = None,
+        n_expr: int | None = None,
         dtype: torch.dtype = torch.float32,
         source: str = "FLAME model",
     ) -> "FlameModel":
@@ -122,8 +123,8 @@ class FlameModel(torch.nn.Module):
                     f"{source} has no '{key}' (it holds {sorted(map(str, data))}); it is not "
                     f"a FLAME-format model, which needs {', '.join(_REQUIRED_KEYS)}."
                 )
-        if n_shape < 0 or n_expr < 0:
-            raise ValueError(f"n_shape and n_expr must be >= 0, got {n_shape}, {n_expr}")
+        if (n_shape is not None and n_shape < 0) or (n_expr is not None and n_expr < 0):
+            raise FlameFormatError(f"n_shape and n_expr must be >= 0, got {n_shape}, {n_expr}")
 
         n_joints = len(JOINT_NAMES)
         v_template = _array(data, "v_template", source)
@@ -154,9 +155,23 @@ class FlameModel(torch.nn.Module):
                 f"with joints listed in order ({', '.join(JOINT_NAMES)})."
             )
 
+        for key, array in (("v_template", v_template), ("shapedirs", shapedirs), ("posedirs", posedirs),
+                           ("J_regressor", regressor), ("weights", weights)):
+            check_finite(array, key, source, FlameFormatError)
+        if faces.size and (faces.min() < 0 or faces.max() >= n_verts):
+            raise FlameFormatError(f"{source}: 'f' indexes vertices outside [0, {n_verts}); the file is damaged.")
+
         n_columns = shapedirs.shape[-1]
-        n_shape = min(n_shape, min(n_columns, SHAPE_COLUMNS))
-        n_expr = min(n_expr, max(n_columns - SHAPE_COLUMNS, 0))
+        held = {"shape": min(n_columns, SHAPE_COLUMNS), "expression": max(n_columns - SHAPE_COLUMNS, 0)}
+        for kind, asked, key in (("shape", n_shape, "actor.n_shape"), ("expression", n_expr, "actor.n_expr")):
+            if asked is not None and asked > held[kind]:
+                raise FlameFormatError(
+                    f"{source} holds {held[kind]} {kind} columns (shapedirs has {n_columns}: shape 0-299, "
+                    f"expression from 300 on) but {asked} are asked for ({key}); tracked {kind} values beyond "
+                    f"the model's columns would be dropped without a word. Use the FLAME model the tracking "
+                    f"used, or set {key}: {held[kind]} to drop them knowingly.")
+        n_shape = held["shape"] if n_shape is None else n_shape
+        n_expr = held["expression"] if n_expr is None else n_expr
         dirs = np.concatenate(
             [shapedirs[..., :n_shape], shapedirs[..., SHAPE_COLUMNS:SHAPE_COLUMNS + n_expr]],
             axis=-1,
@@ -242,6 +257,28 @@ class FlameModel(torch.nn.Module):
                 f"({name}[None])."
             )
         return value.to(dtype).expand(batch, width)
+
+
+def load_regions(path: str | os.PathLike, n_verts: int | None = None) -> dict[str, np.ndarray]:
+    """A FLAME_masks.pkl-style file: region name -> vertex indices [K] int64, each in [0, n_verts)."""
+    if not os.path.isfile(path):
+        raise FlameFormatError(f"FLAME region masks not found at {path} (actor.flame_masks): FLAME_masks.pkl comes "
+                               "with FLAME from its website; the synthetic head model writes its own")
+    data = load_pickle(path)
+    if not isinstance(data, dict) or not data:
+        raise FlameFormatError(f"{path} holds a {type(data).__name__}, not a dict of region name -> vertex "
+                               "indices (FLAME_masks.pkl)")
+    regions = {}
+    for name, indices in data.items():
+        values = np.asarray(indices)
+        if not isinstance(name, str) or values.ndim != 1 or values.dtype.kind not in "iu":
+            raise FlameFormatError(f"{path}: region {name!r} is not a name with a 1-D array of vertex indices "
+                                   f"(got {values.dtype} {values.shape})")
+        if values.size and (values.min() < 0 or (n_verts is not None and values.max() >= n_verts)):
+            raise FlameFormatError(f"{path}: region '{name}' indexes vertices outside [0, {n_verts}); the masks "
+                                   "belong to another head model")
+        regions[name] = values.astype(np.int64)
+    return regions
 
 
 def _array(data: dict, key: str, source: str) -> np.ndarray:

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
+from lib.errors import ProjectError
+
 try:
     from numpy._core import multiarray as _multiarray
     from numpy._core import numeric as _numeric
@@ -37,8 +39,16 @@ except ImportError:  # numpy < 1.26 has no numpy._core
 FLAME_WEBSITE = "https://flame.is.tue.mpg.de"
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(ProjectError, pickle.UnpicklingError):
     """The file names a class or function that no FLAME model pickle holds."""
+
+
+class FlamePickleError(ProjectError, pickle.UnpicklingError):
+    """A file that cannot be read as a FLAME-format pickle (truncated, damaged, another format)."""
+
+
+class FlameModelNotFound(ProjectError, FileNotFoundError):
+    """No FLAME-format model file at the configured path."""
 
 
 class ChumpyExpression:
@@ -75,15 +85,15 @@ def load_pickle(path: str | os.PathLike) -> Any:
     UnsafePickleError when it names anything but numpy / scipy.sparse / chumpy.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(missing_model_message(path))
+    if not path.is_file():
+        raise FlameModelNotFound(missing_model_message(path))
     with path.open("rb") as f:
         try:
             raw = _RestrictedUnpickler(f, path).load()
         except UnsafePickleError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-            raise pickle.UnpicklingError(
+            raise FlamePickleError(
                 f"{path} could not be read as a FLAME model pickle ({err}); the file is "
                 f"damaged or not a FLAME model — download it again from {FLAME_WEBSITE}."
             ) from err
@@ -219,7 +229,7 @@ class _Resolver:
                 return cls((state["data"], (row, col)), shape=shape)
             return cls((state["data"], state["indices"], state["indptr"]), shape=shape)
         except (KeyError, ValueError, TypeError) as err:
-            raise ValueError(
+            raise FlamePickleError(
                 f"{self.path}: its scipy.sparse {node.sparse_class} is incomplete or "
                 f"malformed ({err!r}); the file is damaged — download it again from "
                 f"{FLAME_WEBSITE}."

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from lib.atomic import write_bytes
+from lib.errors import ProjectError
 from lib.gaussians.gaussians import Gaussians
+
+
+class PlyFormatError(ProjectError, ValueError):
+    """A PLY file this reader cannot take; the message names the file."""
+
 
 SH_C0 = 0.28209479177387814
 
@@ -72,24 +78,26 @@ def write_ply(
 def read_ply(path: str | Path) -> Gaussians:
     """Read a 3DGS PLY file written by us or by the 3DGS family of tools (float32 CPU tensors)."""
     path = Path(path)
+    if not path.is_file():
+        raise PlyFormatError(f"{path}: no such file")
     with open(path, "rb") as f:
         names, dtypes, n = _read_header(f, path)
         dtype = np.dtype(list(zip(names, dtypes)))
         data = f.read(n * dtype.itemsize)
     if len(data) < n * dtype.itemsize:
         need = n * dtype.itemsize
-        raise ValueError(f"{path}: truncated, {len(data)} bytes of vertex data where {n} vertices need {need}")
+        raise PlyFormatError(f"{path}: truncated, {len(data)} bytes of vertex data where {n} vertices need {need}")
     vertices = np.frombuffer(data, dtype=dtype, count=n)
 
     required = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
     required += [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
     missing = [name for name in required if name not in names]
     if missing:
-        raise ValueError(f"{path}: not a 3D Gaussian Splatting PLY, missing properties {missing}")
+        raise PlyFormatError(f"{path}: not a 3D Gaussian Splatting PLY, missing properties {missing}")
     n_rest = sum(name.startswith("f_rest_") for name in names)
     n_coeffs = 1 + n_rest // 3
     if n_rest % 3 or round(n_coeffs**0.5) ** 2 != n_coeffs or any(f"f_rest_{i}" not in names for i in range(n_rest)):
-        raise ValueError(f"{path}: {n_rest} f_rest_* properties do not form SH bands (3 ((d+1)^2 - 1) expected)")
+        raise PlyFormatError(f"{path}: {n_rest} f_rest_* properties do not form SH bands (3 ((d+1)^2 - 1) expected)")
 
     def column(*keys: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([vertices[k].astype(np.float64) for k in keys], -1))
@@ -112,30 +120,30 @@ def read_ply(path: str | Path) -> Gaussians:
 def _read_header(f, path: Path) -> tuple[list[str], list[str], int]:
     """-> property names, numpy dtypes and count of the vertex element (which must come first)."""
     if f.readline().strip() != b"ply":
-        raise ValueError(f"{path}: not a PLY file (no 'ply' magic line)")
+        raise PlyFormatError(f"{path}: not a PLY file (no 'ply' magic line)")
     names, dtypes, n, element = [], [], None, None
     while True:
         line = f.readline()
         if not line:
-            raise ValueError(f"{path}: PLY header has no end_header line")
+            raise PlyFormatError(f"{path}: PLY header has no end_header line")
         words = line.decode("ascii", errors="replace").split()
         if not words or words[0] in ("comment", "obj_info"):
             continue
         if words[0] == "end_header":
             break
         if words[0] == "format" and words[1:2] != ["binary_little_endian"]:
-            raise ValueError(f"{path}: PLY format '{' '.join(words[1:])}' is not supported, only binary_little_endian")
+            raise PlyFormatError(f"{path}: PLY format '{' '.join(words[1:])}' is not supported, only binary_little_endian")
         if words[0] == "element":
             element = words[1]
             if n is None and element != "vertex":
-                raise ValueError(f"{path}: the first PLY element is '{element}', expected 'vertex'")
+                raise PlyFormatError(f"{path}: the first PLY element is '{element}', expected 'vertex'")
             if element == "vertex":
                 n = int(words[2])
         if words[0] == "property" and element == "vertex":
             if words[1] == "list" or words[1] not in _PLY_TYPES:
-                raise ValueError(f"{path}: unsupported vertex property type in '{line.decode().strip()}'")
+                raise PlyFormatError(f"{path}: unsupported vertex property type in '{line.decode().strip()}'")
             dtypes.append(_PLY_TYPES[words[1]])
             names.append(words[2])
     if n is None:
-        raise ValueError(f"{path}: PLY file has no vertex element")
+        raise PlyFormatError(f"{path}: PLY file has no vertex element")
     return names, dtypes, n

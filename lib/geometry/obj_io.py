@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-class ObjFormatError(ValueError):
+from lib.errors import ProjectError
+
+class ObjFormatError(ProjectError, ValueError):
     """An OBJ file this reader cannot take; the message names the file and the line."""
 
 
@@ -88,6 +90,8 @@ def read_obj(path: str | Path) -> dict[str, np.ndarray | None]:
             raise fail(lineno, f"{kind} index {index} refers past the {count} {kind} records read so far")
         return resolved
 
+    if not path.is_file():
+        raise ObjFormatError(f"{path}: no such file (actor.flame_uv names the head model's template OBJ)")
     with path.open("r", encoding="utf-8", errors="replace") as fh:
         for lineno, raw in enumerate(fh, start=1):
             parts = raw.split("#", 1)[0].split()
@@ -128,6 +132,9 @@ def read_obj(path: str | Path) -> dict[str, np.ndarray | None]:
                         faces_uv.append([corner_t[0], corner_t[i], corner_t[i + 1]])
     if not verts:
         raise ObjFormatError(f"{path}: no vertices (is this an OBJ file?)")
+    for kind, values in (("vertex", verts), ("texture", uvs)):
+        if values and not np.isfinite(np.asarray(values)).all():
+            raise ObjFormatError(f"{path}: {kind} coordinates hold NaN or infinity; the file is damaged")
     return {
         "verts": np.asarray(verts, dtype=np.float64).reshape(-1, 3),
         "faces": np.asarray(faces, dtype=np.int64).reshape(-1, 3),

@@ -23,6 +23,7 @@ Gaussian (the ground-truth masks exclude neck and torso). Conventions: metres, q
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +31,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
+from lib.config import ConfigError
+from lib.errors import check_finite
+from lib.flame.model import FlameModel, load_regions
 from lib.geometry import uv
-from lib.geometry.obj_io import read_obj
+from lib.geometry.obj_io import ObjFormatError, read_obj
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
 from lib.models.mesh_pca import MeshPCA, MeshPcaError
 from lib.models.texture_unet import ColourHead, TextureUNet
 from lib.paths import resolve
-from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into
 
 GEOMETRY_CHANNELS = 11  # Δposition 3, Δrotation 4, Δscale 3, Δopacity 1
 # The network's position output is in centimetres: an output unit of 1 m would let one Adam step of
@@ -107,7 +109,7 @@ class GaussianAvatar(nn.Module):
         keep = torch.ones(full.n, dtype=torch.bool)
         for name in removed_regions:
             if name not in texel_region:
-                raise ValueError(f"region '{name}' not in the FLAME masks (it has {sorted(texel_region)}); "
+                raise ConfigError(f"region '{name}' not in the FLAME masks (it has {sorted(texel_region)}); "
                                  "check regressor.removed_regions")
             keep &= ~texel_region[name]
         tm = full.subset(keep)
@@ -190,20 +192,27 @@ def load_canonical_mesh(path: Path) -> Tensor:
     """The canonical mesh ``pca_mesh.py`` stored. -> [V, 3]"""
     if not path.is_file():
         raise MeshPcaError(f"canonical mesh not found at {path}; run `python pca_mesh.py CONFIG` first (stage 1)")
-    with np.load(path, allow_pickle=False) as data:
-        return torch.as_tensor(data["verts"], dtype=torch.float32)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            verts = np.asarray(data["verts"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise MeshPcaError(f"cannot read the canonical mesh {path} ({e}); rerun pca_mesh.py") from None
+    if verts.ndim != 2 or verts.shape[1] != 3:
+        raise MeshPcaError(f"canonical mesh {path} holds verts {verts.shape}, not [V, 3]; rerun pca_mesh.py")
+    check_finite(verts, "verts", f"canonical mesh {path}", MeshPcaError)
+    return torch.from_numpy(verts)
 
 
 def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
     """The avatar of a config: UV layout and masks of the head model, stage 1's PCA and canonical mesh."""
     obj = read_obj(resolve(cfg.actor.flame_uv))
     if obj["faces_uv"] is None:
-        raise ValueError(f"{resolve(cfg.actor.flame_uv)} has no UV layout (no vt indices in its faces); "
+        raise ObjFormatError(f"{resolve(cfg.actor.flame_uv)} has no UV layout (no vt indices in its faces); "
                          "actor.flame_uv must be the model's template OBJ with texture coordinates")
     if obj["faces"].shape[0] != flame.faces.shape[0]:
-        raise ValueError(f"{resolve(cfg.actor.flame_uv)} has {obj['faces'].shape[0]} faces but the model "
+        raise ObjFormatError(f"{resolve(cfg.actor.flame_uv)} has {obj['faces'].shape[0]} faces but the model "
                          f"{resolve(cfg.actor.flame_model)} has {flame.faces.shape[0]}: they must be the same mesh")
-    regions = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(resolve(cfg.actor.flame_masks)).items()}
+    regions = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
     r = cfg.regressor
     return GaussianAvatar(
         flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]),
@@ -221,10 +230,5 @@ def load_regressor(cfg, paths, flame: FlameModel, device) -> tuple[GaussianAvata
                               "(python train.py CONFIG) with the same actor.name")
     avatar = build_avatar(cfg, paths, flame)
     state = load_checkpoint(ckpt)
-    try:
-        avatar.load_state_dict(state["model"])
-    except RuntimeError as e:  # missing keys or shapes: another regressor.* config or code version
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the regressor of this config ({first}); use "
-                              "the config it was trained with, or retrain") from None
+    load_into(avatar, state["model"], ckpt, "regressor")
     return avatar.to(device).eval(), {"path": str(ckpt), "step": int(state["step"])}

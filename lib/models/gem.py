@@ -33,8 +33,6 @@ float16 (``half=True``); means, variances and coefficients stay float32.
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -44,7 +42,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from lib.atomic import atomic_path
+from lib.atomic import load_torch, save_torch
+from lib.errors import ProjectError, check_finite
 from lib.flame.model import FlameModel
 from lib.gaussians.render import RenderOutput, render
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
@@ -70,7 +69,7 @@ _RANK_TOL = 1e-10  # variance ratio below which a component is numerical noise
 _GRAM_CHUNK = 1 << 22  # values per chunk of the float64 Gram accumulation (memory bound)
 
 
-class GemError(ValueError):
+class GemError(ProjectError, ValueError):
     """A GEM file or input that cannot be used; the message names the file and what to do."""
 
 
@@ -437,8 +436,7 @@ class GaussianEigenModel:
     def save(self, path: str | Path, half: bool = False) -> Path:
         """Write the model atomically (temp file + rename)."""
         path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(self.state(half), tmp)
+        save_torch(path, self.state(half))
         return path
 
     @classmethod
@@ -448,19 +446,17 @@ class GaussianEigenModel:
         hint = "rerun `python pca_gauss.py CONFIG` to rebuild it"
         if not path.is_file():
             raise GemError(f"GEM file not found: {path}; build it with `python pca_gauss.py CONFIG` (stage 3)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GemError(f"GEM file {path} is corrupt or not a GEM file ({first}); {hint}") from None
+        state = load_torch(path, GemError, hint)
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise GemError(f"{path} is not a GEM file of this project (format "
                            f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
                            f"expected {FORMAT!r}); {hint}")
         try:
             model = cls.from_state(state)
-        except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        except (KeyError, TypeError, AttributeError, RuntimeError, IndexError) as e:
             raise GemError(f"GEM file {path} is incomplete ({type(e).__name__}: {e}); {hint}") from None
+        for name, tensor in _tensors(state):
+            check_finite(tensor, name, f"GEM file {path}", GemError)
         return model.to(device, dtype)
 
     @classmethod
@@ -472,6 +468,8 @@ class GaussianEigenModel:
             blocks[attr] = []
             for b in state["blocks"][attr]:
                 n = N if "index" not in b else b["index"].shape[0]
+                if "index" in b and n and (int(b["index"].min()) < 0 or int(b["index"].max()) >= N):
+                    raise RuntimeError(f"block '{b['part']}' of {attr} indexes Gaussians outside [0, {N})")
                 if b["mean"].shape != (n * C,) or b["basis"].shape != (b["eigenvalues"].shape[0], n * C):
                     raise RuntimeError(f"block '{b['part']}' of {attr} has mismatched shapes")
                 blocks[attr].append(Block(b["part"], b.get("index"), b["mean"], b["basis"], b["eigenvalues"]))
@@ -480,6 +478,19 @@ class GaussianEigenModel:
             if model.coefficients[attr].shape[1] != model.n_components(attr):
                 raise RuntimeError(f"coefficients of {attr} do not match its components")
         return model
+
+
+def _tensors(value, name: str = "") -> list[tuple[str, Tensor]]:
+    """Every tensor in a nested dict / list state, with its path ('blocks.positions.0.basis')."""
+    if isinstance(value, Tensor):
+        return [(name, value)]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [found for key, v in items for found in _tensors(v, f"{name}.{key}" if name else str(key))]
 
 
 def pose_viewmats(viewmats: Tensor, R: Tensor, t: Tensor) -> Tensor:

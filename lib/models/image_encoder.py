@@ -38,7 +38,8 @@ from torch import Tensor
 
 from lib.atomic import atomic_path
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport
-from lib.flame.safe_pickle import load_pickle
+from lib.errors import ProjectError
+from lib.flame.model import load_regions
 from lib.paths import resolve
 
 BOUND = 2.9  # sigma: the clamp of every signal value (METHOD.md, stage 4)
@@ -46,7 +47,7 @@ _EXPORT_HINT = ("export the encoder with torch.jit.script(model).save(path) or "
                 "torch.jit.trace(model, example_crops).save(path) and set mapping.encoder to that file")
 
 
-class EncoderError(ValueError):
+class EncoderError(ProjectError, ValueError):
     """An encoder or feature-PCA file that cannot be used; the message names the file and what to do."""
 
 
@@ -82,7 +83,7 @@ def face_box(verts: Tensor, viewmat: Tensor, K: Tensor, margin: float = 1.25) ->
     """
     cam = verts @ viewmat[:3, :3].T + viewmat[:3, 3]
     if not bool((cam[:, 2] > 0).all()):
-        raise ValueError("face_box: part of the mesh is behind the camera; the camera does not see the head")
+        raise EncoderError("face_box: part of the mesh is behind the camera; the camera does not see the head")
     uv = (cam @ K.T)[:, :2] / cam[:, 2:3]
     lo, hi = uv.min(0).values, uv.max(0).values
     centre = (lo + hi) / 2
@@ -155,9 +156,9 @@ class FeaturePCA:
         """Fitted to relative features [T, F]; keeps min(n, T - 1, F) components."""
         T, n_features = features.shape
         if n < 1:
-            raise ValueError(f"the feature PCA needs at least 1 component, got {n}")
+            raise EncoderError(f"the feature PCA needs at least 1 component, got {n}")
         if T < 2:
-            raise ValueError(f"the feature PCA needs at least 2 frames, got {T}")
+            raise EncoderError(f"the feature PCA needs at least 2 frames, got {T}")
         k = min(n, T - 1, n_features)
         _, s, vh = torch.linalg.svd(features.double(), full_matrices=False)
         s = s[:k]
@@ -211,7 +212,7 @@ def encoder_features(cfg, export: VhapExport, data, timesteps: list[int]) -> Ten
     path = resolve(cfg.mapping.encoder)
     encoder = load_encoder(path, data.device)
     masks_path = resolve(cfg.actor.flame_masks)
-    regions = load_pickle(masks_path)
+    regions = load_regions(masks_path, data.verts_head.shape[1])
     if "face" not in regions:
         raise DatasetError(f"{masks_path} has no 'face' region (it has {sorted(regions)}); the encoder signal "
                            "crops to it: point actor.flame_masks at FLAME_masks.pkl")

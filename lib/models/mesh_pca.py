@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from lib.atomic import atomic_path
+from lib.errors import ProjectError, check_finite
 
 
-class MeshPcaError(ValueError):
+class MeshPcaError(ProjectError, ValueError):
     """A mesh PCA file that cannot be used; the message names the file and what to do."""
 
 
@@ -43,7 +44,7 @@ class MeshPCA(torch.nn.Module):
         """PCA of meshes verts [T, V, 3]; keeps min(n_components, T - 1) components."""
         T = verts.shape[0]
         if T < 2:
-            raise ValueError(f"mesh PCA needs at least 2 meshes, got {T}")
+            raise MeshPcaError(f"mesh PCA needs at least 2 meshes, got {T}")
         x = verts.reshape(T, -1).double()
         mean = x.mean(0)
         _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
@@ -94,4 +95,11 @@ class MeshPCA(torch.nn.Module):
                 arrays = {k: torch.as_tensor(data[k]) for k in ("mean", "components", "variances")}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise MeshPcaError(f"cannot read mesh PCA {path} ({e}); delete it and rerun pca_mesh.py") from None
-        return cls(arrays["mean"], arrays["components"], arrays["variances"])
+        mean, components, variances = arrays["mean"], arrays["components"], arrays["variances"]
+        if components.ndim != 2 or variances.shape != components.shape[:1] or mean.numel() != components.shape[1]:
+            raise MeshPcaError(f"mesh PCA {path} holds mean {tuple(mean.shape)}, components "
+                               f"{tuple(components.shape)}, variances {tuple(variances.shape)}, which do not fit "
+                               "together; delete it and rerun pca_mesh.py")
+        for name, value in arrays.items():
+            check_finite(value, name, f"mesh PCA {path}", MeshPcaError)
+        return cls(mean, components, variances)

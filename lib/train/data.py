@@ -47,7 +47,7 @@ class ActorData:
         self.timesteps = sorted(files)
         self._row = {t: i for i, t in enumerate(self.timesteps)}
         self.flame = flame
-        self.params = stack_flame_params([files[t] for t in self.timesteps], device)  # [T, ...] per key
+        self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr)  # [T, ...] per key
         batch = self.params
         with torch.no_grad():
             self.verts_head, self.R, self.t = split_global_pose(flame, batch)  # [T, V, 3], [T, 3, 3], [T, 3]

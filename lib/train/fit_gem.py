@@ -1,4 +1,4 @@
-"""Stage 3: GEM of an actor, built from its trained regressor, into experiments/<actor>/gem/.
+"""Stage 3: GEM of an actor, built from its trained regressor, into experiments/<actor>/<run>/gem/.
 
 The regressor runs once per timestep of ``gem.splits`` (train + val: the val split shares the
 training timesteps, so these are the training expressions; the Gaussians do not depend on the
@@ -23,8 +23,8 @@ from lib.config import save_config
 from lib.dataset.vhap import Frame, VhapExport
 from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE, render_frame
-from lib.flame.model import FlameModel
-from lib.flame.safe_pickle import load_pickle
+from lib.flame.model import FlameModel, load_regions
+from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, load_canonical_mesh, load_regressor
 from lib.models.gem import (
     ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, reconstruction_errors, render_gem,
@@ -59,6 +59,7 @@ def gem_space_frames(avatar: GaussianAvatar, data: ActorData,
     return GaussianSet(*(torch.cat(x) for x in zip(*sets))), R, t
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).gem_dir, "the GEM folder")
 def fit_gem(cfg, log=print) -> GaussianEigenModel:
     info = distributed.setup(cfg.train.device, cfg.train.threads)
     device = info.device
@@ -78,7 +79,7 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
 
     parts = None
     if cfg.gem.parts:
-        masks = {k: np.asarray(v, dtype=np.int64) for k, v in load_pickle(resolve(cfg.actor.flame_masks)).items()}
+        masks = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
         parts = assign_parts(avatar.canonical_positions.cpu(), load_canonical_mesh(paths.canonical_mesh), masks)
         members = torch.bincount(parts[1], minlength=len(parts[0])).tolist()
         log("parts: " + ", ".join(f"{n} ({c})" for n, c in zip(parts[0], members)))

@@ -1,5 +1,5 @@
 """Stage 4: training of the mapping network (a driving signal -> GEM coefficients), into
-experiments/<actor>/mapping/.
+experiments/<actor>/<run>/mapping/.
 
 Targets are the GEM's own coefficients of the training timesteps (stage 3 stores them: the projection
 of the regressor's Gaussians). One step counter runs through two phases:
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lib.config import Config, save_config
-from lib.dataset.vhap import SPLITS, DatasetError, VhapExport, read_flame_params
+from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
 from lib.models.gem import GaussianEigenModel, GemError, render_gem
@@ -44,15 +44,18 @@ from lib.models.mapping import (
     MappingNetwork, coefficient_loss, coefficient_parts, flame_signal, flatten_coefficients, relative_to_identity,
     split_coefficients, variance_weights,
 )
+from lib.lock import locks_run_folder
 from lib.models.mesh_pca import MeshPCA
 from lib.paths import ActorPaths
 from lib.train import distributed
-from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.train.checkpoint import (
+    CheckpointError, check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, shaping_config,
+)
 from lib.train.data import ActorData, draw_training_image
 from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
-from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar
+from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar, start_over
 
 # Warm-up steps between re-orthonormalisations of a fine-tuned basis: one costs about 40 ms on a CPU
 # core for the synthetic actor's GEM, and ten Adam steps at 1e-5 leave the rows orthonormal to about 2e-4.
@@ -85,7 +88,7 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
         return encoder_signal(encoder_cfg, export, data, timesteps, identity, ActorPaths(cfg).encoder_pca, fit).cpu()
     steps = [identity, *timesteps]
     if kind == "flame":
-        signal = torch.cat([flame_signal(read_flame_params(files[t])) for t in steps])
+        signal = torch.cat([flame_signal(export.load_flame(files[t])) for t in steps])
     else:
         pca = MeshPCA.load(ActorPaths(cfg).mesh_pca).to(data.device)
         rows = torch.tensor([data.timesteps.index(t) for t in steps], device=data.device)
@@ -111,7 +114,8 @@ def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, st
     """Write a mapping checkpoint (atomic; the train.keep_checkpoints newest kept); gem: a fine-tuned
     GEM, stored whole with its optimiser. -> its path"""
     state = {"model": net.state_dict(), "step": step, "elapsed": elapsed, "signal": cfg.mapping.signal,
-             "architecture": cfg.mapping.architecture, "n_signal": int(net.signal_scale.shape[0])}
+             "architecture": cfg.mapping.architecture, "n_signal": int(net.signal_scale.shape[0]),
+             "shaping": shaping_config(cfg, "mapping")}
     if opt is not None:
         state["optimizer"] = opt.state_dict()
     if gem is not None:
@@ -121,26 +125,24 @@ def save_mapping(cfg, net: MappingNetwork, opt: torch.optim.Optimizer | None, st
     return save_checkpoint(state, ActorPaths(cfg).mapping_checkpoints, step, cfg.train.keep_checkpoints)
 
 
-def load_mapping(cfg, gem: GaussianEigenModel, device) -> tuple[MappingNetwork, dict]:
-    """The newest mapping checkpoint, in eval mode. -> (network, checkpoint state)"""
+def load_mapping(cfg, gem: GaussianEigenModel, device, resuming: bool = False) -> tuple[MappingNetwork, dict]:
+    """The newest mapping checkpoint, in eval mode; resuming: refuse it when a key that shapes the model
+    changed since (check_resume). -> (network, checkpoint state)"""
     folder = ActorPaths(cfg).mapping_checkpoints
     ckpt = latest_checkpoint(folder)
     if ckpt is None:
         raise CheckpointError(f"no mapping checkpoint in {folder}; train it first (python train.py CONFIG with "
                               "train.stage: mapping)")
     state = load_checkpoint(ckpt, map_location="cpu")
+    if resuming:
+        check_resume(state, cfg, "mapping", ckpt)
     for key in ("signal", "architecture"):
         trained = state.get(key, "parts" if key == "architecture" else None)
         if trained != getattr(cfg.mapping, key):
             raise CheckpointError(f"checkpoint {ckpt} was trained with mapping.{key} = '{trained}', the config "
                                   f"asks for '{getattr(cfg.mapping, key)}'; set it accordingly or retrain")
     net = build_mapping(cfg, gem, int(state["n_signal"]))
-    try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the mapping network of this config and GEM "
-                              f"({first}); use the config it was trained with, or retrain") from None
+    load_into(net, state["model"], ckpt, "mapping network of this config and GEM")
     state["path"] = str(ckpt)
     return net.to(device).eval(), state
 
@@ -150,6 +152,7 @@ def mapping_gem(state: dict, gem: GaussianEigenModel, device) -> GaussianEigenMo
     return gem if "gem" not in state else GaussianEigenModel.from_state(state["gem"]).to(device)
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).mapping, "the mapping run folder")
 def fit_mapping(cfg, log=print) -> MappingNetwork:
     info = distributed.setup(cfg.train.device, cfg.train.threads)
     log = log if info.is_main else (lambda *a, **k: None)
@@ -166,6 +169,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
         raise GemError(f"none of the train timesteps of {export.root} is in the GEM {paths.gem}; rebuild the "
                        "GEM (python pca_gauss.py CONFIG) for this actor")
     row = {t: i for i, t in enumerate(train_steps)}
+    start_over(cfg, paths.mapping_checkpoints, info, log)
     resuming = latest_checkpoint(paths.mapping_checkpoints) is not None
     if cfg.mapping.signal == "encoder" and not resuming and not info.is_main:
         distributed.barrier(info)  # wait for the PCA rank 0 fits, then read it
@@ -181,7 +185,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     weights = variance_weights(gem).to(device) if cfg.mapping.weighting == "variance" else None
     step, elapsed, state = 0, 0.0, None
     if resuming:
-        net, state = load_mapping(cfg, gem, device)
+        net, state = load_mapping(cfg, gem, device, resuming=True)
         gem = mapping_gem(state, gem, device)
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resumed from {state['path']} (step {step})")
@@ -190,14 +194,14 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.mapping.lr, weight_decay=cfg.mapping.weight_decay)
     if state is not None and "optimizer" in state:
-        opt.load_state_dict(state["optimizer"])
+        load_into(opt, state["optimizer"], state["path"], "optimizer")
     warmup, total = cfg.mapping.warmup_iterations, cfg.mapping.warmup_iterations + cfg.mapping.iterations
     basis, basis_opt = [], None
     if cfg.mapping.basis_lr > 0 and warmup > 0:  # a fine-tuned GEM is saved whole with every checkpoint
         basis = gem.fine_tunable()
         basis_opt = torch.optim.Adam(basis, lr=cfg.mapping.basis_lr)
         if state is not None and "basis_optimizer" in state:
-            basis_opt.load_state_dict(state["basis_optimizer"])
+            load_into(basis_opt, state["basis_optimizer"], state["path"], "basis optimizer")
         _freeze(basis, step >= warmup)
     if info.is_main:
         save_config(cfg, paths.mapping / "config.yml")

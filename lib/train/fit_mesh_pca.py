@@ -1,4 +1,4 @@
-"""Stage 1: the mesh PCA of an actor and its canonical mesh, written into experiments/<actor>/mesh_pca/.
+"""Stage 1: the mesh PCA of an actor and its canonical mesh, written into experiments/<actor>/<run>/mesh_pca/.
 
 One head-space mesh per train + val timestep (the val split shares the training timesteps, seen
 from the frontal camera); the test sequence is held out.
@@ -13,11 +13,13 @@ from lib.atomic import atomic_path
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport, stack_flame_params
 from lib.flame.model import FlameModel
+from lib.lock import locks_run_folder
 from lib.models.avatar import canonical_mesh, split_global_pose
 from lib.models.mesh_pca import MeshPCA
 from lib.paths import ActorPaths
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).stage_dir("mesh_pca"), "the mesh PCA folder")
 def fit_mesh_pca(cfg, log=print) -> MeshPCA:
     paths = ActorPaths(cfg)
     flame = FlameModel.from_config(cfg)
@@ -25,7 +27,7 @@ def fit_mesh_pca(cfg, log=print) -> MeshPCA:
     files = dict(export.timesteps("train"))
     files.update(export.timesteps("val"))
     steps = sorted(files)
-    batch = stack_flame_params([files[t] for t in steps])
+    batch = stack_flame_params([files[t] for t in steps], None, export.n_shape, export.n_expr)
     with torch.no_grad():
         verts, _, _ = split_global_pose(flame, batch)
         pca = MeshPCA.fit(verts, cfg.mesh_pca.n_components)

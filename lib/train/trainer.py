@@ -23,15 +23,19 @@ from tqdm import tqdm
 
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport
+from lib.errors import ProjectError
 from lib.eval.curve import plot_curve
 from lib.eval.render import render_gaussians, score_frames
 from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
+from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, build_avatar
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
-from lib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lib.train.checkpoint import (
+    check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, set_aside, shaping_config,
+)
 from lib.train.data import ActorData, draw_training_image
 from lib.train.losses import mouth_weight, photometric, regularisers
 from lib.train.schedule import lr_factor, progress
@@ -39,7 +43,7 @@ from lib.train.schedule import lr_factor, progress
 _MAX_NAN_RESTORES = 10  # consecutive non-finite steps before training gives up
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ProjectError, RuntimeError):
     """The NaN guard restored the last good state too often in a row."""
 
 
@@ -68,6 +72,7 @@ def perceptual_loss(cfg, weight: float, log) -> VggPerceptual | None:
         return None
 
 
+@locks_run_folder(lambda cfg: ActorPaths(cfg).regressor, "the regressor run folder")
 def train(cfg, log=print) -> GaussianAvatar:
     """Train (or resume) the regressor of ``cfg``; returns the trained avatar (also checkpointed)."""
     info = distributed.setup(cfg.train.device, cfg.train.threads)
@@ -86,12 +91,14 @@ def train(cfg, log=print) -> GaussianAvatar:
     vgg = vgg.to(device) if vgg is not None else None
 
     step, elapsed = 0, 0.0
+    start_over(cfg, paths.regressor_checkpoints, info, log)
     latest = latest_checkpoint(paths.regressor_checkpoints)
     if latest is not None:
         state = load_checkpoint(latest, map_location=device)
-        avatar.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
+        check_resume(state, cfg, "regressor", latest)
+        load_into(avatar, state["model"], latest, "regressor")
+        load_into(opt, state.get("optimizer"), latest, "optimizer")
+        step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resuming from {latest} (step {step})")
     if info.is_main:
         save_config(cfg, paths.regressor / "config.yml")
@@ -162,7 +169,8 @@ def train(cfg, log=print) -> GaussianAvatar:
         if step % cfg.train.checkpoint_every == 0 or done >= 1.0:
             if info.is_main:
                 save_checkpoint({"model": avatar.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                 "elapsed": elapsed}, paths.regressor_checkpoints, step, cfg.train.keep_checkpoints)
+                                 "elapsed": elapsed, "shaping": shaping_config(cfg, "regressor")},
+                                paths.regressor_checkpoints, step, cfg.train.keep_checkpoints)
             distributed.barrier(info)
     bar.close()
 
@@ -175,6 +183,16 @@ def train(cfg, log=print) -> GaussianAvatar:
         writer.close()
     distributed.teardown(info)
     return avatar
+
+
+def start_over(cfg, folder, info, log) -> None:
+    """With train.resume false, move the run's checkpoints aside (rank 0; the others wait) so it starts anew."""
+    if not cfg.train.resume:
+        if info.is_main:
+            moved = set_aside(folder)
+            if moved is not None:
+                log(f"train.resume is false: the previous checkpoints were moved to {moved}")
+        distributed.barrier(info)
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:

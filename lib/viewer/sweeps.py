@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lib.dataset.cameras import Camera
-from lib.dataset.vhap import SPLITS, VhapExport
+from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.eval.evaluate import to_uint8, write_png, write_video
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, gem_pose, render_gem
@@ -33,7 +33,7 @@ def identity_view(cfg) -> tuple[Camera, Tensor, Tensor]:
             if params is None and frame.timestep_index == cfg.actor.identity_timestep:
                 params = export.load_flame(frame)
     if camera is None or params is None:
-        raise ValueError(f"{export.root} has no frame of camera {cfg.actor.identity_camera} or of timestep "
+        raise DatasetError(f"{export.root} has no frame of camera {cfg.actor.identity_camera} or of timestep "
                          f"{cfg.actor.identity_timestep}; set actor.identity_camera / actor.identity_timestep")
     with torch.no_grad():
         R, t = gem_pose(flame, params)

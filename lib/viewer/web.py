@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import viser
 
+from lib.errors import ProjectError
 from lib.gaussians.ply import write_ply
 from lib.geometry.rotations import quat_to_matrix
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, GaussianSet
@@ -39,6 +40,10 @@ def splat_arrays(g: GaussianSet, scale: float = SCENE_SCALE) -> dict[str, np.nda
     }
 
 
+class ViewerError(ProjectError):
+    """The web viewer cannot start as configured (e.g. its port is taken)."""
+
+
 class GemViewer:
     """A viser server showing one GEM; GUI callbacks edit ``self.coefficients`` and a worker thread
     pushes the re-evaluated Gaussians to the browsers (the newest state wins while sliders move)."""
@@ -56,6 +61,11 @@ class GemViewer:
         self._running = True
 
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        if port != 0 and self.server.get_port() != port:  # viser silently moves on to the next free port
+            taken = self.server.get_port()
+            self.server.stop()
+            raise ViewerError(f"port {port} on {host} is in use (another viewer or program; port {taken} was "
+                              f"free); stop that program or choose another port, e.g. viewer.port={taken}")
         self.server.scene.set_up_direction("+y")
         centre = model.reconstruct(model.zero_coefficients()).means[0].mean(0).cpu().numpy() * SCENE_SCALE
         eye = (np.asarray(camera_position, dtype=np.float64) * SCENE_SCALE if camera_position is not None

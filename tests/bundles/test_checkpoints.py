@@ -261,3 +261,47 @@ def test_bash_front_packs_then_fetches_and_skips(tmp_path, server):
     assert again.returncode == 0 and "skipped" in again.stdout
     unknown = run("--manifest", "manifest.txt", "--root", "experiments", "nobody")
     assert unknown.returncode == 1 and "nobody not in" in unknown.stderr
+
+
+def _serve(server, members) -> Bundle:
+    data = _archive(members)
+    (server[0] / "b.tar.gz").write_bytes(data)
+    return Bundle(ACTOR, hashlib.sha256(data).hexdigest(), f"{server[1]}/b.tar.gz")
+
+
+def test_a_bundle_over_the_size_limit_is_refused_before_anything_is_written(tmp_path, server):
+    bundle = _serve(server, [(_member("fake/zeros.bin"), bytes(30_000_000))])  # 30 MB, ~30 kB packed
+    dst = tmp_path / "experiments"
+    with pytest.raises(BundleError, match=r"would unpack to 0\.03 GB, over the limit of 0\.01 GB.*--max-gb"):
+        fetch(bundle, dst, max_gb=0.01)
+    assert os.listdir(dst) == []
+    assert fetch(bundle, dst, max_gb=0.1) is True  # the limit is the user's to raise
+    assert (dst / ACTOR / "zeros.bin").stat().st_size == 30_000_000
+
+
+def test_bytes_written_beyond_the_limit_stop_the_unpacking_even_if_the_archive_declares_less(
+        tmp_path, server, monkeypatch):
+    import lib.bundles
+
+    monkeypatch.setattr(lib.bundles, "_check_size", lambda *a: None)  # an archive whose headers lie
+    bundle = _serve(server, [(_member(f"fake/part{i}.bin"), bytes(4_000_000)) for i in range(4)])
+    dst = tmp_path / "experiments"
+    with pytest.raises(BundleError, match="wrote more than its limit"):
+        fetch(bundle, dst, max_gb=0.01)
+    assert os.listdir(dst) == []
+
+
+def test_leftovers_of_a_killed_fetch_are_removed_by_the_next_one_and_fetches_take_turns(tmp_path, server):
+    from lib.lock import LockHeld, locked
+    from lib.bundles import BUNDLES_LOCK
+
+    bundle = _serve(server, [(_member("fake/ok.txt"), b"fine")])
+    dst = tmp_path / "experiments"
+    (dst / ".fake.k1ll3d.unpack" / "fake").mkdir(parents=True)
+    (dst / ".fake.k1ll3d.unpack" / "fake" / "big.bin").write_bytes(bytes(1000))
+    (dst / ".fake.k1ll3d.download").write_bytes(b"half a download")
+    with locked(dst, "the experiments folder (bundles)", dst / BUNDLES_LOCK, clean=False):
+        with pytest.raises(LockHeld, match=f"process {os.getpid()}"):
+            fetch(bundle, dst)
+    assert fetch(bundle, dst) is True
+    assert sorted(os.listdir(dst)) == [ACTOR]

@@ -83,8 +83,83 @@ def test_config_paths_resolve_against_the_repository():
 
 
 def test_readme_documents_every_config_key():
-    from lib.config import SCHEMA
+    from lib.config import SCHEMA, describe
 
     readme = (REPO_ROOT / "README.md").read_text()
     missing = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys if f"`{s}.{k}`" not in readme]
     assert not missing, f"README.md's config table lacks {missing}"
+    assert describe() in readme, "README.md's config table is not lib.config.describe()'s: paste it again"
+
+
+# ---- values checked at the door: null, ranges, lists, empty files, keys written twice
+
+def test_an_empty_file_is_an_error_not_all_defaults(tmp_path):
+    (tmp_path / "empty.yml").write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match=r"empty\.yml is empty"):
+        load_config(tmp_path / "empty.yml")
+
+
+@pytest.mark.parametrize("text, twice", [
+    ("train:\n  lr: 1.0e-3\nactor:\n  name: a\ntrain:\n  iterations: 5\n", "'train' is written twice \\(lines 1 and 5\\)"),
+    ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "'lr' is written twice \\(lines 2 and 3\\)"),
+])
+def test_a_section_or_key_written_twice_is_refused(tmp_path, text, twice):
+    (tmp_path / "twice.yml").write_text(text)
+    with pytest.raises(ConfigError, match=r"twice\.yml: " + twice):
+        load_config(tmp_path / "twice.yml")
+
+
+def test_null_values_are_refused_in_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.iterations in the command line has no value"):
+        load_config(None, ["train.iterations="])
+    path = write(tmp_path / "c.yml", {"mapping": {"lr": None}})
+    with pytest.raises(ConfigError, match=r"mapping\.lr in .*c\.yml has no value"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, bound", [
+    ("train.checkpoint_every=0", ">= 1"), ("data.ds_rate=0", ">= 1"), ("train.curve_views=0", ">= 1"),
+    ("train.iterations=-5", ">= 1"), ("train.lr=0", "> 0"), ("train.lr_gamma=1.5", "<= 1"),
+    ("mapping.dropout=1.0", "< 1"), ("viewer.port=70000", "<= 65535"), ("train.lr=.nan", "a finite number"),
+    ("data.background=[1.0, 2.0, 0.0]", "<= 1"), ("train.lr_milestones=[0.3, -0.1]", ">= 0"),
+])
+def test_numbers_out_of_range_name_the_key_and_the_bound(override, bound):
+    key = override.split("=")[0].replace(".", r"\.")
+    with pytest.raises(ConfigError, match=rf"{key} = .* must be {bound}"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.background=[1.0, 1.0]", "needs exactly 3 item"), ("test.splits=[]", "needs at least 1 item"),
+    ("test.splits=[val, tset]", "'tset' is not one of"), ("regressor.widths=[8, eight]", "is not a int"),
+    ("actor.name=''", "is empty"), ("actor.name=a/b", "not a path"),
+    ("regressor.widths=[8, 8, 8]", "uv_size 256 needs one per level"),
+])
+def test_lists_names_and_related_keys_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_mapping_run_that_would_not_train_is_refused():
+    with pytest.raises(ConfigError, match="would not train"):
+        load_config(None, ["train.stage=mapping", "mapping.warmup_iterations=0", "mapping.iterations=0"])
+    assert load_config(None, ["train.stage=mapping", "mapping.iterations=0"]).mapping.warmup_iterations > 0
+
+
+def test_every_shipped_config_passes_the_checks():
+    for path in sorted((REPO_ROOT / "configs").glob("*.yml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: 5\n", "base = 5 must be the path of another config file"),
+    ("1: {a: 1}\n", "unknown config key '1'"),
+    ("? [a]\n: b\n", "a key must be a name, got \\['a'\\] at line 1"),
+    ("train: {lr: !!python/object/apply:os.system [echo]}\n", "could not determine a constructor .* at line 1"),
+    ("train:\n  lr: [\n", "is not valid YAML: .* at line 3, column 1$"),
+])
+def test_malformed_files_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "bad.yml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(tmp_path / "bad.yml")
+    assert "\n" not in str(err.value)

@@ -123,6 +123,20 @@ def test_rerun_skips_finished_frames_and_redoes_missing_ones(actor, monkeypatch)
     assert os.stat(folder / "alpha_masks" / "00001_05.png").st_mtime_ns == stamp
 
 
+def test_partial_masks_of_a_killed_run_are_removed_and_runs_take_turns(actor):
+    from lib.lock import LockHeld, locked
+
+    folder, _, model, _, _, masks = actor
+    partial = folder / "mouth_masks" / ".00001_03.png.k1ll3d.partial"
+    partial.write_bytes(b"half a png")
+    with locked(folder, "the masks of the export", folder / ".masks.lock", clean=False):
+        with pytest.raises(LockHeld, match=f"process {os.getpid()}"):
+            render_masks(VhapExport(folder), model, masks, log=lambda *_: None)
+    assert partial.exists()
+    render_masks(VhapExport(folder), model, masks, log=lambda *_: None)
+    assert not partial.exists() and not (folder / ".masks.lock").exists()
+
+
 def test_mask_paths_follow_the_sequence_of_a_union_export(tmp_path):
     image = tmp_path / "UNION" / ".." / "EXP-1" / "images" / "00012_08.png"
     paths = mask_paths(image)

@@ -228,7 +228,7 @@ def test_cache_serves_images_after_the_file_is_gone(sequence):
 
 def test_from_config_applies_ds_rate(sequence):
     folder, _ = sequence
-    cfg = SimpleNamespace(actor=SimpleNamespace(data_dir=str(folder)),
+    cfg = SimpleNamespace(actor=SimpleNamespace(data_dir=str(folder), n_shape=0, n_expr=0),
                           data=SimpleNamespace(ds_rate=2, cache_images=False))
     export = VhapExport.from_config(cfg)
     frame = export.split("train")[0]

@@ -37,10 +37,12 @@ def test_wrong_array_shape_is_named_with_the_file(write_flame):
     assert str(path) in str(err.value)
 
 
-def test_counts_are_read_from_the_file_and_truncated(write_flame):
+def test_counts_are_read_from_the_file_and_truncated_only_when_asked(write_flame):
     path, data = write_flame(n_columns=320)  # 300 shape + 20 expression columns
-    model = FlameModel.from_file(path, n_shape=300, n_expr=100)
+    model = FlameModel.from_file(path)
     assert (model.n_shape, model.n_expr) == (300, 20)
+    with pytest.raises(FlameFormatError, match=r"holds 20 expression columns.*100 are asked for \(actor.n_expr\)"):
+        FlameModel.from_file(path, n_shape=300, n_expr=100)
     assert model.shapedirs.shape == (50, 3, 320)
 
     small = FlameModel.from_file(path, n_shape=10, n_expr=5, dtype=torch.float64)

@@ -145,7 +145,7 @@ def test_save_load_round_trip_and_fp16_option(tmp_path):
     assert torch.equal(loaded.extras["texel_index"], torch.arange(400) * 3)
     a, b = model.reconstruct(model.coefficients), loaded.reconstruct(loaded.coefficients)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not list(tmp_path.glob(".*tmp"))  # the temp file of the atomic write is gone
+    assert not list(tmp_path.glob(".*partial*"))  # the temp file of the atomic write is gone
 
     half = model.save(tmp_path / "gem16.pt", half=True)
     basis_values = sum(b.basis.numel() for blocks in model.blocks.values() for b in blocks)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.config import load_config
-from lib.dataset.vhap import DatasetError
+from lib.dataset.vhap import DatasetError, read_flame_params
 from lib.models.gem import GaussianEigenModel, GaussianSet, GemError
 from lib.models.mapping import (
     BOUND, MappingNetwork, coefficient_loss, coefficient_parts, flatten_coefficients, hold_at_mean,
@@ -106,6 +106,9 @@ class _Export:
 
     def timesteps(self, split):
         return [(t, self.root / f"{t:05d}.npz") for t in self.splits.get(split, [])]
+
+    def load_flame(self, path):
+        return read_flame_params(path)
 
 
 def test_flame_signal_is_zero_at_the_identity_frame(tmp_path):

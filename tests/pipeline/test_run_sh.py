@@ -68,7 +68,7 @@ def test_run_sh_runs_each_stage_once_and_reruns_only_what_an_edit_invalidates(tm
         pytest.skip("run.sh would install .venv first; run ./install.sh")
     files = _write_configs(tmp_path)
     target = [files["config"], files["mapping"], files["source"]]
-    experiments = tmp_path / "experiments" / "tiny"
+    experiments = tmp_path / "experiments" / "tiny" / "default"
 
     first = _run(*target)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
@@ -97,6 +97,22 @@ def test_run_sh_runs_each_stage_once_and_reruns_only_what_an_edit_invalidates(tm
     assert skipped == [s for s in STAGES if s not in ran]
     assert "=== mapping network (its config changed since it last ran)" in third.stdout
 
+    # A viewer setting: the sweeps run again, nothing else (stages hash only the sections they read).
+    tiny = yaml.safe_load(files["config"].read_text())
+    tiny["viewer"]["fps"] = 12
+    files["config"].write_text(yaml.safe_dump(tiny))
+    viewer_only = _run(*target)
+    assert viewer_only.returncode == 0, viewer_only.stdout[-4000:] + viewer_only.stderr[-4000:]
+    assert _ran_and_skipped(viewer_only.stdout) == (["GEM viewer sweeps"], [s for s in STAGES if s != "GEM viewer sweeps"])
+
+    # A named run of the same actor with one key changed: every stage runs for it, beside the first run.
+    ablation = _run(*target, "run.name=ablation", "loss.ssim=0.5")
+    assert ablation.returncode == 0, ablation.stdout[-4000:] + ablation.stderr[-4000:]
+    ran, _ = _ran_and_skipped(ablation.stdout)
+    assert ran == [s for s in STAGES if s != "source actor data"]  # the source actor's stamps are its own run's
+    assert (experiments.parent / "ablation" / "mapping" / "reenact" / "tiny_b" / "reenactment.json").is_file()
+    assert _ran_and_skipped(_run(*target).stdout) == ([], STAGES)  # the first run is untouched
+
     # A source actor whose data does not exist (not synthetic): the no-op stage is refused, no stamp.
     ghost = tmp_path / "ghost.yml"
     ghost.write_text(yaml.safe_dump({"base": "tiny.yml", "actor": {"name": "ghost", "data_dir": _rel(tmp_path / "none")},
@@ -105,4 +121,4 @@ def test_run_sh_runs_each_stage_once_and_reruns_only_what_an_edit_invalidates(tm
     assert fourth.returncode == 1
     assert "=== source actor data failed (its outputs are missing)" in fourth.stdout
     assert "did not write" in fourth.stderr and "transforms_train.json" in fourth.stderr
-    assert not (tmp_path / "experiments" / "ghost" / "stages").exists()
+    assert not (tmp_path / "experiments" / "ghost" / "default" / "stages").exists()

@@ -38,8 +38,8 @@ def test_a_stage_is_done_only_after_it_is_marked_with_its_outputs_present(config
     assert path == ActorPaths(cfg).root / "stages" / "mesh_pca.json"
     assert stages.why_not_done("mesh_pca", cfg) is None
     record = json.loads(path.read_text())
-    assert [o.split("/experiments/")[-1] for o in record["outputs"]] == ["unit/mesh_pca/mesh_pca.npz",
-                                                                         "unit/mesh_pca/canonical_mesh.npz"]
+    assert [o.split("/experiments/")[-1] for o in record["outputs"]] == ["unit/default/mesh_pca/mesh_pca.npz",
+                                                                         "unit/default/mesh_pca/canonical_mesh.npz"]
     assert record["hash"] == stages.config_hash("mesh_pca", cfg) and record["time"]
 
 
@@ -74,7 +74,7 @@ def test_a_deleted_output_makes_the_stage_run_again(config_file):
     stages.mark("mesh_pca", cfg)
     ActorPaths(cfg).canonical_mesh.unlink()
     reason = stages.why_not_done("mesh_pca", cfg)
-    assert reason.startswith("output missing: ") and reason.endswith("/unit/mesh_pca/canonical_mesh.npz")
+    assert reason.startswith("output missing: ") and reason.endswith("/unit/default/mesh_pca/canonical_mesh.npz")
 
 
 def test_an_emptied_output_folder_counts_as_missing(config_file):
@@ -154,7 +154,7 @@ def test_cross_identity_reenactment_is_stamped_per_source_actor(tmp_path, config
 
 def test_the_command_line_reads_a_stage_scripts_arguments(tmp_path, config_file, capsys):
     _write_mesh_pca(load_config(config_file))
-    args = [str(config_file), "train.stage=mapping"]
+    args = [str(config_file), "mesh_pca.n_components=6"]
     assert stages.main(["done", "mesh_pca", *args]) == 1
     assert capsys.readouterr().out == "no record of a finished run\n"
     assert stages.main(["mark", "mesh_pca", *args]) == 0
@@ -181,3 +181,25 @@ def test_results_lists_the_metrics_and_video_folders_that_exist(config_file):
     assert [what for what, _ in stages.results(cfg)] == ["regressor test metrics"]
     (paths.regressor_eval / "test.mp4").write_bytes(b"mp4")
     assert stages.results(cfg)[1] == ("regressor test videos", paths.regressor_eval)
+
+
+def test_an_edit_reruns_the_stages_that_read_its_section_and_those_downstream_only():
+    base = load_config()
+    hashes = lambda cfg: {name: stages.config_hash(name, cfg) for name in stages.OUTPUTS}  # noqa: E731
+    before = hashes(base)
+    changed = lambda override: {n for n, h in hashes(load_config(None, [override])).items() if h != before[n]}  # noqa: E731
+    assert changed("viewer.fps=30") == {"sweeps"}
+    assert changed("gem.positions=20") == {"gem", "sweeps", "mapping", "self_reenactment", "cross_reenactment"}
+    assert changed("test.max_frames=3") == {"regressor_test", "gem", "sweeps", "mapping", "self_reenactment",
+                                            "cross_reenactment"}
+    assert changed("mapping.width=64") == {"mapping", "self_reenactment", "cross_reenactment"}
+    assert changed("synthetic.seed=5") == set(stages.OUTPUTS)  # the data itself: everything
+
+
+def test_a_stage_downstream_of_one_that_ran_just_now_runs_again(config_file):
+    cfg = load_config(config_file)
+    _write_mesh_pca(cfg)
+    stages.mark("mesh_pca", cfg)
+    assert stages.why_not_done("mesh_pca", cfg, ran=("masks",)) is None  # masks is not upstream of it
+    assert stages.why_not_done("mesh_pca", cfg, ran=("data",)) == "upstream stage 'data' ran"
+    assert stages.ancestors("sweeps") == ["gem", "regressor", "masks", "data", "mesh_pca"]

@@ -35,8 +35,8 @@ def stage3(tiny_actor_config, tmp_path_factory):
     """The tiny actor's regressor and GEM, trained once for this module. -> (config, experiments folder)"""
     cfg = load_config(tiny_actor_config)
     experiments = tmp_path_factory.mktemp("stage3") / "experiments"
-    shutil.copytree(resolve(cfg.actor.experiments_dir) / cfg.actor.name / "mesh_pca", experiments / "tiny" / "mesh_pca")
     overrides = [f"actor.experiments_dir={os.path.relpath(experiments, REPO_ROOT)}"] + MAPPING
+    shutil.copytree(ActorPaths(cfg).stage_dir("mesh_pca"), ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
     cfg = load_config(tiny_actor_config, overrides + ["train.stage=regressor"])
     trainer.train(cfg, log=QUIET)
     fit_gem(cfg, log=QUIET)

@@ -49,7 +49,7 @@ def test_checkpoints_keep_the_newest_and_a_truncated_one_is_a_clear_error(tmp_pa
     for step in (5, 10, 15):
         save_checkpoint({"model": {"w": torch.ones(3) * step}, "step": step}, tmp_path, step, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010.pt", "step_00000015.pt"]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*partial*"))
     path = list_checkpoints(tmp_path)[-1]
     assert load_checkpoint(path)["step"] == 15
     path.write_bytes(path.read_bytes()[:100])

@@ -103,3 +103,14 @@ def test_export_writes_the_viewers_current_gaussians_to_ply(head_gem, tmp_path):
     assert torch.allclose(written.scales, expected.scales[0], rtol=1e-5)
     assert torch.allclose(written.opacities, expected.opacities[0], atol=1e-5)
     assert torch.allclose(written.colors, expected.colors[0], atol=1e-5)
+
+
+def test_a_taken_port_is_an_error_naming_it_not_a_silent_move(head_gem):
+    from lib.viewer.web import ViewerError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ViewerError, match=f"port {port} on 127.0.0.1 is in use"):
+            GemViewer(head_gem, port=port, sliders=1)
