@@ -11,7 +11,11 @@ the regressor starts them, configs/default.yml) with small random deformations; 
 second at NeRSemble's H x W = 802 x 550 and the CPU default 200 x 137, through the native CPU path
 render() uses and through the torch path it replaced, with 1 and 2 threads, in one run.
 
-    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2]
+With --config CONFIG [overrides]: the trained GEM of that config's run instead (its fitted frames'
+coefficients, the identity frame's pose and camera, scaled to each resolution), e.g. the default actor's
+after ./run.sh: --config configs/default.yml.
+
+    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2] [--config CONFIG [overrides]]
 """
 import os
 
@@ -161,15 +165,12 @@ def use_cpu_path(native: bool) -> None:
     render_module.cpu_compositor = render_numba.composite if native else render_cpu.composite
 
 
-@torch.no_grad()
-def cpu_bench(threads: list[int], quick: bool) -> None:
-    """GEM frames per second on the CPU: native vs torch path, per resolution and thread count."""
-    cpu = torch.device("cpu")
+def synthetic_scene():
+    """A GEM of the default actor's size fitted to deformed canonical Gaussians, a turning head pose
+    per frame and a camera facing it. -> (model, poses, viewmat [4, 4], Ks(height, width), description)"""
     base = synthetic_gaussians(128)
-    n = base.means.shape[1]
     model = GaussianEigenModel.fit(deformed(base, max(COMPONENTS.values()) + 1), COMPONENTS)
     T = next(iter(model.coefficients.values())).shape[0]
-    coeffs = [{a: c[i:i + 1] for a, c in model.coefficients.items()} for i in range(T)]
     poses = [(axis_angle_to_matrix(torch.tensor([[0.0, float(y), 0.0]])), torch.zeros(1, 3))
              for y in torch.linspace(-0.3, 0.3, T)]
     pts = base.means[0]
@@ -180,16 +181,50 @@ def cpu_bench(threads: list[int], quick: bool) -> None:
     viewmat = torch.eye(4)
     viewmat[:3, :3] = flip
     viewmat[:3, 3] = -flip @ (centre + torch.tensor([0.0, 0.0, 1.0]))
-    background = torch.ones(3)
-    print(f"CPU: GEM of the default actor's size ({n} Gaussians, synthetic head UV 128 without the neck), "
-          f"components {COMPONENTS}; cores usable {len(os.sched_getaffinity(0))}, load average "
-          f"{os.getloadavg()[0]:.2f}")
-    for height, width in ((802, 550), (200, 137)):
+
+    def Ks(height, width):
         focal = 0.6 * height / (2 * half_height)
-        Ks = torch.tensor([[[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]]])
+        return torch.tensor([[[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]]])
+
+    return model, poses, viewmat, Ks, (f"GEM of the default actor's size ({base.means.shape[1]} Gaussians, synthetic "
+                                       f"head UV 128 without the neck), components {COMPONENTS}")
+
+
+def trained_scene(config: list[str]):
+    """The trained GEM of a config's run, the identity frame's pose and camera (scaled to each resolution)."""
+    from lib.config import load_config
+    from lib.paths import ActorPaths
+    from lib.viewer.sweeps import identity_view
+
+    cfg = load_config(config[0], config[1:])
+    path = ActorPaths(cfg).gem
+    model = GaussianEigenModel.load(path)
+    camera, R, t = identity_view(cfg)
+
+    def Ks(height, width):
+        K = camera.K.clone()
+        K[0] *= width / camera.width
+        K[1] *= height / camera.height
+        return K[None]
+
+    components = {a: model.n_components(a) for a in COMPONENTS}
+    return model, [(R, t)], camera.viewmat, Ks, f"trained GEM {path} ({model.n_gaussians} Gaussians), components {components}"
+
+
+@torch.no_grad()
+def cpu_bench(threads: list[int], quick: bool, config: list[str] | None = None) -> None:
+    """GEM frames per second on the CPU: native vs torch path, per resolution and thread count."""
+    cpu = torch.device("cpu")
+    model, poses, viewmat, Ks_at, what = trained_scene(config) if config else synthetic_scene()
+    T = next(iter(model.coefficients.values())).shape[0]
+    coeffs = [{a: c[i:i + 1] for a, c in model.coefficients.items()} for i in range(T)]
+    background = torch.ones(3)
+    print(f"CPU: {what}; cores usable {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.2f}")
+    for height, width in ((802, 550), (200, 137)):
+        Ks = Ks_at(height, width)
 
         def gem_frame(i):
-            return render_gem(model, coeffs[i % T], *poses[i % T], viewmat[None], Ks, width, height, background)
+            return render_gem(model, coeffs[i % T], *poses[i % len(poses)], viewmat[None], Ks, width, height, background)
 
         fps = {}
         for t in threads:
@@ -218,6 +253,8 @@ def main() -> None:
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to compare")
     parser.add_argument("--quick", action="store_true", help="CPU: fewer frames")
+    parser.add_argument("--config", nargs="+", metavar="CONFIG", help="time the trained GEM of this config's run "
+                        "(CONFIG [section.key=value ...])")
     args = parser.parse_args()
 
     if torch.cuda.is_available() and not args.cpu_only:
@@ -228,7 +265,7 @@ def main() -> None:
             print(f"  N={n:7d}: GEM {gem_fps:7.1f} fps ({1e3 / gem_fps:.3f} ms)  gsplat alone {raster_fps:7.1f} fps "
                   f"({1e3 / raster_fps:.3f} ms)  ratio {gem_fps / raster_fps:.3f} (goal >= 0.85); "
                   f"evaluation alone {1e3 / eval_fps:.3f} ms")
-    cpu_bench(args.threads, quick=args.quick)
+    cpu_bench(args.threads, quick=args.quick, config=args.config)
 
 if __name__ == "__main__":
     main()

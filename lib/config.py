@@ -117,7 +117,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, "seed of the weights and of the frame / background sampling", ge=0),
         "resume": Key(True, "continue from the newest checkpoint of the run folder; false starts over and moves the old checkpoints aside (never deletes them)"),
         "device": Key("auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda")),
-        "threads": Key(0, "CPU threads per process; 0 = the machine's cores shared by the processes", ge=0),
+        "threads": Key(0, "CPU threads per process (torch and the native renderer); 0 = the cores this process may use, shared by the processes", ge=0),
         "bf16": Key(False, "bf16 autocast on the generator (CUDA only)"),
         "checkpoint_every": Key(10000, "steps between checkpoints (and one at the end)", ge=1),
         "keep_checkpoints": Key(2, "newest checkpoints kept in the run folder", ge=1),
