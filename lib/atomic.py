@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lib.errors import disk_full_error
+from lib.errors import naming_full_disk
 
 PARTIAL = ".partial"  # marks the temp files (and folders) of writes in progress
 
@@ -40,13 +40,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL + suffix)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except Exception as e:
-        full = disk_full_error(path, e)
-        if full is not None and full is not e:
-            raise full from e
-        raise
+        with naming_full_disk(path):
+            yield Path(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

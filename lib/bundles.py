@@ -13,8 +13,9 @@ inside the experiments folder, which is renamed into place only once complete. U
 size limit (``--max-gb``, default ``MAX_UNPACKED_GB``): the sizes the archive declares are checked
 before anything is written, and the bytes actually written while extracting. A refused bundle leaves
 nothing behind; the temp files of a killed run are removed by the next run (it holds
-``experiments/.bundles.lock`` meanwhile, so a second ``checkpoints.sh`` waits its turn with an error). An installed actor folder holds ``.bundle.sha256``, the hash of the bundle it came from,
-which is how a re-run knows it can skip it.
+``experiments/.bundles.lock`` meanwhile, so a second ``checkpoints.sh`` stops with an error naming the
+first). An installed actor folder holds ``.bundle.sha256``, the hash of the bundle it came from, which
+is how a re-run knows it can skip it.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class ProjectError(Exception):
@@ -47,6 +49,19 @@ def disk_full_error(path: str | Path, error: BaseException) -> DiskFullError | N
     return DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; free space on that "
                          "file system (or point actor.experiments_dir elsewhere) and run again: "
                          "finished files were kept, the partial one was removed")
+
+
+@contextmanager
+def naming_full_disk(path: str | Path) -> Iterator[None]:
+    """Within the block, a write of ``path`` that fails on a full disk raises DiskFullError naming it
+    (from the original error) instead of the writer's own, often opaque, message."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full_error(path, e)
+        if full is None or full is e:
+            raise
+        raise full from e
 
 
 def check_finite(array, what: str, where: str, error: type[ProjectError]) -> None:

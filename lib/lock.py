@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lib.atomic import is_partial
-from lib.errors import ProjectError, disk_full_error
+from lib.errors import ProjectError, naming_full_disk
 
 LOCK_NAME = ".lock"
 
@@ -44,13 +44,10 @@ def locked(folder: str | Path, what: str, lock_file: str | Path | None = None, c
     fd = _acquire(lock_file, what, folder)
     try:
         command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
-        try:
+        with naming_full_disk(lock_file):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({command}), started "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        except OSError as e:
-            full = disk_full_error(lock_file, e)
-            raise (full or e) from e
         if clean and folder.is_dir():
             remove_partials(folder)
         yield folder

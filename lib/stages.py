@@ -106,8 +106,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "regressor_test": ("test",), "gem": ("gem", "test"), "sweeps": ("viewer",), "mapping": ("mapping", "train", "loss"),
     "self_reenactment": ("test",), "cross_reenactment": ("test",),
 }
-SOURCE_SECTIONS = ("actor", "synthetic", "test")
-RAN_ENV = "GEM_STAGES_RAN"  # run.sh: the stages that ran in this invocation, separated by spaces  # what cross-identity reenactment reads of the source actor
+SOURCE_SECTIONS = ("actor", "synthetic", "test")  # what cross-identity reenactment reads of the source actor
+RAN_ENV = "GEM_STAGES_RAN"  # run.sh: the stages that ran in this invocation, separated by spaces
 
 
 def ancestors(name: str) -> list[str]:

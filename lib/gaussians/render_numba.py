@@ -128,6 +128,15 @@ def _bin(order, cams, x0, x1, y0, y1, n_cams, tiles_x, tiles_y, with_bound):
     return tile_start, tile_ids, pair_start
 
 
+@njit(nogil=True, cache=True)
+def _tile_box(t, tiles_x, tiles_y, width, height):
+    """Global tile index t -> (camera, first and past-last pixel column, first and past-last row)."""
+    cam = t // (tiles_x * tiles_y)
+    px0 = (t % tiles_x) * TILE_W
+    py0 = ((t // tiles_x) % tiles_y) * TILE_H
+    return cam, px0, min(px0 + TILE_W, width), py0, min(py0 + TILE_H, height)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_neg_a, mx, my, a, b, c, opac, feats,
                tiles_x, tiles_y, width, height, image, trans_final,
@@ -138,13 +147,7 @@ def _rasterize(tiles, tile_start, tile_ids, x0, x1, y0, y1, level, inv_a, exp_ne
     Exactly 4 feature channels (RGB + depth: what render() composites), held in registers."""
     for j in range(tiles.shape[0]):
         t = tiles[j]
-        cam = t // (tiles_x * tiles_y)
-        ty = (t // tiles_x) % tiles_y
-        tx = t % tiles_x
-        px0 = tx * TILE_W
-        px1 = min(px0 + TILE_W, width)
-        py0 = ty * TILE_H
-        py1 = min(py0 + TILE_H, height)
+        cam, px0, px1, py0, py1 = _tile_box(t, tiles_x, tiles_y, width, height)
         ncols = px1 - px0
         trans = np.empty(TILE_W, np.float64)
         acc0, acc1, acc2, acc3 = (np.empty(TILE_W, np.float64), np.empty(TILE_W, np.float64),
@@ -236,13 +239,7 @@ def _backward(tiles, tile_start, tile_ids, mx, my, a, b, c, opac, feats, tiles_x
     c, opacity, 4 features): the exact derivative of `_rasterize` with the recorded pairs held fixed."""
     for j in range(tiles.shape[0]):
         t = tiles[j]
-        cam = t // (tiles_x * tiles_y)
-        ty = (t // tiles_x) % tiles_y
-        tx = t % tiles_x
-        px0 = tx * TILE_W
-        px1 = min(px0 + TILE_W, width)
-        py0 = ty * TILE_H
-        py1 = min(py0 + TILE_H, height)
+        cam, px0, px1, py0, py1 = _tile_box(t, tiles_x, tiles_y, width, height)
         behind = np.empty(TILE_W, np.float64)
         start = pair_start[t]
         for y in range(py0, py1):
