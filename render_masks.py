@@ -14,7 +14,7 @@ from lib.paths import resolve
 
 
 def masks(cfg, _):
-    export = VhapExport(resolve(cfg.actor.data_dir), cache_images=False, n_shape=cfg.actor.n_shape,
+    export = VhapExport(resolve(cfg.actor.data_dir), n_shape=cfg.actor.n_shape,
                         n_expr=cfg.actor.n_expr)
     model = FlameModel.from_config(cfg)
     render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]))

@@ -91,12 +91,19 @@ def die_with_parent() -> None:
         if not _alive(int(parent)):  # run.sh was killed while this process started up
             os.kill(os.getpid(), signal.SIGTERM)
         return  # else not run.sh's own child (e.g. a torchrun worker: torchrun ends those)
+    end_with_parent(int(parent), signal.SIGTERM)
+
+
+def end_with_parent(parent: int, sig: int) -> None:
+    """Linux sends this process ``sig`` when its parent (pid ``parent``) dies; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         return
-    if str(os.getppid()) != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
 
 
 def _alive(pid: int) -> bool:

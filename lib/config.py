@@ -73,7 +73,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "data": {
         "ds_rate": Key(1, "image downsampling factor applied when images are loaded (1 = full size)", ge=1),
-        "cache_images": Key(True, "keep decoded images in memory after their first use"),
+        "workers": Key(2, "processes decoding training images ahead of the loop (0: the loop decodes them itself)", ge=0),
+        "prefetch": Key(4, "images each worker decodes ahead", ge=1),
+        "cache_gb": Key(4.0, "memory (GB per machine, shared by its processes) keeping decoded training images; beyond it they are decoded at every use (0: no cache)", ge=0),
         "background": Key([1.0, 1.0, 1.0], "RGB the dataset images are composited on (white for VHAP exports)", ge=0, le=1, length=3),
     },
     "synthetic": {
@@ -200,7 +202,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
 # hardware it runs, not what it trains. Every other key a stage reads shapes its model
 # (lib.train.checkpoint.check_resume).
 RESUMABLE = frozenset({
-    "actor.experiments_dir", "data.cache_images", "train.iterations", "train.time_limit_minutes", "train.device",
+    "actor.experiments_dir", "data.workers", "data.prefetch", "data.cache_gb", "train.iterations", "train.time_limit_minutes", "train.device",
     "train.threads", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.nan_snapshot_every",
     "train.log_every", "train.image_every", "train.curve_every_minutes", "train.curve_views", "mapping.iterations",
     "mapping.time_limit_minutes",

@@ -56,7 +56,7 @@ def _masks(cfg: Config, source: Config | None) -> list[Path]:
     from lib.dataset.masks import mask_paths
     from lib.dataset.vhap import SPLITS, VhapExport
 
-    export = VhapExport(resolve(cfg.actor.data_dir), cache_images=False)
+    export = VhapExport(resolve(cfg.actor.data_dir))
     images = dict.fromkeys(frame.image_path for split in SPLITS for frame in export.split(split))
     return [p for image in images for p in (mask_paths(image).alpha, mask_paths(image).mouth)]
 

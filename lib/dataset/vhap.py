@@ -132,8 +132,7 @@ def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int =
 class VhapExport:
     """A VHAP / GaussianAvatars export folder, read lazily (see the module docstring)."""
 
-    def __init__(self, root: str | Path, ds_rate: int = 1, cache_images: bool = True, n_shape: int = 0,
-                 n_expr: int = 0):
+    def __init__(self, root: str | Path, ds_rate: int = 1, n_shape: int = 0, n_expr: int = 0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}; point actor.data_dir at a VHAP "
@@ -142,17 +141,14 @@ class VhapExport:
         if int(ds_rate) != ds_rate or ds_rate < 1:
             raise ValueError(f"ds_rate must be a positive integer, got {ds_rate!r}")
         self.ds_rate = int(ds_rate)
-        self.cache_images = cache_images
         self.n_shape, self.n_expr = n_shape, n_expr  # the fewest values a parameter file may hold
         self._splits: dict[str, list[Frame]] = {}
-        # Decoded, resized uint8 arrays keyed by path: a quarter of the float32 memory.
-        self._cache: dict[Path, np.ndarray] = {}
 
     @classmethod
     def from_config(cls, cfg) -> "VhapExport":
-        """The export of ``cfg.actor.data_dir`` with the ``data`` section's loading options."""
-        return cls(resolve(cfg.actor.data_dir), ds_rate=cfg.data.ds_rate, cache_images=cfg.data.cache_images,
-                   n_shape=cfg.actor.n_shape, n_expr=cfg.actor.n_expr)
+        """The export of ``cfg.actor.data_dir`` at ``data.ds_rate``."""
+        return cls(resolve(cfg.actor.data_dir), ds_rate=cfg.data.ds_rate, n_shape=cfg.actor.n_shape,
+                   n_expr=cfg.actor.n_expr)
 
     # ---- index ----
 
@@ -201,16 +197,22 @@ class VhapExport:
 
     def load_image(self, frame: Frame) -> Tensor:
         """RGB of one frame at the export's ds_rate. -> [H, W, 3] float32 in [0, 1]"""
-        rgb = self._load(frame.image_path, cv2.IMREAD_COLOR, frame)
-        return torch.from_numpy(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)).float().div_(255.0)
+        return torch.from_numpy(self.read_image(frame)).float().div_(255.0)
 
     def load_mask(self, frame: Frame) -> Tensor:
         """Foreground mask of one frame at the export's ds_rate. -> [H, W] float32 in [0, 1]"""
         if frame.mask_path is None:
             raise DatasetError(f"frame (timestep {frame.timestep_index}, camera {frame.camera_index}) of "
                                f"{self.root} has no fg_mask_path; export the sequence with masks")
-        mask = self._load(frame.mask_path, cv2.IMREAD_GRAYSCALE, frame)
-        return torch.from_numpy(mask).float().div_(255.0)
+        return torch.from_numpy(self.read_mask(frame.mask_path, frame)).float().div_(255.0)
+
+    def read_image(self, frame: Frame) -> np.ndarray:
+        """RGB of one frame as stored, at the export's ds_rate. -> [H, W, 3] uint8"""
+        return cv2.cvtColor(self._load(frame.image_path, cv2.IMREAD_COLOR, frame), cv2.COLOR_BGR2RGB)
+
+    def read_mask(self, path: Path, frame: Frame) -> np.ndarray:
+        """A single-channel image of one frame (a mask at ``path``), at the export's ds_rate. -> [H, W] uint8"""
+        return self._load(path, cv2.IMREAD_GRAYSCALE, frame)
 
     def load_flame(self, frame_or_path: Frame | str | Path) -> dict[str, Tensor | None]:
         """FLAME parameters of a frame, or of a file (relative paths are relative to the root)."""
@@ -303,9 +305,7 @@ class VhapExport:
         )
 
     def _load(self, path: Path, flags: int, frame: Frame) -> np.ndarray:
-        """Decoded image resized to the frame's camera (uint8), from the cache when enabled."""
-        if path in self._cache:
-            return self._cache[path]
+        """Decoded image resized to the frame's camera (uint8)."""
         if not path.is_file():
             raise DatasetError(f"image not found: {path} (timestep {frame.timestep_index}, camera "
                                f"{frame.camera_index} of {self.root}); {_REEXPORT_HINT}")
@@ -322,6 +322,4 @@ class VhapExport:
                 f"{self.ds_rate}); the images and the json do not belong together")
         if self.ds_rate > 1:
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        if self.cache_images:
-            self._cache[path] = image
         return image

@@ -1,25 +1,52 @@
 """What training and evaluation read from an actor's export: driving meshes, images, masks.
 
 Every timestep of every split is posed once at start-up (FLAME in head space + the global pose,
-see ``lib.models.avatar.split_global_pose``), so a step costs no FLAME evaluation. Images come
-from the export's uint8 cache; the ground truth of a step is the image inside the head's alpha mask
-(neck and torso removed) composited on the step's background.
+see ``lib.models.avatar.split_global_pose``), so a step costs no FLAME evaluation. The ground truth
+of a step is the image inside the head's alpha mask (neck and torso removed) composited on the
+step's background.
+
+Images reach the training loop through ``torch.utils.data``: ``TrainingImages`` is a DataLoader over
+step numbers. The image and background of step s are drawn from a generator seeded by
+(train.seed, s, rank), so a resumed run draws what the uninterrupted one would have, whatever the
+number of workers. Under torchrun, rank r draws from its own share of the frames (every world_size-th
+one from r). ``data.workers`` processes decode ahead of the loop (``0``: the loop decodes itself);
+their decoded frames go into a cache of ``data.cache_gb`` per machine (``lib.dataset.image_cache``),
+so memory does not grow with the number of frames. A frame travels as one uint8 array [H, W, 5]
+(RGB, head alpha, mouth mask) and becomes float on the training device.
+
+A bad file found by a worker ends the run with the same ``DatasetError`` (naming the file) as when
+the loop itself reads it; a worker that dies (e.g. killed for memory) ends it with ``LoaderError``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+import signal
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
+from lib.cli import end_with_parent
+from lib.dataset.image_cache import ImageCache
 from lib.dataset.masks import mask_paths
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params
+from lib.errors import ProjectError
 from lib.flame.model import FlameModel
 from lib.models.avatar import split_global_pose
 from lib.models.gem import gem_pose
 from lib.train.losses import composite_gt
+
+GB = 1 << 30
+CHANNELS = 5  # RGB, head alpha, mouth mask
+
+
+class LoaderError(ProjectError, RuntimeError):
+    """A data-loading worker died without reporting an error (killed by a signal, e.g. out of memory)."""
 
 
 @dataclass
@@ -32,6 +59,27 @@ class Sample:
     mouth: Tensor  # mouth mask in [0, 1] (zeros when the export has none)
     viewmat: Tensor  # [4, 4]
     K: Tensor  # [3, 3]
+
+
+def read_pixels(export: VhapExport, frame: Frame) -> np.ndarray:
+    """The image, head alpha and mouth mask of a frame. -> uint8 [H, W, 5]"""
+    paths = mask_paths(frame.image_path)
+    if not paths.alpha.is_file():
+        raise DatasetError(f"head mask {paths.alpha} not found (timestep {frame.timestep_index}, camera "
+                           f"{frame.camera_index}); run `python render_masks.py CONFIG` first")
+    pixels = np.zeros((frame.camera.height, frame.camera.width, CHANNELS), dtype=np.uint8)
+    pixels[..., :3] = export.read_image(frame)
+    pixels[..., 3] = export.read_mask(paths.alpha, frame)
+    if paths.mouth.is_file():
+        pixels[..., 4] = export.read_mask(paths.mouth, frame)
+    return pixels
+
+
+def to_sample(frame: Frame, pixels: Tensor, device: torch.device) -> Sample:
+    """A frame's uint8 pixels [H, W, 5] (``read_pixels``) as a Sample on ``device``."""
+    values = pixels.to(device, non_blocking=True).float().div_(255.0)
+    cam = frame.camera
+    return Sample(frame, values[..., :3], values[..., 3], values[..., 4], cam.viewmat.to(device), cam.K.to(device))
 
 
 class ActorData:
@@ -64,34 +112,123 @@ class ActorData:
         return gem_pose(self.flame, {k: None if v is None else v[rows] for k, v in self.params.items()})
 
     def sample(self, frame: Frame) -> Sample:
-        ex, dev = self.export, self.device
-        image = ex.load_image(frame)
-        paths = mask_paths(frame.image_path)
-        alpha = self._mask(paths.alpha, frame, required=True)
-        mouth = self._mask(paths.mouth, frame, required=False)
-        if mouth is None:
-            mouth = torch.zeros_like(alpha)
-        cam = frame.camera
-        return Sample(frame, image.to(dev), alpha.to(dev), mouth.to(dev), cam.viewmat.to(dev), cam.K.to(dev))
-
-    def _mask(self, path, frame: Frame, required: bool) -> Tensor | None:
-        if not path.is_file():
-            if required:
-                raise DatasetError(f"head mask {path} not found (timestep {frame.timestep_index}, camera "
-                                   f"{frame.camera_index}); run `python render_masks.py CONFIG` first")
-            return None
-        return self.export.load_mask(replace(frame, mask_path=path))
+        """One frame read now, in this process (evaluation reads each frame once)."""
+        return to_sample(frame, torch.from_numpy(read_pixels(self.export, frame)), self.device)
 
 
-def draw_training_image(data: ActorData, frames: list[Frame], seed: int, step: int, rank: int,
-                        random_background: bool, background: Tensor) -> tuple[Sample, Tensor, Tensor]:
-    """The training image of one step, its background and its ground truth on that background.
+# ---------------------------------------------------------------- training images
 
-    The draw is seeded by (seed, step, rank), so a resumed run draws what the uninterrupted one would
-    have, and DDP ranks draw different images. background [3]: used unless random_background.
-    -> (sample, bg [3], gt [1, H, W, 3])
+class TrainingDraws(Dataset):
+    """Map-style dataset indexed by training step: the step's frame (from ``frames``) and background,
+    drawn from a generator seeded by (seed, step, rank), with the frame's pixels.
+
+    An item is a dict: step, index (into frames), pixels uint8 [H, W, 5], background float32 [3];
+    or {step, error} when a file is bad, so the error reaches the training process as itself.
     """
-    rng = np.random.default_rng([seed, step, rank])
-    sample = data.sample(frames[int(rng.integers(len(frames)))])
-    bg = torch.as_tensor(rng.random(3), dtype=torch.float32, device=data.device) if random_background else background
-    return sample, bg, composite_gt(sample.image[None], sample.alpha[None], bg[None])
+
+    def __init__(self, export: VhapExport, frames: list[Frame], seed: int, rank: int,
+                 random_background: bool, background: tuple[float, float, float], cache: ImageCache | None):
+        self.export, self.frames, self.seed, self.rank = export, frames, seed, rank
+        self.random_background, self.background = random_background, np.asarray(background, dtype=np.float32)
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return 2 ** 62  # any step; ``StepSampler`` says which
+
+    def draw(self, step: int) -> tuple[int, np.ndarray]:
+        """(frame index, background [3]) of a step."""
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        index = int(rng.integers(len(self.frames)))
+        bg = rng.random(3).astype(np.float32) if self.random_background else self.background
+        return index, bg
+
+    def __getitem__(self, step: int) -> dict:
+        index, bg = self.draw(step)
+        frame = self.frames[index]
+        try:
+            pixels = self.cache.get(index, (frame.camera.height, frame.camera.width, CHANNELS)) if self.cache else None
+            if pixels is None:
+                pixels = read_pixels(self.export, frame)
+                if self.cache is not None:
+                    self.cache.put(index, pixels)
+        except ProjectError as e:
+            return {"step": step, "error": e}
+        return {"step": step, "index": index, "pixels": torch.from_numpy(pixels), "background": torch.from_numpy(bg)}
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Steps start, start + 1, ..., stop - 1 in order."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+def _init_worker(trainer: int, worker_id: int) -> None:
+    # A worker is a fork of the training process and holds its run folder's lock file open: it must not
+    # outlive a killed trainer (torch's own check takes seconds), or the lock stays held.
+    end_with_parent(trainer, signal.SIGKILL)
+    # One decoding thread per worker: the workers are the parallelism, and they share the cores with the
+    # training process's own threads.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+
+
+class TrainingImages:
+    """The training images of steps start .. stop - 1, loaded ahead of the loop (module docstring).
+
+        images = TrainingImages(export, frames, cfg, rank, world_size, start=step, stop=total, device=device)
+        sample, bg, gt = images.at(step)
+    """
+
+    def __init__(self, export: VhapExport, frames: list[Frame], cfg, rank: int, world_size: int, start: int,
+                 stop: int, device: torch.device, local_world_size: int | None = None):
+        if len(frames) < world_size:
+            raise DatasetError(f"{export.root}: {world_size} processes but only {len(frames)} training images; "
+                               "run fewer processes")
+        frames = frames[rank::world_size]
+        self.frames, self.device = frames, device
+        local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        budget = int(cfg.data.cache_gb * GB / max(local, 1))
+        cache = ImageCache([f.camera.width * f.camera.height * CHANNELS for f in frames], budget) if budget else None
+        self.draws = TrainingDraws(export, frames, cfg.train.seed, rank, cfg.train.random_background,
+                                   tuple(cfg.data.background), cache)
+        workers = cfg.data.workers
+        self._loader = DataLoader(self.draws, batch_size=None, sampler=StepSampler(start, stop), num_workers=workers,
+                                  pin_memory=device.type == "cuda", worker_init_fn=partial(_init_worker, os.getpid()) if workers else None,
+                                  prefetch_factor=cfg.data.prefetch if workers else None)
+        self._items = iter(self._loader)
+
+    def at(self, step: int) -> tuple[Sample, Tensor, Tensor]:
+        """The training image of ``step`` (steps are asked for in increasing order; skipped ones are
+        dropped) -> (sample, bg [3], gt [1, H, W, 3] on bg)"""
+        while True:
+            item = self._next()
+            if "error" in item:
+                raise item["error"]
+            if item["step"] >= step:
+                break
+        if item["step"] != step:
+            raise ValueError(f"step {step} was asked for after step {item['step']}")
+        sample = to_sample(self.frames[item["index"]], item["pixels"], self.device)
+        bg = item["background"].to(self.device)
+        return sample, bg, composite_gt(sample.image[None], sample.alpha[None], bg[None])
+
+    def _next(self) -> dict:
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise ValueError("asked for a step past the loader's last one") from None
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise LoaderError(f"a data-loading worker died ({e}); the usual cause is memory: lower data.workers or "
+                              "data.cache_gb, or set data.workers: 0 to load in the training process") from None
+

@@ -51,7 +51,7 @@ from lib.train import distributed
 from lib.train.checkpoint import (
     CheckpointError, check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, shaping_config,
 )
-from lib.train.data import ActorData, draw_training_image
+from lib.train.data import ActorData, TrainingImages
 from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
@@ -214,12 +214,13 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     frames = [f for f in export.split("train") if f.timestep_index in row]
     vgg = perceptual_loss(cfg, cfg.mapping.vgg, log) if cfg.mapping.iterations > 0 else None
     vgg = vgg.to(device) if vgg is not None else None
-    background = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)
     writer = open_tensorboard(paths.mapping_tensorboard) if info.is_main else None
     guard = NanGuard(net, opt, cfg.train.nan_snapshot_every, "lower mapping.lr or check the data")
     limit = cfg.mapping.time_limit_minutes
     done = progress(max(step - warmup, 0), cfg.mapping.iterations, elapsed, limit)
     bar = progress_bar(total, step, info.is_main)
+    images = TrainingImages(export, frames, cfg, info.rank, info.world_size, step if basis else max(step, warmup),
+                            total, device)
     warm_up(device)  # native CPU kernels loaded (or compiled) before the clock starts
     t_start = time.perf_counter() - elapsed
 
@@ -234,8 +235,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     while step < warmup or (step < total and done < 1.0):
         render = gt = None
         if step >= warmup or basis:  # a training image: photometric steps and the basis fine-tuning
-            sample, bg, gt = draw_training_image(data, frames, cfg.train.seed, step, info.rank,
-                                                 cfg.train.random_background, background)
+            sample, bg, gt = images.at(step)
             i = row[sample.frame.timestep_index]
         if step < warmup:
             pred = model(x)

@@ -36,7 +36,7 @@ from lib.train import distributed
 from lib.train.checkpoint import (
     check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, set_aside, shaping_config,
 )
-from lib.train.data import ActorData, draw_training_image
+from lib.train.data import ActorData, TrainingImages
 from lib.train.losses import mouth_weight, photometric, regularisers
 from lib.train.schedule import lr_factor, progress
 
@@ -111,13 +111,13 @@ def train(cfg, log=print) -> GaussianAvatar:
     val_frames = export.split("val")
     val_frames = [val_frames[i] for i in np.linspace(0, len(val_frames) - 1, cfg.train.curve_views).round().astype(int)]
     total = cfg.train.iterations
-    background = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)
     writer = open_tensorboard(paths.regressor_tensorboard) if info.is_main else None
     guard = NanGuard(avatar, opt, cfg.train.nan_snapshot_every, "lower train.lr or check the data")
     curve_next = elapsed + 60.0 * cfg.train.curve_every_minutes if cfg.train.curve_every_minutes > 0 else math.inf
     if step == 0 and info.is_main and cfg.train.curve_every_minutes > 0:
         _curve_point(paths, avatar, data, val_frames, step, 0.0, fresh=True)
 
+    images = TrainingImages(export, frames, cfg, info.rank, info.world_size, step, total, device)
     first_step = step
     limit = cfg.train.time_limit_minutes
     bar = progress_bar(total, step, info.is_main)
@@ -125,8 +125,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     t_start = time.perf_counter() - elapsed
     done = progress(step, total, elapsed, limit)
     while done < 1.0:
-        sample, bg, gt = draw_training_image(data, frames, cfg.train.seed, step, info.rank,
-                                             cfg.train.random_background, background)
+        sample, bg, gt = images.at(step)
         frame = sample.frame
 
         gaussians = model(*data.driving(frame.timestep_index))

@@ -214,22 +214,10 @@ def test_flame_file_without_static_offset_gives_none(tmp_path):
     assert VhapExport(tmp_path).load_flame(tmp_path / "p.npz")["static_offset"] is None
 
 
-def test_cache_serves_images_after_the_file_is_gone(sequence):
-    folder, _ = sequence
-    cached, uncached = VhapExport(folder, cache_images=True), VhapExport(folder, cache_images=False)
-    frame = cached.split("train")[0]
-    first = cached.load_image(frame)
-    uncached.load_image(frame)
-    frame.image_path.unlink()
-    torch.testing.assert_close(cached.load_image(frame), first)
-    with pytest.raises(DatasetError, match="image not found"):
-        uncached.load_image(frame)
-
-
 def test_from_config_applies_ds_rate(sequence):
     folder, _ = sequence
     cfg = SimpleNamespace(actor=SimpleNamespace(data_dir=str(folder), n_shape=0, n_expr=0),
-                          data=SimpleNamespace(ds_rate=2, cache_images=False))
+                          data=SimpleNamespace(ds_rate=2))
     export = VhapExport.from_config(cfg)
     frame = export.split("train")[0]
     assert (frame.camera.width, frame.camera.height) == (W // 2, H // 2)

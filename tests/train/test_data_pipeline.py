@@ -1,0 +1,176 @@
+"""The training images' pipeline: a DataLoader over steps, workers, the shared byte-budget cache, errors."""
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lib.config import load_config
+from lib.dataset.image_cache import ImageCache
+from lib.dataset.vhap import DatasetError, VhapExport
+from lib.paths import REPO_ROOT, ActorPaths, resolve
+from lib.train import data as data_module
+from lib.train.data import LoaderError, TrainingImages, read_pixels
+
+CPU = torch.device("cpu")
+
+
+def _images(cfg, workers=0, rank=0, world=1, start=0, stop=40, **data):
+    cfg.data.workers = workers
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    export = VhapExport.from_config(cfg)
+    return TrainingImages(export, export.split("train"), cfg, rank, world, start, stop, CPU, local_world_size=1)
+
+
+def _draws(images, steps):
+    out = []
+    for step in steps:
+        sample, bg, gt = images.at(step)
+        out.append((sample.frame.image_path, bg.tolist(), gt))
+    return out
+
+
+# ---------------------------------------------------------------- the cache
+
+def test_cache_keeps_only_the_frames_its_budget_holds():
+    cache = ImageCache([100, 100, 100], budget=250)
+    assert cache.slots == 2 and cache.nbytes == 200
+    frames = [np.full((10, 10), i + 1, dtype=np.uint8) for i in range(3)]
+    for i, f in enumerate(frames):
+        assert cache.get(i, (10, 10)) is None
+        cache.put(i, f)
+    np.testing.assert_array_equal(cache.get(1, (10, 10)), frames[1])
+    assert cache.get(2, (10, 10)) is None  # no slot: decoded at every use
+    assert ImageCache([100], budget=0).get(0, (10, 10)) is None
+
+
+def _fill_in_child(cache):
+    cache.put(0, np.full(64, 7, dtype=np.uint8))
+
+
+def test_a_frame_a_forked_worker_caches_is_seen_by_every_process():
+    cache = ImageCache([64], budget=1 << 20)
+    child = multiprocessing.get_context("fork").Process(target=_fill_in_child, args=(cache,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(cache.get(0, (64,)), np.full(64, 7, dtype=np.uint8))
+
+
+def test_a_pickled_cache_arrives_empty():
+    import pickle
+
+    cache = ImageCache([8], budget=64)
+    cache.put(0, np.arange(8, dtype=np.uint8))
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.get(0, (8,)) is None
+    copy.put(0, np.arange(8, dtype=np.uint8))  # a no-op, not an error
+
+
+# ---------------------------------------------------------------- draws
+
+def test_draws_do_not_depend_on_workers_cache_or_resuming(tiny_actor_config):
+    cfg = load_config(tiny_actor_config)
+    steps = list(range(12))
+    reference = _draws(_images(cfg, workers=0, cache_gb=0.0), steps)
+    for workers, cache_gb, start in ((2, 1.0, 0), (1, 0.0, 0), (1, 1.0, 5)):
+        got = _draws(_images(cfg, workers=workers, cache_gb=cache_gb, start=start), steps[start:])
+        for (path, bg, gt), (ref_path, ref_bg, ref_gt) in zip(got, reference[start:]):
+            assert path == ref_path and bg == ref_bg
+            torch.testing.assert_close(gt, ref_gt, rtol=0, atol=0)
+    # and the draws are random: several frames and backgrounds over 12 steps
+    assert len({p for p, _, _ in reference}) > 3 and len({tuple(b) for _, b, _ in reference}) > 3
+
+
+def test_the_sample_holds_the_exports_pixels(tiny_actor_config):
+    cfg = load_config(tiny_actor_config)
+    images = _images(cfg)
+    sample, _, _ = images.at(0)
+    export = VhapExport.from_config(cfg)
+    pixels = read_pixels(export, sample.frame)
+    torch.testing.assert_close(sample.image, torch.from_numpy(pixels[..., :3]).float() / 255)
+    torch.testing.assert_close(sample.alpha, export.load_image(sample.frame).new_tensor(pixels[..., 3]) / 255)
+    assert sample.mouth.max() > 0 or pixels[..., 4].max() == 0
+
+
+def test_ranks_draw_from_disjoint_shares_of_the_frames(tiny_actor_config):
+    cfg = load_config(tiny_actor_config)
+    everything = set(f.image_path for f in VhapExport.from_config(cfg).split("train"))
+    shares = [set(f.image_path for f in _images(cfg, rank=r, world=3).frames) for r in range(3)]
+    assert not (shares[0] & shares[1]) and not (shares[1] & shares[2]) and not (shares[0] & shares[2])
+    assert set.union(*shares) == everything
+
+
+def test_a_step_asked_for_twice_is_a_programming_error(tiny_actor_config):
+    images = _images(load_config(tiny_actor_config))
+    images.at(3)
+    with pytest.raises(ValueError, match="step 2"):
+        images.at(2)
+
+
+# ---------------------------------------------------------------- errors from workers
+
+@pytest.fixture
+def broken_copy(tiny_actor_config, tmp_path):
+    """(config path, overrides, data folder) of a private copy of the tiny actor's export and stage 1."""
+    cfg = load_config(tiny_actor_config)
+    data = tmp_path / "actor"
+    shutil.copytree(resolve(cfg.actor.data_dir), data)
+    overrides = [f"actor.data_dir={os.path.relpath(data, REPO_ROOT)}",
+                 f"actor.experiments_dir={os.path.relpath(tmp_path / 'experiments', REPO_ROOT)}"]
+    shutil.copytree(ActorPaths(cfg).stage_dir("mesh_pca"),
+                    ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
+    return tiny_actor_config, overrides, data
+
+
+def _train_images(data):
+    return [data / f["file_path"] for f in json.loads((data / "transforms_train.json").read_text())["frames"]]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_bad_image_found_by_a_worker_is_the_same_dataset_error(broken_copy, damage):
+    config, overrides, data = broken_copy
+    for image in _train_images(data):
+        if damage == "truncated":
+            image.write_bytes(image.read_bytes()[:100])
+        else:
+            image.unlink()
+    messages = []
+    for workers in (0, 2):
+        with pytest.raises(DatasetError) as error:
+            _images(load_config(config, overrides), workers=workers).at(0)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1], messages
+    assert "Traceback" not in messages[1] and "worker" not in messages[1]
+    assert str(data / "images") in messages[1]
+    assert ("cannot decode" if damage == "truncated" else "image not found") in messages[1]
+
+
+def test_a_worker_that_dies_ends_the_run_with_a_loader_error(tiny_actor_config, monkeypatch):
+    def die(*args):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read_pixels(*args)
+
+    monkeypatch.setattr(data_module, "read_pixels", die)  # the forked worker inherits the patch
+    with pytest.raises(LoaderError, match="data-loading worker died.*data.workers"):
+        _images(load_config(tiny_actor_config), workers=1, cache_gb=0.0).at(0)
+
+
+def test_train_py_stops_with_the_files_name_when_a_worker_meets_a_truncated_image(broken_copy):
+    config, overrides, data = broken_copy
+    for image in _train_images(data):
+        image.write_bytes(image.read_bytes()[:100])
+    result = subprocess.run([sys.executable, "train.py", str(config), *overrides, "data.workers=2"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot decode ") and str(data / "images") in line, line
