@@ -75,7 +75,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ds_rate": Key(1, "image downsampling factor applied when images are loaded (1 = full size)", ge=1),
         "workers": Key(2, "processes decoding training images ahead of the loop (0: the loop decodes them itself)", ge=0),
         "prefetch": Key(4, "images each worker decodes ahead", ge=1),
-        "cache_gb": Key(4.0, "memory (GB per machine, shared by its processes) keeping decoded training images; beyond it they are decoded at every use (0: no cache)", ge=0),
+        "cache_gb": Key(2.0, "memory (GB per machine, shared by its processes) keeping decoded training images; beyond it they are decoded at every use (0: no cache)", ge=0),
         "background": Key([1.0, 1.0, 1.0], "RGB the dataset images are composited on (white for VHAP exports)", ge=0, le=1, length=3),
     },
     "synthetic": {
