@@ -4,9 +4,10 @@ Every artifact of the pipeline (configs, checkpoints, bases, masks, reports) is 
 ``atomic_path``: the content goes to a temp file ``.<name>.<random>.partial<suffix>`` in the same
 folder, which is renamed onto the target only when writing succeeded (a rename within one folder is
 atomic). A killed writer leaves its temp file behind; ``lib.lock`` removes such partial files the next
-time the folder's writer starts. A write that fails because the disk is full raises
-``lib.errors.DiskFullError`` naming the file. Torch files are read back by ``load_torch``, which runs
-no code from the file.
+time the folder's writer starts; scratch files that live only while their writer runs (stage 3's
+frame store) take the same name (``temp_beside``) for the same reason. A write that fails because the
+disk is full raises ``lib.errors.DiskFullError`` naming the file. Torch files are read back by
+``load_torch``, which runs no code from the file.
 """
 from __future__ import annotations
 
@@ -36,9 +37,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``suffix`` matters to writers that append an extension themselves (``np.savez`` needs ``.npz``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL + suffix)
-    os.close(fd)
+    tmp = temp_beside(path, suffix)
     try:
         with naming_full_disk(path):
             yield Path(tmp)
@@ -46,6 +45,17 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def temp_beside(path: str | Path, suffix: str = "") -> Path:
+    """A new empty file ``.<name>.<random>.partial<suffix>`` in the folder of ``path`` (created if
+    missing): the temp file of an atomic write, or a scratch file its writer deletes when done; named so,
+    ``lib.lock`` removes it when a killed writer left it behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL + suffix)
+    os.close(fd)
+    return Path(tmp)
 
 
 def write_bytes(path: str | Path, data: bytes | memoryview) -> None:

@@ -42,12 +42,12 @@ from lib.eval.render import WHITE
 from lib.flame.model import FlameModel
 from lib.lock import locks_run_folder
 from lib.models.avatar import load_regressor
-from lib.models.gem import GaussianEigenModel, GaussianSet, render_gem
+from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
-from lib.train.fit_gem import gem_space_frames
+from lib.train.fit_gem import gem_space_gaussians
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
 from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
@@ -74,8 +74,9 @@ def evaluate_mapping(cfg, log=print) -> dict:
 
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
-    head, R, t = gem_space_frames(avatar, data, steps)
-    gt_coeffs = gem.project(GaussianSet(*(x.to(device) for x in head)))
+    R, t = data.gem_pose(steps)
+    projected = [gem.project(head) for head in gem_space_gaussians(avatar, data, steps)]  # [1, K] each
+    gt_coeffs = {a: torch.cat([c[a] for c in projected]) for a in projected[0]}
     pred_flat, held = _held(cfg, gem, net(driving_signals(cfg, export, steps, data).to(device)), log)
     pred_coeffs = split_coefficients(gem, pred_flat)
     coeff_l1 = float((pred_flat - flatten_coefficients(gt_coeffs)).abs().mean())

@@ -24,7 +24,10 @@ attribute is the concatenation of its blocks' coefficients, in block order.
 
 Fitting uses the T x T Gram matrix of the centred data (T frames, few; N . C values, many), so a
 fit over 262k Gaussians costs a few matrix products. At most T - 1 components exist; components
-whose variance is below 1e-10 of the largest (numerically zero) are dropped.
+whose variance is below 1e-10 of the largest (numerically zero) are dropped. The data is read twice in
+column blocks (all T frames of a range of Gaussians, ``CHUNK_BYTES`` at a time: once for the Gram
+matrix, once for the basis), from a ``FrameSource``: a GaussianSet in memory (``FramesInMemory``), or
+stage 3's frame store on disk (``lib.models.frame_store``), so memory grows with T^2, not with T x N.
 
 File (``save`` / ``load``): a ``torch.save`` dict of tensors, strings and numbers only, read with
 ``torch.load(weights_only=True)``; written atomically (temp file + rename). Bases may be stored in
@@ -32,10 +35,12 @@ float16 (``half=True``); means, variances and coefficients stay float32.
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -66,7 +71,8 @@ PART_REGIONS = (
     ("neck", ("neck",)),
 )
 _RANK_TOL = 1e-10  # variance ratio below which a component is numerical noise
-_GRAM_CHUNK = 1 << 22  # values per chunk of the float64 Gram accumulation (memory bound)
+# float64 bytes of one column block [T, d] of the fit (its transient memory beside the T x T Gram matrix)
+CHUNK_BYTES = 64 << 20
 
 
 class GemError(ProjectError, ValueError):
@@ -110,35 +116,52 @@ class Block:
 
 # ---------------------------------------------------------------- PCA of one data matrix
 
-def fit_pca(x: Tensor, n_components: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """PCA of the rows of x [T, D] through the T x T Gram matrix (float64).
+def pca_of_columns(blocks: Callable[[], Iterable[Tensor]], mean: Tensor, n_frames: int,
+                   n_components: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PCA of the rows of X [T, D] through the T x T Gram matrix of the centred rows (float64).
 
-    -> mean [D], basis [K, D] orthonormal rows, eigenvalues [K] (variance, ddof 1), coefficients
-       [T, K] of the rows in sigma units (zero mean, unit variance per component);
-       K = min(n_components, T - 1, numerical rank).
+    X is read twice as successive column blocks, once for the Gram matrix and once for the basis
+    (basis = U^T X_c / s), so only one block is in memory at a time.
+    blocks: () -> X's column blocks [T, d_i] in order (sum d_i = D), any float dtype and device;
+    mean: [D] float64 column means of X. -> mean [D], basis [K, D] orthonormal rows, eigenvalues [K]
+    (variance, ddof 1), coefficients [T, K] of the rows in sigma units (zero mean, unit variance per
+    component), all float32; K = min(n_components, T - 1, numerical rank).
     """
-    T = x.shape[0]
-    if T < 2:
-        raise GemError(f"a PCA needs at least 2 frames, got {T}")
-    mean = x.mean(0, dtype=torch.float64)
-    centred = x - mean.to(x.dtype)
-    gram = torch.zeros(T, T, dtype=torch.float64, device=x.device)
-    step = max(1, _GRAM_CHUNK // T)
-    for start in range(0, x.shape[1], step):
-        chunk = centred[:, start:start + step].double()
-        gram += chunk @ chunk.T
+    T = n_frames
+    gram = torch.zeros(T, T, dtype=torch.float64, device=mean.device)
+    for _, centred in _centred(blocks(), mean):
+        gram.addmm_(centred, centred.T)
     values, vectors = torch.linalg.eigh(gram)  # ascending
     values, vectors = values.flip(0), vectors.flip(1)
     keep = int((values > _RANK_TOL * values[0]).sum()) if values[0] > 0 else 0
     k = min(n_components, T - 1, keep)
     s = values[:k].sqrt()  # singular values of the centred data
     u = vectors[:, :k]
-    basis = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[1], step):
-        basis[:, start:start + step] = ((u.T @ centred[:, start:start + step].double()) / s[:, None]).to(x.dtype)
+    basis = torch.empty(k, mean.shape[0], dtype=torch.float32, device=mean.device)
+    for start, centred in _centred(blocks(), mean):
+        basis[:, start:start + centred.shape[1]] = ((u.T @ centred) / s[:, None]).float()
     eigenvalues = values[:k] / (T - 1)
     coefficients = u * (T - 1) ** 0.5  # = (centred @ basis.T) / sqrt(eigenvalues)
-    return mean.to(x.dtype), basis, eigenvalues.float(), coefficients.float()
+    return mean.float(), basis, eigenvalues.float(), coefficients.float()
+
+
+def _centred(blocks: Iterable[Tensor], mean: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(first column, block - its means in float64) of successive column blocks, each written over the
+    last one's buffer (valid until the next): a fresh block per step would keep two alive at a time."""
+    start, buffer = 0, None
+    for block in blocks:
+        width = block.shape[1]
+        if buffer is None or buffer.shape[1] < width:
+            buffer = torch.empty(block.shape[0], width, dtype=torch.float64, device=mean.device)
+        centred = buffer[:, :width]
+        centred.copy_(block).sub_(mean[start:start + width])
+        yield start, centred
+        start += width
+
+
+def gaussians_per_read(n_frames: int, channels: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Gaussians per column block: its float64 copy [T, n * C] stays within chunk_bytes."""
+    return max(1, chunk_bytes // (8 * n_frames * channels))
 
 
 # ---------------------------------------------------------------- quaternion sign continuity
@@ -179,6 +202,65 @@ def assign_parts(positions: Tensor, canonical_verts: Tensor,
     remap = np.full(len(names), -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
     return [names[i] for i in used], torch.as_tensor(remap[labels], device=positions.device)
+
+
+def part_groups(parts: tuple[list[str], Tensor] | None) -> list[tuple[str, Tensor | None]]:
+    """(name, Gaussian indices [n] long, ascending) of every block of an attribute: one per part of
+    ``assign_parts``' (names, labels [N]), or ("all", None) without parts."""
+    if parts is None:
+        return [("all", None)]
+    return [(name, (parts[1] == i).nonzero().squeeze(1)) for i, name in enumerate(parts[0])]
+
+
+def gaussian_order(parts: tuple[list[str], Tensor] | None) -> Tensor | None:
+    """The order [N] long in which a FrameSource keeps Gaussians for ``fit``: each part's next to each
+    other, parts in order, so that a block is one range of read positions. None = 0..N-1 (no parts)."""
+    return None if parts is None else torch.cat([index for _, index in part_groups(parts)])
+
+
+# ---------------------------------------------------------------- what the fit reads
+
+class FrameSource(Protocol):
+    """T frames of N GEM-space Gaussians as ``GaussianEigenModel.fit`` reads them: per attribute, in
+    column blocks (all T frames of a range of Gaussians). Gaussians are read in ``order``
+    (``gaussian_order``: each part one range); rotations come flipped into frame 0's hemisphere."""
+
+    n_frames: int
+    n_gaussians: int
+    order: Tensor | None  # [N] long, the Gaussian at each read position; None = 0..N-1
+    colors: Tensor  # [N, 3] frame 0's, in the Gaussians' own order
+
+    def mean(self, attr: str) -> Tensor:
+        """[N, C] float64 mean over the frames, in read order."""
+
+    def columns(self, attr: str, start: int, stop: int) -> Iterator[Tensor]:
+        """Read positions start..stop of every frame as successive blocks [T, n * C] of at most
+        ``gaussians_per_read`` Gaussians (float32)."""
+
+
+class FramesInMemory:
+    """A GaussianSet [T, N, ...] read as a FrameSource (``fit`` of frames already in memory)."""
+
+    def __init__(self, frames: GaussianSet, order: Tensor | None = None, chunk_bytes: int = CHUNK_BYTES):
+        self.n_frames, self.n_gaussians = frames.means.shape[:2]
+        self.order = None if order is None else order.to(frames.means.device)
+        self.colors = frames.colors[0].detach()
+        self.chunk_bytes = chunk_bytes
+        self._values = {attr: frames.attribute(attr).detach() for attr in ATTRIBUTES}
+        quats = self._values["rotations"]
+        self._values["rotations"] = align_quats(quats, quats[0])
+
+    def mean(self, attr: str) -> Tensor:
+        mean = self._values[attr].mean(0, dtype=torch.float64)
+        return mean if self.order is None else mean[self.order]
+
+    def columns(self, attr: str, start: int, stop: int) -> Iterator[Tensor]:
+        x = self._values[attr]
+        step = gaussians_per_read(self.n_frames, x.shape[2], self.chunk_bytes)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            block = x[:, a:b] if self.order is None else x[:, self.order[a:b]]
+            yield block.reshape(self.n_frames, -1)
 
 
 # ---------------------------------------------------------------- poses
@@ -240,33 +322,43 @@ class GaussianEigenModel:
     # ---- fitting ----
 
     @classmethod
-    def fit(cls, frames: GaussianSet, n_components: dict[str, int], timesteps: Tensor | None = None,
+    def fit(cls, frames: GaussianSet | FrameSource, n_components: dict[str, int], timesteps: Tensor | None = None,
             parts: tuple[list[str], Tensor] | None = None, extras: dict[str, Tensor] | None = None
             ) -> "GaussianEigenModel":
-        """Fit the bases to T frames of N Gaussians in GEM space (frames: GaussianSet with B = T).
+        """Fit the bases to T frames of N Gaussians in GEM space: a GaussianSet with B = T, or a
+        FrameSource (stage 3's ``FrameStore``, written in ``gaussian_order(parts)``).
 
         n_components: attribute -> components kept (per block); parts: (names, labels [N]) from
         ``assign_parts``, or None for one block per attribute. Colours are frame 0's.
         """
-        T, N = frames.means.shape[:2]
+        missing = [a for a in ATTRIBUTES if a not in n_components]
+        if missing:
+            raise GemError(f"no component count for {missing}; n_components needs {list(ATTRIBUTES)}")
+        groups = part_groups(parts)
+        order = gaussian_order(parts)
+        source = FramesInMemory(frames, order) if isinstance(frames, GaussianSet) else frames
+        T, N = source.n_frames, source.n_gaussians
+        if T < 2:
+            raise GemError(f"a PCA needs at least 2 frames, got {T}")
+        identity = torch.arange(N)
+        if not torch.equal(identity if source.order is None else source.order.cpu(),
+                           identity if order is None else order.cpu()):
+            raise GemError("the frames were stored in another Gaussian order than these parts need; "
+                           "write them with order=gaussian_order(parts)")
         timesteps = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps).long()
-        groups = [("all", None)] if parts is None else [
-            (name, (parts[1] == i).nonzero().squeeze(1)) for i, name in enumerate(parts[0])]
         blocks, coefficients = {}, {}
-        for attr, C in ATTRIBUTES.items():
-            if attr not in n_components:
-                raise GemError(f"no component count for '{attr}'; n_components needs {list(ATTRIBUTES)}")
-            x = frames.attribute(attr).detach()
-            if attr == "rotations":
-                x = align_quats(x, x[0])
-            blocks[attr], coeffs = [], []
+        for attr in ATTRIBUTES:
+            means = source.mean(attr)  # [N, C] float64, read order
+            blocks[attr], coeffs, start = [], [], 0
             for part, index in groups:
-                data = x if index is None else x[:, index]
-                mean, basis, eigenvalues, c = fit_pca(data.reshape(T, -1), n_components[attr])
+                stop = start + (N if index is None else index.shape[0])
+                read = functools.partial(source.columns, attr, start, stop)
+                mean, basis, eigenvalues, c = pca_of_columns(read, means[start:stop].reshape(-1), T, n_components[attr])
                 blocks[attr].append(Block(part, index, mean, basis, eigenvalues))
                 coeffs.append(c)
+                start = stop
             coefficients[attr] = torch.cat(coeffs, dim=1)
-        return cls(blocks, frames.colors[0].detach().clone(), coefficients, timesteps, extras)
+        return cls(blocks, source.colors.detach().clone(), coefficients, timesteps, extras)
 
     # ---- shape of the coefficient vectors ----
 
@@ -516,23 +608,69 @@ def render_gem(model: GaussianEigenModel, coefficients: dict[str, Tensor], R: Te
                   pose_viewmats(viewmats, R[0].to(viewmats), t[0].to(viewmats)), Ks, width, height, background)
 
 
-def reconstruction_errors(model: GaussianEigenModel, frames: GaussianSet) -> dict[str, dict[str, float]]:
+def reconstruction_errors(model: GaussianEigenModel,
+                          frames: GaussianSet | Iterable[GaussianSet]) -> dict[str, dict[str, float]]:
     """Error of projecting frames on the model and rebuilding them, per attribute:
     rms = RMS over Gaussians and frames of the per-Gaussian error norm; relative = rms / the RMS
     deviation of the frames from their own mean (the share of the motion left unexplained).
 
-    Rotations are compared as rotations (the sign of a quaternion is free): unit quaternions,
-    the error min(|q - q'|, |q + q'|).
+    frames: a GaussianSet [T, N, ...], or batches of timesteps (GaussianSets [B, N, ...], e.g. a
+    FrameStore's ``batches()``) that are never all in memory. Rotations are compared as rotations (the
+    sign of a quaternion is free): unit quaternions, the error min(|q - q'|, |q + q'|).
     """
-    rebuilt = model.reconstruct(model.project(frames))
-    errors = {}
-    for attr in ATTRIBUTES:
-        a, b = frames.attribute(attr).float(), rebuilt.attribute(attr).float()
-        if attr == "rotations":
-            a = normalize_quat(a)
-            a = align_quats(a, a[0])
-            b = align_quats(b, a)
-        rms = float((a - b).pow(2).sum(-1).mean().sqrt())
-        spread = float((a - a.mean(0)).pow(2).sum(-1).mean().sqrt())
-        errors[attr] = {"rms": rms, "relative": rms / spread if spread > 0 else 0.0}
-    return errors
+    errors = ReconstructionErrors(model)
+    for batch in ([frames] if isinstance(frames, GaussianSet) else frames):
+        errors.add(batch)
+    return errors.result()
+
+
+class ReconstructionErrors:
+    """``reconstruction_errors`` as running float64 sums over batches of frames (``add``), for frames
+    that arrive one timestep at a time.
+
+    Per attribute: the squared error, and the deviations d = a - a_0 from the first frame (per
+    Gaussian), S1 = sum d [N, C] and S2 = sum |d|^2, since sum |a - mean|^2 = S2 - |S1|^2 / T. Taken
+    from a frame of the data rather than from 0, the difference does not cancel away the digits of a
+    small motion on a large mean (positions), and is exactly 0 for an attribute that does not move.
+    """
+
+    def __init__(self, model: GaussianEigenModel):
+        self.model = model
+        self.frames = 0
+        self._first: dict[str, Tensor] = {}  # attribute -> [N, C] first frame (rotations: unit, aligned)
+        self._squared_error = dict.fromkeys(ATTRIBUTES, 0.0)
+        self._s1: dict[str, Tensor] = {}
+        self._s2 = dict.fromkeys(ATTRIBUTES, 0.0)
+
+    @torch.no_grad()
+    def add(self, frames: GaussianSet) -> None:
+        """Add a batch of frames (GaussianSet [B, N, ...], GEM space, any device)."""
+        frames = GaussianSet(*(x.detach().to(self.model.colors.device) for x in frames))
+        rebuilt = self.model.reconstruct(self.model.project(frames))
+        for attr in ATTRIBUTES:
+            a, b = frames.attribute(attr).float(), rebuilt.attribute(attr).float()
+            if attr == "rotations":
+                a = normalize_quat(a)
+                a = align_quats(a, self._first[attr] if attr in self._first else a[0])
+                b = align_quats(b, a)
+            if attr not in self._first:
+                self._first[attr] = a[0].clone()
+                self._s1[attr] = torch.zeros(a.shape[1:], dtype=torch.float64, device=a.device)
+            self._squared_error[attr] += float((a - b).double().pow(2).sum())
+            d = (a - self._first[attr]).double()
+            self._s1[attr] += d.sum(0)
+            self._s2[attr] += float(d.pow(2).sum())
+        self.frames += frames.means.shape[0]
+
+    def result(self) -> dict[str, dict[str, float]]:
+        """attribute -> {"rms", "relative"} over the frames added so far."""
+        if self.frames == 0:
+            raise GemError("no frames to measure the reconstruction error on")
+        count = self.frames * self.model.n_gaussians
+        errors = {}
+        for attr in ATTRIBUTES:
+            rms = math.sqrt(self._squared_error[attr] / count)
+            deviation = self._s2[attr] - float(self._s1[attr].pow(2).sum()) / self.frames
+            spread = math.sqrt(max(deviation, 0.0) / count)
+            errors[attr] = {"rms": rms, "relative": rms / spread if spread > 0 else 0.0}
+        return errors

@@ -3,17 +3,22 @@
 The regressor runs once per timestep of ``gem.splits`` (train + val: the val split shares the
 training timesteps, so these are the training expressions; the Gaussians do not depend on the
 camera). Its world-space Gaussians are brought into GEM space (``lib.models.gem.gem_pose``: global
-pose and neck rotation undone) and fitted. Then, with ``gem.evaluate``, val (novel view) and test
-(novel expression) frames are rendered on white by the regressor and by GEM (coefficients = the
-projection of the regressor's output for that timestep) and scored against the ground truth, over
-the full frame and inside the head mask, and again for the component counts of
-``gem.table_components``. Everything printed is also written to ``report.json``.
+pose and neck rotation undone) and appended, one timestep at a time, to a frame store on disk
+(``lib.models.frame_store``; deleted when the stage ends), from which the bases are fitted and the
+training reconstruction error measured: memory grows with the T x T Gram matrix, not with the
+T x N Gaussians (the report gives both sizes, ``store_mb`` and ``gram_mb``). Then, with
+``gem.evaluate``, val (novel view) and test (novel expression) frames are rendered on white by the
+regressor and by GEM (coefficients = the projection of the regressor's output for that timestep,
+computed once per timestep) and scored against the ground truth, over the full frame and inside the
+head mask, and again for the component counts of ``gem.table_components``. Everything printed is also
+written to ``report.json``.
 """
 from __future__ import annotations
 
 import io
 import os
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,9 +31,10 @@ from lib.eval.render import WHITE, render_frame
 from lib.flame.model import FlameModel, load_regions
 from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, load_canonical_mesh, load_regressor
+from lib.models.frame_store import FrameStore
 from lib.models.gem import (
-    ATTRIBUTES, GaussianEigenModel, GaussianSet, assign_parts, reconstruction_errors, render_gem,
-    to_gem_space,
+    ATTRIBUTES, GaussianEigenModel, GaussianSet, ReconstructionErrors, assign_parts, gaussian_order,
+    reconstruction_errors, render_gem, to_gem_space,
 )
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
@@ -46,17 +52,14 @@ def timestep_files(export: VhapExport, splits) -> dict[int, object]:
 
 
 @torch.no_grad()
-def gem_space_frames(avatar: GaussianAvatar, data: ActorData,
-                     timesteps: list[int]) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
-    """The regressor's Gaussians of timesteps, in GEM space (on the CPU: T frames of N Gaussians can be
-    large), and each timestep's GEM pose. -> (GaussianSet [T, N, ...], R [T, 3, 3], t [T, 3])"""
+def gem_space_gaussians(avatar: GaussianAvatar, data: ActorData, timesteps: list[int]) -> Iterator[GaussianSet]:
+    """The regressor's Gaussians of each timestep in GEM space, one timestep at a time (never all T
+    sets of N Gaussians at once). -> GaussianSet [1, N, ...] on the data's device, in timestep order"""
     R, t = data.gem_pose(timesteps)
-    sets = []
     for i, step in enumerate(timesteps):
         g = avatar(*data.driving(step))
         world = GaussianSet(g.means, g.quats, g.scales, g.opacities, g.colors)
-        sets.append(GaussianSet(*(x.cpu() for x in to_gem_space(world, R[i:i + 1], t[i:i + 1]))))
-    return GaussianSet(*(torch.cat(x) for x in zip(*sets))), R, t
+        yield to_gem_space(world, R[i:i + 1], t[i:i + 1])
 
 
 @locks_run_folder(lambda cfg: ActorPaths(cfg).gem_dir, "the GEM folder")
@@ -70,13 +73,6 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     avatar, regressor = load_regressor(cfg, paths, flame, device)
     ckpt = regressor["path"]
 
-    files = timestep_files(export, cfg.gem.splits)
-    timesteps = sorted(files)
-    start = time.perf_counter()
-    frames, _, _ = gem_space_frames(avatar, data, timesteps)
-    log(f"regressor ({ckpt}) over {len(timesteps)} timesteps of {'+'.join(cfg.gem.splits)}: "
-        f"{frames.means.shape[1]} Gaussians each ({time.perf_counter() - start:.1f} s)")
-
     parts = None
     if cfg.gem.parts:
         masks = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
@@ -84,15 +80,27 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
         members = torch.bincount(parts[1], minlength=len(parts[0])).tolist()
         log("parts: " + ", ".join(f"{n} ({c})" for n, c in zip(parts[0], members)))
     counts = {a: getattr(cfg.gem, a) for a in ATTRIBUTES}
-    start = time.perf_counter()
-    model = GaussianEigenModel.fit(frames, counts, torch.tensor(timesteps), parts,
-                                   extras={"texel_index": avatar.texel_index.cpu(),
-                                           "uv_size": torch.tensor(avatar.size)})
-    log(f"GEM fitted in {time.perf_counter() - start:.1f} s")
 
-    report = {"checkpoint": ckpt, "timesteps": len(timesteps), "gaussians": model.n_gaussians,
-              "parts": model.parts, "components": {a: model.n_components(a) for a in ATTRIBUTES}}
-    report["train_error"] = _log_errors(model, frames, log, "training frames")
+    timesteps = sorted(timestep_files(export, cfg.gem.splits))
+    T = len(timesteps)
+    with FrameStore(paths.gem_dir, gaussian_order(parts)) as store:
+        start = time.perf_counter()
+        for gaussians in gem_space_gaussians(avatar, data, timesteps):
+            store.append(gaussians)
+        store_mb, gram_mb = store.nbytes / MB, T * T * 8 / MB
+        log(f"regressor ({ckpt}) over {T} timesteps of {'+'.join(cfg.gem.splits)}: {store.n_gaussians} "
+            f"Gaussians each ({time.perf_counter() - start:.1f} s); frame store {store_mb:.1f} MB on disk, "
+            f"Gram matrix {T} x {T} float64 {gram_mb:.1f} MB")
+        start = time.perf_counter()
+        model = GaussianEigenModel.fit(store, counts, torch.tensor(timesteps), parts,
+                                       extras={"texel_index": avatar.texel_index.cpu(),
+                                               "uv_size": torch.tensor(avatar.size)})
+        log(f"GEM fitted in {time.perf_counter() - start:.1f} s")
+        train_error = _log_errors(model, reconstruction_errors(model, store.batches()), log, "training frames")
+
+    report = {"checkpoint": ckpt, "timesteps": T, "gaussians": model.n_gaussians,
+              "parts": model.parts, "components": {a: model.n_components(a) for a in ATTRIBUTES},
+              "store_mb": store_mb, "gram_mb": gram_mb, "train_error": train_error}
     report["size_mb"] = _log_sizes(model, avatar, ckpt, log)
     path = model.save(paths.gem, half=cfg.gem.fp16)
     log(f"GEM ({'fp16' if cfg.gem.fp16 else 'fp32'} bases) -> {path}")
@@ -105,8 +113,8 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     return model
 
 
-def _log_errors(model: GaussianEigenModel, frames: GaussianSet, log, what: str) -> dict:
-    errors = reconstruction_errors(model, frames)
+def _log_errors(model: GaussianEigenModel, errors: dict, log, what: str) -> dict:
+    """Log ``reconstruction_errors``' result. -> errors"""
     log(f"reconstruction error on the {what} (RMS per Gaussian; relative = / RMS deviation from the mean):")
     for attr, e in errors.items():
         log(f"  {attr:10s} {e['rms']:.3e}  relative {e['relative']:.4f}  ({model.n_components(attr)} components)")
@@ -147,23 +155,27 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
     results = {}
     for split in ("val", "test"):
         frames = _eval_frames(cfg, export, split)
-        steps = sorted({f.timestep_index for f in frames})
-        gem_frames, R, t = gem_space_frames(avatar, data, steps)
-        row = {s: i for i, s in enumerate(steps)}
-        if split == "test":
-            results["test_error"] = _log_errors(model, gem_frames, log, f"held-out test frames ({len(steps)})")
+        by_step: dict[int, list[Frame]] = {}
+        for frame in frames:  # each timestep's regressor output is computed once, for all its cameras
+            by_step.setdefault(frame.timestep_index, []).append(frame)
+        steps = sorted(by_step)
+        R, t = data.gem_pose(steps)
+        errors = ReconstructionErrors(model) if split == "test" else None
         scores = {name: [] for name in variants}
-        for frame in frames:
-            regressor, gt, alpha = render_frame(avatar, data, frame)
-            scores["regressor"].append(image_metrics(regressor, gt, alpha))
-            i = row[frame.timestep_index]
-            cam = (frame.camera.viewmat[None].to(device), frame.camera.K[None].to(device), frame.camera.width,
-                   frame.camera.height, white)
-            head = GaussianSet(*(x.to(device) for x in gem_frames.frame(i)))
-            for name, m in variants.items():
-                if m is not None:
-                    rgb = render_gem(m, m.project(head), R[i:i + 1], t[i:i + 1], *cam).rgb[0].clamp(0, 1)
+        for i, head in enumerate(gem_space_gaussians(avatar, data, steps)):
+            if errors is not None:
+                errors.add(head)
+            coefficients = {name: m.project(head) for name, m in variants.items() if m is not None}
+            for frame in by_step[steps[i]]:
+                regressor, gt, alpha = render_frame(avatar, data, frame)
+                scores["regressor"].append(image_metrics(regressor, gt, alpha))
+                cam = (frame.camera.viewmat[None].to(device), frame.camera.K[None].to(device), frame.camera.width,
+                       frame.camera.height, white)
+                for name, c in coefficients.items():
+                    rgb = render_gem(variants[name], c, R[i:i + 1], t[i:i + 1], *cam).rgb[0].clamp(0, 1)
                     scores[name].append(image_metrics(rgb, gt, alpha))
+        if errors is not None:
+            results["test_error"] = _log_errors(model, errors.result(), log, f"held-out test frames ({len(steps)})")
         results[split] = {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
                           for name, rows in scores.items()}
         res = results[split]

@@ -3,11 +3,15 @@ import numpy as np
 import pytest
 import torch
 
+from lib.atomic import is_partial
+from lib.errors import DiskFullError
 from lib.flame.model import FlameModel
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_to_matrix
+from lib.lock import locked
+from lib.models.frame_store import FrameStore
 from lib.models.gem import (
-    ATTRIBUTES, GaussianEigenModel, GaussianSet, GemError, assign_parts, gem_pose, reconstruction_errors,
-    to_gem_space, transform,
+    ATTRIBUTES, GaussianEigenModel, GaussianSet, GemError, align_quats, assign_parts, gaussian_order, gem_pose,
+    part_groups, reconstruction_errors, to_gem_space, transform,
 )
 
 FULL = {"positions": 50, "rotations": 40, "scales": 40, "opacities": 50}
@@ -123,6 +127,165 @@ def test_parts_fit_one_basis_per_region_and_move_only_their_gaussians():
     c["positions"][0, 3] = 2.0  # part "b", first component
     moved = (model.reconstruct(c).means - model.reconstruct(model.zero_coefficients()).means).norm(dim=-1)[0]
     assert moved[labels == 1].max() > 0 and moved[labels != 1].max() == 0
+
+
+def _flipped(frames: GaussianSet, seed: int = 3) -> GaussianSet:
+    """The same rotations with random quaternion signs."""
+    flips = torch.where(torch.rand(frames.quats.shape[:2] + (1,), generator=torch.Generator().manual_seed(seed)) < 0.5,
+                        -1.0, 1.0)
+    return frames._replace(quats=frames.quats * flips)
+
+
+def _three_parts(N: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """Parts a, b, c of random Gaussians (interleaved, as real parts are in texel order)."""
+    return ["a", "b", "c"], torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(seed))
+
+
+def _stored(folder, frames: GaussianSet, parts=None, chunk_bytes=20_000) -> FrameStore:
+    """A FrameStore of frames, written in uneven batches of timesteps (1, 5, the rest)."""
+    store = FrameStore(folder, gaussian_order(parts), chunk_bytes=chunk_bytes)
+    T = frames.means.shape[0]
+    for a, b in ((0, 1), (1, min(6, T)), (min(6, T), T)):
+        store.append(GaussianSet(*(x[a:b] for x in frames)))
+    return store
+
+
+@pytest.mark.parametrize("with_parts", [False, True])
+def test_fit_matches_an_svd_of_every_block(with_parts):
+    """The in-memory fit against numpy's SVD of each block's centred data (rotations sign-aligned to frame 0)."""
+    T, N = 13, 240
+    frames = _flipped(low_rank_sequence(T=T, N=N, rank=20, seed=5))
+    parts = _three_parts(N, seed=1) if with_parts else None
+    counts = {"positions": 6, "rotations": 5, "scales": 12, "opacities": 3}
+    model = GaussianEigenModel.fit(frames, counts, parts=parts)
+    for attr in ATTRIBUTES:
+        x = frames.attribute(attr).double()
+        if attr == "rotations":
+            x = x * torch.where((x * x[0]).sum(-1, keepdim=True) < 0, -1.0, 1.0).double()
+        for block, (_, index) in zip(model.blocks[attr], part_groups(parts)):
+            data = (x if index is None else x[:, index]).reshape(T, -1).numpy()
+            centred = data - data.mean(0)
+            u, s, vt = np.linalg.svd(centred, full_matrices=False)
+            k = counts[attr]
+            assert np.allclose(block.mean.numpy(), data.mean(0), atol=1e-7)
+            assert np.allclose(block.eigenvalues.numpy(), s[:k] ** 2 / (T - 1), rtol=1e-5)
+            sign = np.sign((block.basis.double().numpy() * vt[:k]).sum(1))
+            assert np.allclose(block.basis.numpy(), sign[:, None] * vt[:k], atol=2e-5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [20_000, 1 << 18])  # many column blocks / batches of 4 frames
+@pytest.mark.parametrize("with_parts", [False, True])
+def test_fit_from_a_frame_store_equals_the_fit_in_memory(tmp_path, with_parts, chunk_bytes):
+    T, N = 13, 300
+    frames = _flipped(low_rank_sequence(T=T, N=N, rank=20, seed=2))
+    parts = _three_parts(N, seed=4) if with_parts else None
+    counts = {"positions": 6, "rotations": 5, "scales": 7, "opacities": 12}
+    memory = GaussianEigenModel.fit(frames, counts, parts=parts)
+    with _stored(tmp_path, frames, parts, chunk_bytes) as store:
+        assert store.nbytes == T * N * 11 * 4
+        streamed = GaussianEigenModel.fit(store, counts, parts=parts)
+        batches = [b.means.shape[0] for b in store.batches()]
+        assert sum(batches) == T and (batches[0] == 1 if chunk_bytes == 20_000 else batches[0] == 4)
+        for batch, start in zip(store.batches(), np.cumsum([0] + batches)):
+            stop = start + batch.means.shape[0]
+            assert torch.equal(batch.means, frames.means[start:stop])  # in the Gaussians' own order again
+            assert torch.equal(batch.quats, align_quats(frames.quats[start:stop], frames.quats[0]))
+    assert streamed.parts == memory.parts and torch.equal(streamed.colors, frames.colors[0])
+    for attr in ATTRIBUTES:
+        for a, b in zip(memory.blocks[attr], streamed.blocks[attr]):
+            assert torch.equal(a.index, b.index) if a.index is not None else b.index is None
+            assert torch.allclose(a.mean, b.mean, atol=1e-7)
+            assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-6)
+            sign = torch.sign((a.basis * b.basis).sum(1))
+            assert torch.allclose(a.basis, sign[:, None] * b.basis, atol=1e-6)
+        # coefficients are the same projections (up to each component's sign)
+        sign = torch.sign((memory.coefficients[attr] * streamed.coefficients[attr]).sum(0))
+        assert torch.allclose(memory.coefficients[attr], sign * streamed.coefficients[attr], atol=1e-5)
+    for x, y in zip(memory.reconstruct(memory.coefficients), streamed.reconstruct(streamed.coefficients)):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def _errors_in_memory(model: GaussianEigenModel, frames: GaussianSet) -> dict:
+    """reconstruction_errors as it was computed with every frame in memory (the reference)."""
+    rebuilt = model.reconstruct(model.project(frames))
+    errors = {}
+    for attr in ATTRIBUTES:
+        a, b = frames.attribute(attr).float(), rebuilt.attribute(attr).float()
+        if attr == "rotations":
+            a = normalize_quat(a)
+            a = align_quats(a, a[0])
+            b = align_quats(b, a)
+        rms = float((a - b).pow(2).sum(-1).mean().sqrt())
+        spread = float((a - a.mean(0)).pow(2).sum(-1).mean().sqrt())
+        errors[attr] = {"rms": rms, "relative": rms / spread}
+    return errors
+
+
+def test_streamed_reconstruction_errors_equal_the_in_memory_ones(tmp_path):
+    T, N = 13, 300
+    frames = _flipped(low_rank_sequence(T=T, N=N, rank=10, seed=7))
+    labels = torch.arange(N) % 2
+    model = GaussianEigenModel.fit(frames, {a: 3 for a in ATTRIBUTES}, parts=(["a", "b"], labels))
+    reference = _errors_in_memory(model, frames)
+    assert min(e["relative"] for e in reference.values()) > 0.1  # a real error, not round-off
+    with _stored(tmp_path, frames) as store:
+        from_store = reconstruction_errors(model, store.batches())
+    one_by_one = reconstruction_errors(model, (frames.frame(t) for t in range(T)))
+    whole = reconstruction_errors(model, frames)
+    for errors in (from_store, one_by_one, whole):
+        for attr in ATTRIBUTES:
+            assert errors[attr]["rms"] == pytest.approx(reference[attr]["rms"], rel=1e-6)
+            assert errors[attr]["relative"] == pytest.approx(reference[attr]["relative"], rel=1e-6)
+
+
+def test_the_frame_store_file_is_deleted_when_the_build_ends_or_raises(tmp_path):
+    frames = low_rank_sequence(T=4, N=50)
+    with _stored(tmp_path, frames) as store:
+        files = list(tmp_path.iterdir())
+        assert files == [store.path] and is_partial(store.path) and store.path.stat().st_size == store.nbytes
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(GemError, match="at least 2 frames"):
+        with FrameStore(tmp_path) as store:
+            store.append(frames.frame(0))
+            GaussianEigenModel.fit(store, FULL)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_frame_store_left_by_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    store = _stored(tmp_path, low_rank_sequence(T=4, N=50))  # never closed: as a killed process leaves it
+    assert store.path.exists()
+    with locked(tmp_path, "the GEM folder"):  # what the next stage-3 run does first
+        assert not store.path.exists()
+    store.close()
+
+
+def test_a_full_disk_while_writing_the_frame_store_is_a_disk_full_error(tmp_path, monkeypatch):
+    """The store's file is a link to /dev/full, which fails every write with ENOSPC, as a full disk does."""
+    import os
+    import tempfile
+
+    from lib import atomic
+
+    real_mkstemp = tempfile.mkstemp
+
+    def full_disk_mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        os.close(fd)
+        os.remove(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_RDONLY), name
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", full_disk_mkstemp)
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*\.frames\.f32\..*partial"):
+        with FrameStore(tmp_path) as store:
+            store.append(low_rank_sequence(T=2, N=50))
+    assert not list(tmp_path.iterdir())
+
+
+def test_fit_refuses_a_store_written_in_another_order_than_its_parts(tmp_path):
+    frames = low_rank_sequence(T=4, N=50)
+    with _stored(tmp_path, frames) as store, pytest.raises(GemError, match="another Gaussian order"):
+        GaussianEigenModel.fit(store, FULL, parts=(["a", "b"], torch.arange(50) % 2))
 
 
 def test_parts_follow_the_nearest_canonical_vertex_with_region_priority():
