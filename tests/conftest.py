@@ -69,3 +69,47 @@ def run_config(tiny_actor_config, tmp_path):
     shutil.copytree(ActorPaths(load_config(tiny_actor_config)).stage_dir("mesh_pca"),
                     ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
     return tiny_actor_config, overrides
+
+
+class RenderLog:
+    """The order in which an evaluation renders and appends frames to its videos: proof that it streams
+    (each frame goes to the video as it is rendered) instead of holding a split in memory."""
+
+    def __init__(self, monkeypatch):
+        from lib.eval.video import VideoWriter
+
+        self.events: list[str] = []  # "render", or the name of the video a frame was appended to
+        self._monkeypatch = monkeypatch
+        append = VideoWriter.append
+
+        def logged_append(writer, frame):
+            self.events.append(writer.path.name)
+            append(writer, frame)
+
+        monkeypatch.setattr(VideoWriter, "append", logged_append)
+
+    def watch(self, module, name: str) -> None:
+        """Log each call of ``module.name`` (a render function as that module sees it) as a render."""
+        real = getattr(module, name)
+
+        def logged(*args, **kwargs):
+            self.events.append("render")
+            return real(*args, **kwargs)
+
+        self._monkeypatch.setattr(module, name, logged)
+
+    def renders_in_a_row(self) -> int:
+        """The most renders with no frame appended to a video between them."""
+        longest = run = 0
+        for event in self.events:
+            run = run + 1 if event == "render" else 0
+            longest = max(longest, run)
+        return longest
+
+    def frames(self, video: str) -> int:
+        return self.events.count(video)
+
+
+@pytest.fixture
+def render_log(monkeypatch) -> RenderLog:
+    return RenderLog(monkeypatch)
