@@ -1,5 +1,5 @@
 """Suite-wide settings, applied before any test module imports torch, and the tiny synthetic actor
-(80x55 images, 10 cameras, 2 x 3 timesteps) with its masks and mesh PCA, made once per test session
+(80x55 images, 10 cameras, 2 x 3 timesteps) with its masks (in its own data.masks_dir) and mesh PCA, made once per test session
 when a test asks for it, with tiny regressor configs that train in seconds."""
 import os
 
@@ -49,6 +49,8 @@ def tiny_actor_config(tmp_path_factory):
                   "curve_every_minutes": 0.0, "lr": 2e-3, "lr_features": 1e-2, "lr_schedule": "exponential",
                   "device": "cpu", "threads": 1},
         "test": {"spin_views": 4, "max_frames": 2},
+        # the actor's own masks folder, so runs in other experiments folders (run_config) find its masks
+        "data": {"masks_dir": _rel(root / "masks")},
     }
     path = root / "tiny.yml"
     path.write_text(yaml.safe_dump(cfg_data))
@@ -56,8 +58,9 @@ def tiny_actor_config(tmp_path_factory):
     torch.set_num_threads(1)  # tiny tensors: extra threads only spin against other processes
     ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed)
     generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg), log=lambda *a: None)
-    render_masks(VhapExport(resolve(cfg.actor.data_dir)), FlameModel.from_file(resolve(cfg.actor.flame_model)),
-                 load_pickle(resolve(cfg.actor.flame_masks)), log=lambda *a: None)
+    render_masks(VhapExport(resolve(cfg.actor.data_dir), masks_dir=ActorPaths(cfg).masks),
+                 FlameModel.from_file(resolve(cfg.actor.flame_model)), load_pickle(resolve(cfg.actor.flame_masks)),
+                 log=lambda *a: None)
     fit_mesh_pca(cfg, log=lambda *a: None)
     return path
 

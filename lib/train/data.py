@@ -66,7 +66,7 @@ class ActorData:
     def sample(self, frame: Frame) -> Sample:
         ex, dev = self.export, self.device
         image = ex.load_image(frame)
-        paths = mask_paths(frame.image_path)
+        paths = mask_paths(frame.image_path, ex.root, ex.masks_dir)
         alpha = self._mask(paths.alpha, frame, required=True)
         mouth = self._mask(paths.mouth, frame, required=False)
         if mouth is None:

@@ -60,6 +60,7 @@ def source_config(tiny_actor_config, tmp_path_factory):
     values["base"] = os.path.relpath(resolve(os.path.join(os.path.dirname(tiny_actor_config), values["base"])), root)
     values["actor"]["name"] = "tiny_source"
     values["actor"]["data_dir"] = os.path.relpath(root / "actor", REPO_ROOT)
+    values["data"]["masks_dir"] = os.path.relpath(root / "masks", REPO_ROOT)  # not the target actor's
     values["synthetic"]["seed"] = 2
     path = root / "source.yml"
     path.write_text(yaml.safe_dump(values))
