@@ -1,22 +1,26 @@
 """render_masks.py CONFIG [section.key=value ...] — alpha and mouth masks.
 
 For every frame of the actor's export (train, val and test splits) renders the tracked FLAME mesh
-in the frame's camera and writes, next to the sequence's images/ folder:
-  alpha_masks/<t>_<c>.png   the foreground mask without neck and torso (hair kept)
-  mouth_masks/<t>_<c>.png   lips and mouth interior, slightly dilated
-Frames whose masks exist are skipped. The rule is documented in lib/dataset/masks.py.
+in the frame's camera and writes, outside the dataset (which may be read-only), into the masks folder
+data.masks_dir (by default experiments/<actor>/masks/, shared by the actor's runs):
+  <sequence>/alpha_masks/<t>_<c>.png   the foreground mask without neck and torso (hair kept)
+  <sequence>/mouth_masks/<t>_<c>.png   lips and mouth interior, slightly dilated
+where <sequence> is the folder holding the frame's images/ folder. Frames whose masks exist are
+skipped, so an interrupted run continues. Runs on CUDA when there is one (train.device). The rule is
+documented in lib/dataset/masks.py.
 """
 from lib.cli import main
 from lib.dataset.masks import render_masks
 from lib.dataset.vhap import VhapExport
 from lib.flame.model import FlameModel, load_regions
-from lib.paths import resolve
+from lib.paths import ActorPaths, resolve
+from lib.train.distributed import evaluation_device
 
 
 def masks(cfg, _):
     export = VhapExport(resolve(cfg.actor.data_dir), n_shape=cfg.actor.n_shape,
-                        n_expr=cfg.actor.n_expr)
-    model = FlameModel.from_config(cfg)
+                        n_expr=cfg.actor.n_expr, masks_dir=ActorPaths(cfg).masks)
+    model = FlameModel.from_config(cfg).to(evaluation_device(cfg.train.device, cfg.train.threads))
     render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]))
 
 

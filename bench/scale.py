@@ -7,21 +7,21 @@ timesteps at a quarter of the size) is generated once, its images and masks are 
 once, and every timestep of the big export hard-links one of them; its FLAME parameters are
 interpolated between the small actor's. Splits as NeRSemble's: train = the first 90% of the timesteps
 seen by the 15 side cameras, val = the same timesteps from the frontal camera 8, test = the last 10%
-from all 16. The regressor is an untrained one at UV 256 (about 59k Gaussians; the CPU default's
+from all 16. The regressor is an untrained one at UV 256 (50,933 Gaussians on the synthetic head; the CPU default's
 generator widths one level deeper): memory and speed do not depend on its weights, and a wider (GPU)
 generator changes the time per timestep, not how memory grows with T.
 
 Each measurement is its own process, so its peak resident set (``ru_maxrss``) is its own:
-  loader   ``lib.train.data.TrainingImages`` with the config's defaults (workers, cache budget) over
-           enough steps to fill the cache; peak of the trainer process and of its largest worker.
-           Throughput without a cache (every image decoded: the steady state at this scale) with 0, 1
-           and 2 workers, so a GPU host can be sized from the figure per worker.
-  gem      ``pca_gauss.py`` with gem.evaluate false (the build: regressor over every train + val
-           timestep, the frame store, the bases, the reconstruction errors).
-  test     ``test.py`` on the val split, ``--test-frames`` frames (renders, comparisons, video, metrics).
+  loader      ``lib.train.data.TrainingImages`` with the config's defaults (workers, cache budget) over
+              enough steps to fill the cache; peak of the trainer process and of its largest worker.
+  throughput  the loader without a cache (every image decoded: the steady state at this scale) with 0,
+              1 and 2 workers, at the largest T, so a GPU host can be sized from the figure per worker.
+  gem         ``pca_gauss.py`` with gem.evaluate false (the build: regressor over every train + val
+              timestep, the frame store, the bases, the reconstruction errors).
+  test        ``test.py`` on the val split, ``--test-frames`` frames (renders, comparisons, video, metrics).
 The fabricated data is deleted afterwards (``--keep`` keeps it).
 
-    .venv/bin/python bench/scale.py [--timesteps 500 1000 2000] [--parts loader gem test]
+    .venv/bin/python bench/scale.py [--timesteps 500 1000 2000] [--parts loader gem test throughput]
                                     [--test-frames 1000] [--workdir DIR] [--keep]
 """
 import os
@@ -57,9 +57,9 @@ def _rel(path: Path) -> str:
     return os.path.relpath(path, REPO)
 
 
-def small_actor(work: Path) -> tuple[Path, dict]:
+def small_actor(work: Path):
     """A small synthetic actor (16 cameras, SOURCE_TIMESTEPS timesteps, 1/4 size) with its masks.
-    -> (its export folder, the config dict shared by the big actors)"""
+    -> (its VhapExport, the config dict shared by the big actors)"""
     from lib.config import load_config
     from lib.dataset.masks import render_masks
     from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, generate_actor
@@ -85,9 +85,9 @@ def small_actor(work: Path) -> tuple[Path, dict]:
     ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed)
     generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg), log=lambda *a: None)
     model = FlameModel.from_config(cfg)
-    render_masks(VhapExport.from_config(cfg), model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]),
-                 log=lambda *a: None)
-    return resolve(cfg.actor.data_dir), base
+    export = VhapExport.from_config(cfg)
+    render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]), log=lambda *a: None)
+    return export, base
 
 
 def _upscaled(src: Path, dst: Path, gray: bool) -> None:
@@ -104,19 +104,18 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def big_actor(work: Path, small: Path, base: dict, T: int) -> Path:
+def big_actor(work: Path, source, base: dict, T: int) -> Path:
     """The NeRSemble-scale export of T timesteps x 16 cameras, and stage 1 and a regressor checkpoint
     of its run. -> its config file"""
     from lib.config import load_config
     from lib.dataset.masks import mask_paths
-    from lib.dataset.vhap import VhapExport
     from lib.flame.model import FlameModel
     from lib.models.avatar import build_avatar
     from lib.paths import ActorPaths
     from lib.train.checkpoint import save_checkpoint, shaping_config
     from lib.train.fit_mesh_pca import fit_mesh_pca
 
-    source = VhapExport(small)
+    small = source.root
     frames = {(f.timestep_index, f.camera_index): f for s in ("train", "val", "test") for f in source.split(s)}
     full = work / "full"  # the upscaled source frames, made once for every T
     if not full.is_dir():
@@ -124,11 +123,17 @@ def big_actor(work: Path, small: Path, base: dict, T: int) -> Path:
             name = f"{t:05d}_{c:02d}.png"
             _upscaled(f.image_path, full / "images" / name, gray=False)
             _upscaled(f.mask_path, full / "fg_masks" / name, gray=True)
-            masks = mask_paths(f.image_path)
+            masks = mask_paths(f.image_path, small, source.masks_dir)
             _upscaled(masks.alpha, full / "alpha" / name, gray=True)
             _upscaled(masks.mouth, full / "mouth" / name, gray=True)
 
     data = work / f"actor_{T}"
+    cfg_dict = dict(base, actor={**base["actor"], "name": f"scale_{T}", "data_dir": _rel(data),
+                                 "identity_timestep": 0})
+    path = work / f"scale_{T}.yml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    cfg = load_config(path)
+    masks_dir = ActorPaths(cfg).masks
     params = [np.load(small / "flame_param" / f"{t:05d}.npz") for t in range(SOURCE_TIMESTEPS)]
     cameras = {}  # camera index -> its fields in the small actor's json, intrinsics scaled to 802 x 550
     for split in ("train", "val", "test"):
@@ -152,7 +157,7 @@ def big_actor(work: Path, small: Path, base: dict, T: int) -> Path:
             name, src = f"{t:05d}_{c:02d}.png", f"{round(u):05d}_{c:02d}.png"
             _link(full / "images" / src, data / "images" / name)
             _link(full / "fg_masks" / src, data / "fg_masks" / name)
-            masks = mask_paths(data / "images" / name)
+            masks = mask_paths(data / "images" / name, data, masks_dir, fallback=False)
             _link(full / "alpha" / src, masks.alpha)
             _link(full / "mouth" / src, masks.mouth)
             entry = {"file_path": f"images/{name}", "fg_mask_path": f"fg_masks/{name}",
@@ -163,12 +168,6 @@ def big_actor(work: Path, small: Path, base: dict, T: int) -> Path:
     for split, entries in split_of.items():
         (data / f"transforms_{split}.json").write_text(json.dumps({"frames": entries}))
     shutil.copyfile(small / "canonical_flame_param.npz", data / "canonical_flame_param.npz")
-
-    cfg_dict = dict(base, actor={**base["actor"], "name": f"scale_{T}", "data_dir": _rel(data),
-                                 "identity_timestep": 0})
-    path = work / f"scale_{T}.yml"
-    path.write_text(yaml.safe_dump(cfg_dict))
-    cfg = load_config(path)
     fit_mesh_pca(cfg, log=lambda *a: None)
     flame = FlameModel.from_config(cfg)
     avatar = build_avatar(cfg, ActorPaths(cfg), flame)
@@ -228,7 +227,8 @@ def _loader(config: Path, steps: int, workers: int, cache_gb: float | None, log:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timesteps", type=int, nargs="+", default=[500, 1000, 2000])
-    parser.add_argument("--parts", nargs="+", default=["loader", "gem", "test"], choices=["loader", "gem", "test"])
+    parser.add_argument("--parts", nargs="+", default=["loader", "gem", "test", "throughput"],
+                        choices=["loader", "gem", "test", "throughput"])
     parser.add_argument("--test-frames", type=int, default=1000)
     parser.add_argument("--throughput-images", type=int, default=300)
     parser.add_argument("--fill-images", type=int, default=0, help="loader steps of the memory run (default: "
@@ -276,16 +276,14 @@ def main() -> None:
                 row["test"] = r
                 print(f"  test.py: {r['frames']} frames in {r['seconds']:.0f} s ({r['frames'] / r['seconds']:.1f} "
                       f"frames/s), peak RSS {r['rss_gb']:.2f} GB", flush=True)
+            if "throughput" in args.parts and T == args.timesteps[-1]:
+                for workers in (0, 1, 2):
+                    r = _loader(config, args.throughput_images, workers, 0.0, work / f"throughput_{workers}.log")
+                    throughput.append(r)
+                    print(f"  loader without cache, {workers} workers: {r['images_per_s']:.0f} images/s", flush=True)
             rows.append(row)
             if not args.keep:
                 shutil.rmtree(work / f"actor_{T}", ignore_errors=True)  # the next T fabricates its own
-        if "loader" in args.parts:
-            config = work / f"scale_{args.timesteps[-1]}.yml"
-            big_actor(work, small, base, args.timesteps[-1]) if not (work / f"actor_{args.timesteps[-1]}").is_dir() else None
-            for workers in (0, 1, 2):
-                r = _loader(config, args.throughput_images, workers, 0.0, work / f"throughput_{workers}.log")
-                throughput.append(r)
-                print(f"  loader without cache, {workers} workers: {r['images_per_s']:.0f} images/s", flush=True)
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -21,11 +21,18 @@ def resolve(path: str | Path) -> Path:
 
 class ActorPaths:
     """The artifacts of one run of an actor under ``experiments/<actor.name>/<run.name>/``: runs of one
-    actor with other settings (ablations) live side by side."""
+    actor with other settings (ablations) live side by side. The actor's masks are shared by its runs."""
 
     def __init__(self, cfg):
         self.actor = Path(os.path.normpath(resolve(cfg.actor.experiments_dir) / cfg.actor.name))
         self.root = self.actor / cfg.run.name
+        self._masks_dir = cfg.data.masks_dir
+
+    @property
+    def masks(self) -> Path:
+        """render_masks.py's alpha and mouth masks of the actor's export (``data.masks_dir``; by default
+        ``experiments/<actor>/masks/``, shared by the actor's runs: masks depend on the data and FLAME only)."""
+        return resolve(self._masks_dir) if self._masks_dir else self.actor / "masks"
 
     def stage_dir(self, stage: str) -> Path:
         """Folder of one stage's run (checkpoints, logs, resolved config)."""

@@ -52,13 +52,15 @@ def _actor_data(cfg: Config, source: Config | None) -> list[Path]:
 
 
 def _masks(cfg: Config, source: Config | None) -> list[Path]:
-    """Both masks of every frame of the three splits."""
+    """Both masks of every frame of the three splits, where the readers find them (``mask_paths``)."""
     from lib.dataset.masks import mask_paths
     from lib.dataset.vhap import SPLITS, VhapExport
 
-    export = VhapExport(resolve(cfg.actor.data_dir))
+    root, masks_dir = resolve(cfg.actor.data_dir), ActorPaths(cfg).masks
+    export = VhapExport(root)
     images = dict.fromkeys(frame.image_path for split in SPLITS for frame in export.split(split))
-    return [p for image in images for p in (mask_paths(image).alpha, mask_paths(image).mouth)]
+    found = [mask_paths(image, root, masks_dir) for image in images]
+    return [p for paths in found for p in (paths.alpha, paths.mouth)]
 
 
 def _latest_checkpoint(folder: Path) -> list[Path]:
@@ -101,6 +103,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
 # stage upstream of it, so an edit reruns the stages that read the edited section and everything
 # downstream of them, and nothing else (a viewer setting reruns the sweeps, not GEM).
 SECTIONS: dict[str, tuple[str, ...]] = {
+    # masks: data.masks_dir is not hashed; moving the masks folder changes the stage's outputs, which reruns it
     "data": ("actor", "synthetic"), "source_data": ("actor", "synthetic"), "masks": ("actor",),
     "mesh_pca": ("actor", "mesh_pca"), "regressor": ("data", "regressor", "train", "loss"),
     "regressor_test": ("test",), "gem": ("gem", "test"), "sweeps": ("viewer",), "mapping": ("mapping", "train", "loss"),

@@ -1,5 +1,5 @@
 """Suite-wide settings, applied before any test module imports torch, and the tiny synthetic actor
-(80x55 images, 10 cameras, 2 x 3 timesteps) with its masks and mesh PCA, made once per test session
+(80x55 images, 10 cameras, 2 x 3 timesteps) with its masks (in its own data.masks_dir) and mesh PCA, made once per test session
 when a test asks for it, with tiny regressor configs that train in seconds."""
 import os
 
@@ -49,6 +49,8 @@ def tiny_actor_config(tmp_path_factory):
                   "curve_every_minutes": 0.0, "lr": 2e-3, "lr_features": 1e-2, "lr_schedule": "exponential",
                   "device": "cpu", "threads": 1},
         "test": {"spin_views": 4, "max_frames": 2},
+        # the actor's own masks folder, so runs in other experiments folders (run_config) find its masks
+        "data": {"masks_dir": _rel(root / "masks")},
     }
     path = root / "tiny.yml"
     path.write_text(yaml.safe_dump(cfg_data))
@@ -56,8 +58,9 @@ def tiny_actor_config(tmp_path_factory):
     torch.set_num_threads(1)  # tiny tensors: extra threads only spin against other processes
     ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed)
     generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg), log=lambda *a: None)
-    render_masks(VhapExport(resolve(cfg.actor.data_dir)), FlameModel.from_file(resolve(cfg.actor.flame_model)),
-                 load_pickle(resolve(cfg.actor.flame_masks)), log=lambda *a: None)
+    render_masks(VhapExport(resolve(cfg.actor.data_dir), masks_dir=ActorPaths(cfg).masks),
+                 FlameModel.from_file(resolve(cfg.actor.flame_model)), load_pickle(resolve(cfg.actor.flame_masks)),
+                 log=lambda *a: None)
     fit_mesh_pca(cfg, log=lambda *a: None)
     return path
 
@@ -69,3 +72,47 @@ def run_config(tiny_actor_config, tmp_path):
     shutil.copytree(ActorPaths(load_config(tiny_actor_config)).stage_dir("mesh_pca"),
                     ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
     return tiny_actor_config, overrides
+
+
+class RenderLog:
+    """The order in which an evaluation renders and appends frames to its videos: proof that it streams
+    (each frame goes to the video as it is rendered) instead of holding a split in memory."""
+
+    def __init__(self, monkeypatch):
+        from lib.eval.video import VideoWriter
+
+        self.events: list[str] = []  # "render", or the name of the video a frame was appended to
+        self._monkeypatch = monkeypatch
+        append = VideoWriter.append
+
+        def logged_append(writer, frame):
+            self.events.append(writer.path.name)
+            append(writer, frame)
+
+        monkeypatch.setattr(VideoWriter, "append", logged_append)
+
+    def watch(self, module, name: str) -> None:
+        """Log each call of ``module.name`` (a render function as that module sees it) as a render."""
+        real = getattr(module, name)
+
+        def logged(*args, **kwargs):
+            self.events.append("render")
+            return real(*args, **kwargs)
+
+        self._monkeypatch.setattr(module, name, logged)
+
+    def renders_in_a_row(self) -> int:
+        """The most renders with no frame appended to a video between them."""
+        longest = run = 0
+        for event in self.events:
+            run = run + 1 if event == "render" else 0
+            longest = max(longest, run)
+        return longest
+
+    def frames(self, video: str) -> int:
+        return self.events.count(video)
+
+
+@pytest.fixture
+def render_log(monkeypatch) -> RenderLog:
+    return RenderLog(monkeypatch)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lib.dataset.cameras import Camera
 from lib.errors import ProjectError, check_finite
-from lib.paths import resolve
+from lib.paths import ActorPaths, resolve
 
 SPLITS = ("train", "val", "test")
 FRAME_KEYS = ("file_path", "flame_param_path", "timestep_index", "camera_index", "transform_matrix")
@@ -132,8 +132,12 @@ def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int =
 class VhapExport:
     """A VHAP / GaussianAvatars export folder, read lazily (see the module docstring)."""
 
-    def __init__(self, root: str | Path, ds_rate: int = 1, n_shape: int = 0, n_expr: int = 0):
+    def __init__(self, root: str | Path, ds_rate: int = 1, n_shape: int = 0,
+                 n_expr: int = 0, masks_dir: str | Path | None = None):
         self.root = Path(root)
+        # Where render_masks.py writes this export's alpha and mouth masks (lib.dataset.masks.mask_paths),
+        # outside the export; None: not known (reading or writing masks is then an error).
+        self.masks_dir = Path(masks_dir) if masks_dir is not None else None
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}; point actor.data_dir at a VHAP "
                                "export (the folder holding transforms_train.json) or generate the "
@@ -146,9 +150,9 @@ class VhapExport:
 
     @classmethod
     def from_config(cls, cfg) -> "VhapExport":
-        """The export of ``cfg.actor.data_dir`` at ``data.ds_rate``."""
+        """The export of ``cfg.actor.data_dir`` at ``data.ds_rate``, with its masks folder."""
         return cls(resolve(cfg.actor.data_dir), ds_rate=cfg.data.ds_rate, n_shape=cfg.actor.n_shape,
-                   n_expr=cfg.actor.n_expr)
+                   n_expr=cfg.actor.n_expr, masks_dir=ActorPaths(cfg).masks)
 
     # ---- index ----
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import cv2
-import imageio.v2 as imageio
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,6 +23,7 @@ from lib.atomic import write_json
 from lib.dataset.vhap import DatasetError, VhapExport
 from lib.eval.lpips import load_lpips
 from lib.eval.render import WHITE, render_frame, render_gaussians
+from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
 from lib.geometry.rotations import axis_angle_to_matrix
 from lib.lock import locks_run_folder
@@ -34,34 +33,6 @@ from lib.paths import ActorPaths, resolve
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.metrics import image_metrics
-
-
-def to_uint8(image: Tensor) -> np.ndarray:
-    """Image(s) [..., H, W, 3] in [0, 1] (clamped) -> uint8 array."""
-    return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-
-
-def _even(frame: np.ndarray) -> np.ndarray:
-    """Pad to even height and width (yuv420p video needs them) with white."""
-    h, w = frame.shape[:2]
-    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """An RGB uint8 image as a PNG (its folder made); a failed write is an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int) -> Path:
-    """H.264 MP4 of RGB uint8 frames (imageio-ffmpeg's bundled ffmpeg)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio.get_writer(str(path), fps=fps, codec="libx264", macro_block_size=2, quality=8)
-    for frame in frames:
-        writer.append_data(_even(frame))
-    writer.close()
-    return path
 
 
 def orbit_viewmats(viewmat: Tensor, centre: Tensor, n: int, yaw_deg: float) -> Tensor:
@@ -116,19 +87,20 @@ def evaluate(cfg, log=print) -> dict:
             continue
         frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
         frames = pick_frames(frames, cfg.test.max_frames)
-        rows, video = [], []
-        for frame in frames:
-            rgb, gt, mask = render_frame(avatar, data, frame)
-            row = {"timestep": frame.timestep_index, "camera": frame.camera_index, **image_metrics(rgb, gt, mask)}
-            if lpips is not None:
-                row["lpips"] = float(lpips(rgb[None], gt[None])[0])
-            rows.append(row)
-            name = f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png"
-            write_png(out / split / name, to_uint8(rgb))
-            compare = np.concatenate([to_uint8(rgb), to_uint8(gt), to_uint8((4 * (rgb - gt).abs()))], 1)
-            write_png(out / split / "compare" / name, compare)
-            video.append(np.concatenate([to_uint8(rgb), to_uint8(gt)], 1))
-        write_video(out / f"{split}.mp4", video, cfg.test.fps)
+        rows = []
+        with VideoWriter(out / f"{split}.mp4", cfg.test.fps) as video:
+            for frame in frames:
+                rgb, gt, mask = render_frame(avatar, data, frame)
+                row = {"timestep": frame.timestep_index, "camera": frame.camera_index,
+                       **image_metrics(rgb, gt, mask)}
+                if lpips is not None:
+                    row["lpips"] = float(lpips(rgb[None], gt[None])[0])
+                rows.append(row)
+                name = f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png"
+                write_png(out / split / name, to_uint8(rgb))
+                compare = np.concatenate([to_uint8(rgb), to_uint8(gt), to_uint8((4 * (rgb - gt).abs()))], 1)
+                write_png(out / split / "compare" / name, compare)
+                video.append(np.concatenate([to_uint8(rgb), to_uint8(gt)], 1))
         keys = [k for k in rows[0] if k not in ("timestep", "camera")]
         mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
         results[split] = {"frames": len(rows), **mean, "per_frame": rows}
@@ -149,10 +121,10 @@ def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:
     centre = g.means[0].mean(0)
     viewmats = orbit_viewmats(cam.viewmat, centre, cfg.test.spin_views, cfg.test.spin_yaw_deg).to(centre.device)
     white = torch.tensor(WHITE, device=centre.device)
-    frames = []
-    for k in range(viewmats.shape[0]):
-        rgb = render_gaussians(g, 0, viewmats[k:k + 1], cam.K[None].to(centre.device), cam.width, cam.height, white)[0]
-        frames.append(to_uint8(rgb))
-        write_png(out / "spin" / f"{k:03d}.png", frames[-1])
-    write_video(out / "spin.mp4", frames, cfg.test.fps)
-    return {"views": len(frames), "yaw_deg": cfg.test.spin_yaw_deg, "timestep": timestep, "camera": cfg.test.camera}
+    with VideoWriter(out / "spin.mp4", cfg.test.fps) as video:
+        for k in range(viewmats.shape[0]):
+            rgb = to_uint8(render_gaussians(g, 0, viewmats[k:k + 1], cam.K[None].to(centre.device), cam.width,
+                                            cam.height, white)[0])
+            write_png(out / "spin" / f"{k:03d}.png", rgb)
+            video.append(rgb)
+    return {"views": video.frames, "yaw_deg": cfg.test.spin_yaw_deg, "timestep": timestep, "camera": cfg.test.camera}

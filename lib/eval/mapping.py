@@ -37,8 +37,9 @@ import torch
 
 from lib.atomic import write_json
 from lib.dataset.vhap import DatasetError, VhapExport
-from lib.eval.evaluate import pick_frames, to_uint8, write_png, write_video
+from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE
+from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
 from lib.lock import locks_run_folder
 from lib.models.avatar import load_regressor
@@ -83,22 +84,23 @@ def evaluate_mapping(cfg, log=print) -> dict:
 
     white = torch.tensor(WHITE, device=device)
     out = paths.mapping_eval
-    rows, video = [], []
-    for frame in frames:
-        i = steps.index(frame.timestep_index)
-        sample = data.sample(frame)
-        gt = composite_gt(sample.image[None], sample.alpha[None], white[None])[0]
-        cam = (sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height, white)
-        images = {}
-        for name, coeffs in (("predicted", pred_coeffs), ("gt_coefficients", gt_coeffs)):
-            c = {a: v[i:i + 1] for a, v in coeffs.items()}
-            images[name] = render_gem(gem, c, R[i:i + 1].to(device), t[i:i + 1].to(device), *cam).rgb[0].clamp(0, 1)
-        rows.append({"timestep": frame.timestep_index, "camera": frame.camera_index,
-                     **{name: image_metrics(rgb, gt, sample.alpha) for name, rgb in images.items()}})
-        strip = np.concatenate([to_uint8(images["predicted"]), to_uint8(images["gt_coefficients"]), to_uint8(gt)], 1)
-        write_png(out / "test" / f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png", strip)
-        video.append(strip)
-    write_video(out / "test.mp4", video, cfg.test.fps)
+    rows = []
+    with VideoWriter(out / "test.mp4", cfg.test.fps) as video:
+        for frame in frames:
+            i = steps.index(frame.timestep_index)
+            sample = data.sample(frame)
+            gt = composite_gt(sample.image[None], sample.alpha[None], white[None])[0]
+            cam = (sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height, white)
+            images = {}
+            for name, coeffs in (("predicted", pred_coeffs), ("gt_coefficients", gt_coeffs)):
+                c = {a: v[i:i + 1] for a, v in coeffs.items()}
+                images[name] = render_gem(gem, c, R[i:i + 1].to(device), t[i:i + 1].to(device),
+                                          *cam).rgb[0].clamp(0, 1)
+            rows.append({"timestep": frame.timestep_index, "camera": frame.camera_index,
+                         **{name: image_metrics(rgb, gt, sample.alpha) for name, rgb in images.items()}})
+            strip = np.concatenate([to_uint8(images["predicted"]), to_uint8(images["gt_coefficients"]), to_uint8(gt)], 1)
+            write_png(out / "test" / f"{frame.timestep_index:05d}_{frame.camera_index:02d}.png", strip)
+            video.append(strip)
 
     results = {"checkpoint": state["path"], "step": int(state["step"]), "signal": cfg.mapping.signal,
                "architecture": cfg.mapping.architecture, "held_at_mean": held,
@@ -160,17 +162,20 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     viewmat, K = cam.viewmat[None].to(device), cam.K[None].to(device)
     white = torch.tensor(WHITE, device=device)
     out = paths.reenactment(source_cfg.actor.name)
-    sources, targets = [], []
-    for frame in frames:
-        i = steps.index(frame.timestep_index)
-        c = {a: v[i:i + 1] for a, v in coeffs.items()}
-        rgb = render_gem(gem, c, R[i:i + 1], t[i:i + 1], viewmat, K, cam.width, cam.height, white).rgb[0]
-        targets.append(to_uint8(rgb))
-        sources.append(to_uint8(source.load_image(frame).to(device)))
-        write_png(out / "frames" / f"{frame.timestep_index:05d}.png", _side_by_side(sources[-1], targets[-1]))
-    write_video(out / "source.mp4", sources, cfg.test.fps)
-    write_video(out / "target.mp4", targets, cfg.test.fps)
-    write_video(out / "side_by_side.mp4", [_side_by_side(s, t) for s, t in zip(sources, targets)], cfg.test.fps)
+    with (VideoWriter(out / "source.mp4", cfg.test.fps) as source_video,
+          VideoWriter(out / "target.mp4", cfg.test.fps) as target_video,
+          VideoWriter(out / "side_by_side.mp4", cfg.test.fps) as both_video):
+        for frame in frames:
+            i = steps.index(frame.timestep_index)
+            c = {a: v[i:i + 1] for a, v in coeffs.items()}
+            target_rgb = to_uint8(render_gem(gem, c, R[i:i + 1], t[i:i + 1], viewmat, K, cam.width, cam.height,
+                                             white).rgb[0])
+            source_rgb = to_uint8(source.load_image(frame))
+            both = _side_by_side(source_rgb, target_rgb)
+            write_png(out / "frames" / f"{frame.timestep_index:05d}.png", both)
+            source_video.append(source_rgb)
+            target_video.append(target_rgb)
+            both_video.append(both)
     summary = {"target": cfg.actor.name, "source": source_cfg.actor.name, "source_data": str(source.root),
                "checkpoint": state["path"], "signal": cfg.mapping.signal, "held_at_mean": held,
                "frames": len(frames), "source_camera": source_cfg.test.camera, "target_camera": cfg.test.camera,

@@ -63,7 +63,7 @@ class Sample:
 
 def read_pixels(export: VhapExport, frame: Frame) -> np.ndarray:
     """The image, head alpha and mouth mask of a frame. -> uint8 [H, W, 5]"""
-    paths = mask_paths(frame.image_path)
+    paths = mask_paths(frame.image_path, export.root, export.masks_dir)
     if not paths.alpha.is_file():
         raise DatasetError(f"head mask {paths.alpha} not found (timestep {frame.timestep_index}, camera "
                            f"{frame.camera_index}); run `python render_masks.py CONFIG` first")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from lib.dataset.cameras import Camera
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
-from lib.eval.evaluate import to_uint8, write_png, write_video
+from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, gem_pose, render_gem
 
@@ -53,19 +54,23 @@ def sweep_targets(model: GaussianEigenModel, components: int) -> list[tuple[str,
 
 
 @torch.no_grad()
-def render_sweep(model: GaussianEigenModel, attr: str, index: int, values: Tensor, camera: Camera,
-                 R: Tensor, t: Tensor, background: Tensor) -> Tensor:
+def sweep_images(model: GaussianEigenModel, attr: str, index: int, values: Tensor, camera: Camera,
+                 R: Tensor, t: Tensor, background: Tensor) -> Iterator[Tensor]:
     """Renders with coefficient ``index`` of ``attr`` at each of values [S] (sigma units), the rest
-    at the mean. R [1, 3, 3], t [1, 3]: GEM pose. -> [S, H, W, 3]"""
+    at the mean, one at a time. R [1, 3, 3], t [1, 3]: GEM pose. -> S images [H, W, 3] in [0, 1]"""
     device = model.colors.device
     viewmats, Ks = camera.viewmat[None].to(device), camera.K[None].to(device)
-    images = []
     for value in values.tolist():
         coeffs = model.zero_coefficients()
         coeffs[attr][0, index] = value
-        images.append(render_gem(model, coeffs, R.to(device), t.to(device), viewmats, Ks, camera.width,
-                                 camera.height, background.to(device)).rgb[0])
-    return torch.stack(images).clamp(0, 1)
+        yield render_gem(model, coeffs, R.to(device), t.to(device), viewmats, Ks, camera.width, camera.height,
+                         background.to(device)).rgb[0].clamp(0, 1)
+
+
+def render_sweep(model: GaussianEigenModel, attr: str, index: int, values: Tensor, camera: Camera,
+                 R: Tensor, t: Tensor, background: Tensor) -> Tensor:
+    """``sweep_images`` stacked, for a few values (a strip). -> [S, H, W, 3]"""
+    return torch.stack(list(sweep_images(model, attr, index, values, camera, R, t, background)))
 
 
 def write_strip(images: Tensor, values: Tensor, path: Path) -> Path:
@@ -91,7 +96,9 @@ def write_sweeps(model: GaussianEigenModel, camera: Camera, R: Tensor, t: Tensor
     for attr, index, stem in sweep_targets(model, components):
         written.append(write_strip(render_sweep(model, attr, index, strip_values, camera, R, t, background),
                                    strip_values, out_dir / f"{stem}.png"))
-        video = to_uint8(render_sweep(model, attr, index, video_values, camera, R, t, background))
-        written.append(write_video(out_dir / f"{stem}.mp4", list(video), fps))
+        with VideoWriter(out_dir / f"{stem}.mp4", fps) as video:
+            for image in sweep_images(model, attr, index, video_values, camera, R, t, background):
+                video.append(to_uint8(image))
+        written.append(video.path)
         log(f"  {stem}: {written[-2].name}, {written[-1].name}")
     return written

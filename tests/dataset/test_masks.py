@@ -1,4 +1,8 @@
+"""Alpha and mouth masks: what they keep, where they are written (outside the dataset) and read, and
+how a rerun resumes."""
+import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -10,27 +14,47 @@ from lib.dataset.masks import mask_paths, region_faces, render_masks
 from lib.dataset.synthetic_actor import (
     FRONTAL_CAMERA, ActorRenderer, ActorSpec, HeadFiles, generate_actor, image_size, plan_actor,
 )
-from lib.dataset.vhap import VhapExport
+from lib.dataset.vhap import DatasetError, VhapExport
 from lib.flame.synthetic import ensure_head_model
 from lib.geometry.rasterize import rasterize_camera
+from lib.train.data import ActorData
 
 SPEC = ActorSpec(seed=3, scale=0.1, n_cameras=16, sequences=("EXP-1", "EMO-1"), frames_per_sequence=3,
                  tracking_noise=0.0)
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*")}
+
+
+def _set_read_only(folder: Path, read_only: bool) -> None:
+    """chmod a tree read-only (a read-only dataset mount) or back."""
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o555 if p.is_dir() else 0o444) if read_only else (0o755 if p.is_dir() else 0o644))
 
 
 @pytest.fixture(scope="module")
 def actor(tmp_path_factory):
+    """The actor's export, made read-only, and its masks rendered into a folder of their own.
+    -> (export folder, summary, model, uvs, faces_uv, regions, masks folder, the export's files before)"""
     paths = ensure_head_model(tmp_path_factory.mktemp("head"), seed=0)
     files = HeadFiles(paths["flame_model"], paths["uv_obj"], paths["masks"])
     model, uvs, faces_uv, masks = files.load()
-    folder = generate_actor(tmp_path_factory.mktemp("actors") / "actor", files, SPEC, log=lambda *_: None)
-    summary = render_masks(VhapExport(folder), model, masks, log=lambda *_: None)
-    return folder, summary, model, uvs, faces_uv, masks
+    folder = generate_actor(tmp_path_factory.mktemp("actors") / "actor", files, SPEC, log=QUIET)
+    masks_dir = tmp_path_factory.mktemp("masks")
+    before = _files(folder)
+    _set_read_only(folder, True)
+    try:
+        summary = render_masks(VhapExport(folder, masks_dir=masks_dir), model, masks, log=QUIET)
+        yield folder, summary, model, uvs, faces_uv, masks, masks_dir, before
+    finally:
+        _set_read_only(folder, False)
 
 
 @pytest.fixture(scope="module")
 def renderer(actor):
-    _, _, model, uvs, faces_uv, masks = actor
+    _, _, model, uvs, faces_uv, masks, _, _ = actor
     return ActorRenderer(plan_actor(SPEC, model, masks), model, uvs, faces_uv, masks)
 
 
@@ -64,12 +88,12 @@ def _ground_truth_classes(renderer, masks, t, cameras):
 
 @pytest.mark.parametrize("t", [0, 4])
 def test_alpha_removes_torso_and_neck_and_keeps_hair_and_face(actor, renderer, t):
-    folder = actor[0]
+    folder, masks_dir = actor[0], actor[6]
     cameras = [0, 4, FRONTAL_CAMERA, 12, 15]
     classes = _ground_truth_classes(renderer, actor[5], t, cameras)
-    load = lambda sub: torch.stack([torch.from_numpy(_read(folder / sub / f"{t:05d}_{c:02d}.png"))  # noqa: E731
+    load = lambda sub: torch.stack([torch.from_numpy(_read(sub / f"{t:05d}_{c:02d}.png"))  # noqa: E731
                                     for c in cameras]) / 255.0
-    alpha, fg = load("alpha_masks"), load("fg_masks")
+    alpha, fg = load(masks_dir / folder.name / "alpha_masks"), load(folder / "fg_masks")
     solid = fg > 0.9  # away from anti-aliased edges
     for name, kept in (("torso", False), ("neck", False), ("hair", True), ("face", True)):
         pixels = classes[name] & solid
@@ -83,9 +107,9 @@ def test_alpha_removes_torso_and_neck_and_keeps_hair_and_face(actor, renderer, t
 
 
 def test_mouth_mask_covers_the_lips_and_not_the_eyes(actor):
-    folder, _, model, _, _, masks = actor
+    folder, _, model, _, _, masks, masks_dir, _ = actor
     plan = plan_actor(SPEC, model, masks)
-    mouth = _read(folder / "mouth_masks" / f"00000_{FRONTAL_CAMERA:02d}.png") > 0
+    mouth = _read(masks_dir / folder.name / "mouth_masks" / f"00000_{FRONTAL_CAMERA:02d}.png") > 0
     with torch.no_grad():
         verts, _ = model(**plan.timestep_params(0))
     camera = plan.cameras[FRONTAL_CAMERA]
@@ -96,55 +120,164 @@ def test_mouth_mask_covers_the_lips_and_not_the_eyes(actor):
     assert 0.002 < mouth.mean() < 0.1
 
 
-def test_masks_are_pngs_of_the_image_size_next_to_images(actor):
-    folder, summary = actor[:2]
+def test_masks_are_pngs_of_the_image_size_in_the_masks_folder_and_none_in_the_dataset(actor):
+    folder, summary, *_, masks_dir, before = actor
     H, W = image_size(SPEC.scale)
     images = sorted((folder / "images").glob("*.png"))
     assert summary["frames"] == summary["written"] == len(images)
     for image in images:
-        paths = mask_paths(image)
-        assert paths.alpha.parent == folder / "alpha_masks" and paths.mouth.parent == folder / "mouth_masks"
+        paths = mask_paths(image, folder, masks_dir)
+        assert paths.alpha == masks_dir / folder.name / "alpha_masks" / image.name
+        assert paths.mouth == masks_dir / folder.name / "mouth_masks" / image.name
         alpha, mouth = _read(paths.alpha), _read(paths.mouth)
         assert alpha.shape == mouth.shape == (H, W) and alpha.dtype == mouth.dtype == np.uint8
         assert set(np.unique(mouth)) <= {0, 255}
-    assert not list(folder.glob("*_masks/.*"))  # no temporary files left
+    # chmod keeps a non-root writer out of the dataset; as root, nothing new may appear in it either
+    assert _files(folder) == before
+    assert not [p for p in masks_dir.rglob(".*")]  # no temporary files or lock left
 
 
-def test_rerun_skips_finished_frames_and_redoes_missing_ones(actor, monkeypatch):
-    folder, _, model, _, _, masks = actor
+def test_a_second_run_skips_every_frame_and_a_rerun_redoes_missing_ones(actor, monkeypatch):
+    folder, _, model, _, _, masks, masks_dir, _ = actor
+    assert render_masks(VhapExport(folder, masks_dir=masks_dir), model, masks, log=QUIET)["written"] == 0
     monkeypatch.chdir(folder.parent)  # an export named by a relative path, as configs name them
-    alpha = folder / "alpha_masks" / "00002_05.png"
-    stamp = os.stat(folder / "alpha_masks" / "00001_05.png").st_mtime_ns
+    alpha = masks_dir / folder.name / "alpha_masks" / "00002_05.png"
+    stamp = os.stat(masks_dir / folder.name / "alpha_masks" / "00001_05.png").st_mtime_ns
     before = alpha.read_bytes()
     alpha.unlink()
-    summary = render_masks(VhapExport(Path(folder.name)), model, masks, log=lambda *_: None)
+    summary = render_masks(VhapExport(Path(folder.name), masks_dir=masks_dir), model, masks, log=QUIET)
     assert summary["written"] == 1 and summary["skipped"] == summary["frames"] - 1
     assert alpha.read_bytes() == before
-    assert os.stat(folder / "alpha_masks" / "00001_05.png").st_mtime_ns == stamp
+    assert os.stat(masks_dir / folder.name / "alpha_masks" / "00001_05.png").st_mtime_ns == stamp
+
+
+def _make_older_than_its_flame_parameters(mask: Path, frame) -> None:
+    """As if the frame had been re-tracked after its mask was made."""
+    earlier = os.stat(frame.flame_param_path).st_mtime_ns - 10**9
+    os.utime(mask, ns=(earlier, earlier))
+
+
+def test_masks_older_than_their_flame_parameters_are_rendered_again(actor):
+    folder, _, model, _, _, masks, masks_dir, _ = actor
+    export = VhapExport(folder, masks_dir=masks_dir)
+    frame = export.split("train")[0]
+    mouth = mask_paths(frame.image_path, folder, masks_dir).mouth
+    _make_older_than_its_flame_parameters(mouth, frame)
+    assert render_masks(export, model, masks, log=QUIET)["written"] == 1
+    assert os.stat(mouth).st_mtime_ns >= os.stat(frame.flame_param_path).st_mtime_ns
 
 
 def test_partial_masks_of_a_killed_run_are_removed_and_runs_take_turns(actor):
     from lib.lock import LockHeld, locked
 
-    folder, _, model, _, _, masks = actor
-    partial = folder / "mouth_masks" / ".00001_03.png.k1ll3d.partial"
+    folder, _, model, _, _, masks, masks_dir, _ = actor
+    partial = masks_dir / folder.name / "mouth_masks" / ".00001_03.png.k1ll3d.partial"
     partial.write_bytes(b"half a png")
-    with locked(folder, "the masks of the export", folder / ".masks.lock", clean=False):
+    with locked(masks_dir, "the masks folder", masks_dir / ".masks.lock", clean=False):
         with pytest.raises(LockHeld, match=f"process {os.getpid()}"):
-            render_masks(VhapExport(folder), model, masks, log=lambda *_: None)
+            render_masks(VhapExport(folder, masks_dir=masks_dir), model, masks, log=QUIET)
     assert partial.exists()
-    render_masks(VhapExport(folder), model, masks, log=lambda *_: None)
-    assert not partial.exists() and not (folder / ".masks.lock").exists()
+    render_masks(VhapExport(folder, masks_dir=masks_dir), model, masks, log=QUIET)
+    assert not partial.exists() and not (masks_dir / ".masks.lock").exists()
 
 
 def test_mask_paths_follow_the_sequence_of_a_union_export(tmp_path):
+    masks_dir = tmp_path / "masks"
     image = tmp_path / "UNION" / ".." / "EXP-1" / "images" / "00012_08.png"
-    paths = mask_paths(image)
-    assert paths.alpha == tmp_path / "UNION" / ".." / "EXP-1" / "alpha_masks" / "00012_08.png"
-    assert paths.mouth.name == "00012_08.png" and paths.mouth.parent.name == "mouth_masks"
+    paths = mask_paths(image, tmp_path / "UNION", masks_dir)
+    assert paths.alpha == masks_dir / "EXP-1" / "alpha_masks" / "00012_08.png"
+    assert paths.mouth == masks_dir / "EXP-1" / "mouth_masks" / "00012_08.png"
+    # the sequence read directly has the same masks
+    assert mask_paths(tmp_path / "EXP-1" / "images" / "00012_08.png", tmp_path / "EXP-1", masks_dir) == paths
+    with pytest.raises(DatasetError, match="outside"):
+        mask_paths(tmp_path / ".." / "elsewhere" / "images" / "0.png", tmp_path / "UNION", masks_dir)
+    with pytest.raises(ValueError, match="no masks folder"):
+        mask_paths(image, tmp_path / "UNION", None)
+
+
+def _union(sequences: list[Path], union: Path, frames_per_split: int) -> None:
+    """A union export of ``sequences`` as VHAP's combine_nerf_datasets.py writes it ('../<sequence>/'
+    paths, timesteps renumbered), with the first few frames of each split of each sequence."""
+    union.mkdir()
+    for split in ("train", "val", "test"):
+        frames, offset = [], 0
+        for seq in sequences:
+            db = json.loads((seq / f"transforms_{split}.json").read_text())
+            for f in db["frames"][:frames_per_split]:
+                for key in ("file_path", "fg_mask_path", "flame_param_path"):
+                    f[key] = f"../{seq.name}/{f[key]}"
+                frames.append({**f, "timestep_index": f["timestep_index"] + offset})
+            offset += 100
+        (union / f"transforms_{split}.json").write_text(json.dumps({**db, "frames": frames}))
+
+
+def test_a_union_export_keeps_its_sequences_apart_and_the_reader_finds_their_masks(actor, tmp_path):
+    folder, _, model, _, _, masks, _, _ = actor
+    sequences = [tmp_path / "seqA", tmp_path / "seqB"]
+    for seq in sequences:
+        shutil.copytree(folder, seq)
+        _set_read_only(seq, False)
+    _union(sequences, tmp_path / "UNION", frames_per_split=2)
+    dataset = lambda: _files(tmp_path / "seqA") | _files(tmp_path / "seqB") | _files(tmp_path / "UNION")  # noqa: E731
+    before = dataset()
+    masks_dir = tmp_path / "experiments" / "masks"
+    export = VhapExport(tmp_path / "UNION", masks_dir=masks_dir)
+    summary = render_masks(export, model, masks, log=QUIET)
+    assert summary["written"] == summary["frames"] == 2 * 3 * 2
+    assert sorted(p.name for p in masks_dir.iterdir()) == ["seqA", "seqB"]
+    for seq in ("seqA", "seqB"):
+        assert len(list((masks_dir / seq / "alpha_masks").glob("*.png"))) == 6
+        assert len(list((masks_dir / seq / "mouth_masks").glob("*.png"))) == 6
+    assert dataset() == before  # nothing written into the sequences or the union export
+    # the same frames of two copies of one sequence: the same masks
+    for a in (masks_dir / "seqA" / "alpha_masks").glob("*.png"):
+        assert a.read_bytes() == (masks_dir / "seqB" / "alpha_masks" / a.name).read_bytes()
+
+    data = ActorData(export, model, torch.device("cpu"))
+    frame = [f for f in export.split("train") if "seqB" in f.image_path.parts][0]
+    sample = data.sample(frame)
+    for stored, read in (("alpha_masks", sample.alpha), ("mouth_masks", sample.mouth)):
+        assert torch.equal(read, torch.from_numpy(_read(masks_dir / "seqB" / stored / frame.image_path.name)) / 255.0)
+    assert render_masks(export, model, masks, log=QUIET)["written"] == 0
+
+
+def test_masks_an_earlier_version_wrote_next_to_the_images_are_still_read(actor, tmp_path):
+    folder, _, model, _, _, masks, masks_dir, _ = actor
+    export_dir = tmp_path / folder.name
+    shutil.copytree(folder, export_dir)
+    _set_read_only(export_dir, False)
+    for sub in ("alpha_masks", "mouth_masks"):  # the old layout, made after the data (mtimes kept)
+        shutil.copytree(masks_dir / folder.name / sub, export_dir / sub)
+    new_dir = tmp_path / "masks"
+    export = VhapExport(export_dir, masks_dir=new_dir)
+    frame = export.split("val")[0]
+    old, new = (d / "alpha_masks" / frame.image_path.name for d in (export_dir, new_dir / folder.name))
+    assert mask_paths(frame.image_path, export_dir, new_dir).alpha == old
+    assert mask_paths(frame.image_path, export_dir, new_dir, fallback=False).alpha == new
+    assert render_masks(export, model, masks, log=QUIET)["written"] == 0  # nothing to redo
+    sample = ActorData(export, model, torch.device("cpu")).sample(frame)
+    assert torch.equal(sample.alpha, torch.from_numpy(_read(old)) / 255.0)
+    # outdated old masks are rendered again, into the masks folder, and those are read from then on
+    _make_older_than_its_flame_parameters(old, frame)
+    assert render_masks(export, model, masks, log=QUIET)["written"] == 1
+    assert new.is_file() and mask_paths(frame.image_path, export_dir, new_dir).alpha == new
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masks_rendered_on_cuda_match_the_cpu_ones(actor, tmp_path):
+    folder, _, model, _, _, masks, masks_dir, _ = actor
+    try:
+        summary = render_masks(VhapExport(folder, masks_dir=tmp_path), model.to("cuda"), masks, log=QUIET)
+    finally:
+        model.to("cpu")
+    assert summary["written"] == summary["frames"]
+    for sub in ("alpha_masks", "mouth_masks"):
+        for cpu in (masks_dir / folder.name / sub).glob("*.png"):
+            a, b = _read(cpu).astype(int), _read(tmp_path / folder.name / sub / cpu.name).astype(int)
+            assert (np.abs(a - b) > 1).mean() < 2e-3, cpu.name  # a pixel centre on a face edge may flip
 
 
 def test_missing_region_is_reported(actor):
-    folder, _, model, _, _, masks = actor
+    folder, _, model, _, _, masks, masks_dir, _ = actor
     with pytest.raises(ValueError, match="'neck'"):
-        render_masks(VhapExport(folder), model, {k: v for k, v in masks.items() if k != "neck"})
+        render_masks(VhapExport(folder, masks_dir=masks_dir), model, {k: v for k, v in masks.items() if k != "neck"})

@@ -214,14 +214,19 @@ def test_flame_file_without_static_offset_gives_none(tmp_path):
     assert VhapExport(tmp_path).load_flame(tmp_path / "p.npz")["static_offset"] is None
 
 
-def test_from_config_applies_ds_rate(sequence):
+def test_from_config_applies_ds_rate_and_names_the_masks_folder_outside_the_export(sequence, tmp_path):
     folder, _ = sequence
-    cfg = SimpleNamespace(actor=SimpleNamespace(data_dir=str(folder), n_shape=0, n_expr=0),
-                          data=SimpleNamespace(ds_rate=2))
+    cfg = SimpleNamespace(actor=SimpleNamespace(data_dir=str(folder), n_shape=0, n_expr=0, name="a",
+                                                experiments_dir=str(tmp_path / "experiments")),
+                          run=SimpleNamespace(name="default"),
+                          data=SimpleNamespace(ds_rate=2, masks_dir=""))
     export = VhapExport.from_config(cfg)
     frame = export.split("train")[0]
     assert (frame.camera.width, frame.camera.height) == (W // 2, H // 2)
     assert export.load_image(frame).shape == (H // 2, W // 2, 3)
+    assert export.masks_dir == tmp_path / "experiments" / "a" / "masks"
+    cfg.data.masks_dir = str(tmp_path / "elsewhere")
+    assert VhapExport.from_config(cfg).masks_dir == tmp_path / "elsewhere"
 
 
 # ---- broken exports: each error names the file ----

@@ -40,11 +40,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> s
 
 @pytest.fixture
 def actor_copy(tiny_actor_config, tmp_path):
-    """(config path, overrides) of a private copy of the tiny actor's export and stage 1, to break."""
+    """(config path, overrides) of a private copy of the tiny actor's export, masks and stage 1, to break."""
     cfg = load_config(tiny_actor_config)
     data = tmp_path / "actor"
     shutil.copytree(resolve(cfg.actor.data_dir), data)
-    overrides = [f"actor.data_dir={_rel(data)}", f"actor.experiments_dir={_rel(tmp_path / 'experiments')}"]
+    shutil.copytree(ActorPaths(cfg).masks, tmp_path / "masks")
+    overrides = [f"actor.data_dir={_rel(data)}", f"actor.experiments_dir={_rel(tmp_path / 'experiments')}",
+                 f"data.masks_dir={_rel(tmp_path / 'masks')}"]
     shutil.copytree(ActorPaths(cfg).stage_dir("mesh_pca"),
                     ActorPaths(load_config(tiny_actor_config, overrides)).stage_dir("mesh_pca"))
     return tiny_actor_config, overrides
@@ -57,10 +59,9 @@ def _edit_npz(path, **changes):
     np.savez(path, **arrays)
 
 
-def _without_masks(data_dir):
-    """The export without the masks render_masks.py wrote (it skips frames whose masks exist)."""
-    for name in ("alpha_masks", "mouth_masks"):
-        shutil.rmtree(data_dir / name)
+def _without_masks(config, overrides):
+    """No masks rendered yet for the actor (render_masks.py skips frames whose masks exist)."""
+    shutil.rmtree(ActorPaths(load_config(config, overrides)).masks)
 
 
 def _first_train_param(data_dir):
@@ -117,7 +118,7 @@ def test_a_non_finite_flame_parameter_is_named_by_every_script(actor_copy, key, 
         broken = npz[key].copy()
     broken[0, 1] = value
     _edit_npz(param, **{key: broken})
-    _without_masks(data_dir)
+    _without_masks(config, overrides)
     for script in ("pca_mesh.py", "train.py", "render_masks.py"):
         line = assert_one_line_error(run_script(script, config, *overrides), param, f"'{key}'")
         assert "non-finite" in line

@@ -6,7 +6,7 @@ import torch
 
 from lib.dataset.cameras import Camera
 from lib.eval.curve import plot_curve, read_curve
-from lib.eval.evaluate import orbit_viewmats, write_video
+from lib.eval.evaluate import orbit_viewmats
 from lib.eval.lpips import load_lpips
 from lib.models.vgg import VggFeatures, VggUnavailable
 from lib.train.metrics import image_metrics, psnr
@@ -43,12 +43,6 @@ def test_curve_csv_plots_to_a_png(tmp_path):
     assert read_curve(csv)["val_psnr"].tolist() == [12.0, 25.0, 30.1]
     img = cv2.imread(str(plot_curve(csv, tmp_path / "curve.png")))
     assert img.shape == (400, 640, 3) and (img != 255).any()
-
-
-def test_video_of_odd_sized_frames_is_written(tmp_path):
-    frames = [torch.full((15, 21, 3), 10 * i, dtype=torch.uint8).numpy() for i in range(5)]
-    path = write_video(tmp_path / "v.mp4", frames, 25)
-    assert path.stat().st_size > 0
 
 
 def test_lpips_without_weights_says_why(tmp_path):

@@ -203,3 +203,14 @@ def test_a_stage_downstream_of_one_that_ran_just_now_runs_again(config_file):
     assert stages.why_not_done("mesh_pca", cfg, ran=("masks",)) is None  # masks is not upstream of it
     assert stages.why_not_done("mesh_pca", cfg, ran=("data",)) == "upstream stage 'data' ran"
     assert stages.ancestors("sweeps") == ["gem", "regressor", "masks", "data", "mesh_pca"]
+
+
+def test_the_masks_stage_is_proven_by_the_masks_in_the_masks_folder(tiny_actor_config, tmp_path):
+    cfg = load_config(tiny_actor_config, [f"actor.experiments_dir={_rel(tmp_path / 'experiments')}"])
+    outputs = stages.OUTPUTS["masks"](cfg, None)
+    assert outputs and all(p.is_file() and ActorPaths(cfg).masks in p.parents for p in outputs)
+    stages.mark("masks", cfg)
+    assert stages.why_not_done("masks", cfg) is None
+    moved = load_config(tiny_actor_config, [f"actor.experiments_dir={_rel(tmp_path / 'experiments')}",
+                                            f"data.masks_dir={_rel(tmp_path / 'elsewhere')}"])
+    assert stages.why_not_done("masks", moved).startswith("output missing: ")

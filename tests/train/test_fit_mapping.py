@@ -13,6 +13,7 @@ import yaml
 from lib.config import load_config
 from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, generate_actor
 from lib.dataset.vhap import VhapExport
+from lib.eval import mapping as mapping_eval
 from lib.eval.mapping import evaluate_mapping, reenact
 from lib.flame.model import FlameModel
 from lib.models.gem import GaussianEigenModel, render_gem
@@ -59,6 +60,7 @@ def source_config(tiny_actor_config, tmp_path_factory):
     values["base"] = os.path.relpath(resolve(os.path.join(os.path.dirname(tiny_actor_config), values["base"])), root)
     values["actor"]["name"] = "tiny_source"
     values["actor"]["data_dir"] = os.path.relpath(root / "actor", REPO_ROOT)
+    values["data"]["masks_dir"] = os.path.relpath(root / "masks", REPO_ROOT)  # not the target actor's
     values["synthetic"]["seed"] = 2
     path = root / "source.yml"
     path.write_text(yaml.safe_dump(values))
@@ -118,13 +120,16 @@ def test_photometric_steps_lower_the_image_loss_and_a_rerun_resumes(run):
     assert any((ActorPaths(cfg).mapping_tensorboard).iterdir())
 
 
-def test_self_and_cross_identity_reenactment_write_their_results(run, source_config):
+def test_self_and_cross_identity_reenactment_write_their_results(run, source_config, render_log):
     config, overrides = run
     cfg = load_config(config, overrides)
     fit_mapping(cfg, log=QUIET)
     assert load_checkpoint(latest_checkpoint(ActorPaths(cfg).mapping_checkpoints))["step"] == 33
 
+    render_log.watch(mapping_eval, "render_gem")
     results = evaluate_mapping(cfg, log=QUIET)
+    # each frame goes to the video as soon as it is rendered (predicted and GT coefficients: 2 renders)
+    assert render_log.renders_in_a_row() == 2 and render_log.frames("test.mp4") == 2
     saved = json.loads((ActorPaths(cfg).mapping_eval / "metrics.json").read_text())
     assert saved["frames"] == results["frames"] == 2
     for name in ("predicted", "gt_coefficients"):
@@ -132,7 +137,10 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
     assert (ActorPaths(cfg).mapping_eval / "test.mp4").stat().st_size > 0
 
     source = load_config(source_config)
+    render_log.events.clear()
     summary = reenact(cfg, source, log=QUIET)
+    assert render_log.renders_in_a_row() == 1  # the three videos are written as the frames come
+    assert [render_log.frames(v) for v in ("source.mp4", "target.mp4", "side_by_side.mp4")] == [2, 2, 2]
     out = ActorPaths(cfg).reenactment("tiny_source")
     assert json.loads((out / "reenactment.json").read_text()) == summary
     assert summary["source"] == "tiny_source" and summary["frames"] == 2

@@ -9,6 +9,7 @@ import torch
 
 from lib.config import load_config
 from lib.dataset.vhap import VhapExport
+from lib.eval import evaluate as evaluation
 from lib.eval.evaluate import evaluate
 from lib.eval.render import render_gaussians
 from lib.flame.model import FlameModel
@@ -133,10 +134,15 @@ def test_two_process_gloo_run_keeps_identical_weights(run_config, tmp_path):
     assert a["generator.head.weight"].abs().sum() > 0
 
 
-def test_evaluation_writes_metrics_renders_and_videos(run_config):
+def test_evaluation_writes_metrics_renders_and_videos(run_config, render_log):
     cfg = load_config(*run_config)
     trainer.train(cfg, log=lambda *a: None)
+    render_log.watch(evaluation, "render_frame")
+    render_log.watch(evaluation, "render_gaussians")
     results = evaluate(cfg, log=lambda *a: None)
+    # each frame goes to its video as soon as it is rendered: no split is held in memory
+    assert render_log.renders_in_a_row() == 1
+    assert [render_log.frames(f"{split}.mp4") for split in ("val", "test", "spin")] == [2, 2, 4]
     out = ActorPaths(cfg).regressor_eval
     saved = json.loads((out / "metrics.json").read_text())
     for split in ("val", "test"):

@@ -4,6 +4,7 @@ import imageio.v2 as imageio
 import torch
 
 from lib.dataset.cameras import Camera
+from lib.viewer import sweeps
 from lib.viewer.sweeps import render_sweep, sweep_targets, write_sweeps
 
 WHITE = torch.ones(3)
@@ -39,3 +40,11 @@ def test_write_sweeps_writes_a_strip_and_a_video_per_component(small_head_gem, t
     assert strip.shape == (47, 3 * 63, 3)
     frames = imageio.mimread(tmp_path / "scales_00.mp4")
     assert len(frames) == 4 and frames[0].shape == (48, 64, 3)  # odd sizes padded to even
+
+
+def test_sweep_videos_are_encoded_while_rendering(small_head_gem, tmp_path, render_log):
+    render_log.watch(sweeps, "render_gem")
+    write_sweeps(small_head_gem, small_camera(), *IDENTITY, tmp_path, components=1, sigma=3.0, strip_steps=3,
+                 video_frames=8, fps=10, background=WHITE, log=lambda *a: None)
+    assert render_log.frames("positions_00.mp4") == 8
+    assert render_log.renders_in_a_row() <= 3 + 1  # a strip's tiles, then one video frame at a time
