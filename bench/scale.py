@@ -14,6 +14,8 @@ generator changes the time per timestep, not how memory grows with T.
 Each measurement is its own process, so its peak resident set (``ru_maxrss``) is its own:
   loader      ``lib.train.data.TrainingImages`` with the config's defaults (workers, cache budget) over
               enough steps to fill the cache; peak of the trainer process and of its largest worker.
+              Timed: the loader's items as the training process receives them (uint8, before its
+              device turns them into float images, which a GPU does in well under a millisecond).
   throughput  the loader without a cache (every image decoded: the steady state at this scale) with 0,
               1 and 2 workers, at the largest T, so a GPU host can be sized from the figure per worker.
   gem         ``pca_gauss.py`` with gem.evaluate false (the build: regressor over every train + val
@@ -179,7 +181,9 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
 # ---------------------------------------------------------------- measurements (each in its own process)
 
 def measure_loader(config: Path, steps: int, workers: int, cache_gb: float | None) -> dict:
-    """In this process: the loader over ``steps`` steps. -> images/s, peak RSS of this process and its workers"""
+    """In this process: the loader's items (what the workers deliver to the training process, before it
+    turns them into float images on its device) over ``steps`` steps. -> images/s, peak RSS of this
+    process and of its largest worker"""
     import torch
 
     from lib.config import load_config
@@ -193,12 +197,14 @@ def measure_loader(config: Path, steps: int, workers: int, cache_gb: float | Non
     torch.set_num_threads(1)
     export = VhapExport.from_config(cfg)
     images = TrainingImages(export, export.split("train"), cfg, 0, 1, 0, steps, torch.device("cpu"))
-    images.at(0)  # workers started
+    items = iter(images.loader)
+    next(items)  # the workers started
     start = time.perf_counter()
-    for step in range(1, steps):
-        images.at(step)
+    for item in items:
+        if "error" in item:
+            raise item["error"]
     seconds = time.perf_counter() - start
-    del images  # workers end and are reaped: their peak joins RUSAGE_CHILDREN
+    del items, images  # the workers end and are reaped: their peak joins RUSAGE_CHILDREN
     return {"images_per_s": (steps - 1) / seconds, "workers": workers, "cache_gb": cfg.data.cache_gb,
             "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
             "worker_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)}

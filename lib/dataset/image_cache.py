@@ -36,12 +36,12 @@ class ImageCache:
             self._map = mmap.mmap(-1, self.nbytes + self.slots, flags=mmap.MAP_SHARED)
             self._bytes = np.frombuffer(self._map, dtype=np.uint8)
 
-    def get(self, i: int, shape: tuple[int, ...]) -> np.ndarray | None:
-        """A copy of frame i's cached array (uint8 of ``shape``), or None when it is not cached."""
+    def get(self, i: int) -> np.ndarray | None:
+        """A copy of frame i's cached bytes (uint8 [nbytes[i]]), or None when it is not cached."""
         if self._map is None or i >= self.slots or not self._bytes[self.nbytes + i]:
             return None
         start = self._offsets[i]
-        return self._bytes[start:start + self._sizes[i]].reshape(shape).copy()
+        return self._bytes[start:start + self._sizes[i]].copy()
 
     def put(self, i: int, array: np.ndarray) -> None:
         """Keep frame i's array (uint8, ``nbytes[i]`` bytes) if it has a slot."""

@@ -210,9 +210,9 @@ class VhapExport:
                                f"{self.root} has no fg_mask_path; export the sequence with masks")
         return torch.from_numpy(self.read_mask(frame.mask_path, frame)).float().div_(255.0)
 
-    def read_image(self, frame: Frame) -> np.ndarray:
-        """RGB of one frame as stored, at the export's ds_rate. -> [H, W, 3] uint8"""
-        return cv2.cvtColor(self._load(frame.image_path, cv2.IMREAD_COLOR, frame), cv2.COLOR_BGR2RGB)
+    def read_image(self, frame: Frame, out: np.ndarray | None = None) -> np.ndarray:
+        """RGB of one frame as stored, at the export's ds_rate (into ``out`` when given). -> [H, W, 3] uint8"""
+        return cv2.cvtColor(self._load(frame.image_path, cv2.IMREAD_COLOR, frame), cv2.COLOR_BGR2RGB, dst=out)
 
     def read_mask(self, path: Path, frame: Frame) -> np.ndarray:
         """A single-channel image of one frame (a mask at ``path``), at the export's ds_rate. -> [H, W] uint8"""

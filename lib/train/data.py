@@ -11,8 +11,8 @@ step numbers. The image and background of step s are drawn from a generator seed
 number of workers. Under torchrun, rank r draws from its own share of the frames (every world_size-th
 one from r). ``data.workers`` processes decode ahead of the loop (``0``: the loop decodes itself);
 their decoded frames go into a cache of ``data.cache_gb`` per machine (``lib.dataset.image_cache``),
-so memory does not grow with the number of frames. A frame travels as one uint8 array [H, W, 5]
-(RGB, head alpha, mouth mask) and becomes float on the training device.
+so memory does not grow with the number of frames. A frame travels as one uint8 buffer (RGB, head
+alpha and mouth mask planes) and becomes float on the training device.
 
 A bad file found by a worker ends the run with the same ``DatasetError`` (naming the file) as when
 the loop itself reads it; a worker that dies (e.g. killed for memory) ends it with ``LoaderError``.
@@ -62,24 +62,30 @@ class Sample:
 
 
 def read_pixels(export: VhapExport, frame: Frame) -> np.ndarray:
-    """The image, head alpha and mouth mask of a frame. -> uint8 [H, W, 5]"""
+    """The image, head alpha and mouth mask of a frame, one after the other in one buffer (planes, so
+    each is decoded straight into place). -> uint8 [H * W * 5]: RGB [H, W, 3], alpha [H, W], mouth [H, W]"""
     paths = mask_paths(frame.image_path, export.root, export.masks_dir)
     if not paths.alpha.is_file():
         raise DatasetError(f"head mask {paths.alpha} not found (timestep {frame.timestep_index}, camera "
                            f"{frame.camera_index}); run `python render_masks.py CONFIG` first")
-    pixels = np.zeros((frame.camera.height, frame.camera.width, CHANNELS), dtype=np.uint8)
-    pixels[..., :3] = export.read_image(frame)
-    pixels[..., 3] = export.read_mask(paths.alpha, frame)
+    H, W = frame.camera.height, frame.camera.width
+    pixels = np.empty(H * W * CHANNELS, dtype=np.uint8)
+    export.read_image(frame, out=pixels[:H * W * 3].reshape(H, W, 3))
+    pixels[H * W * 3:H * W * 4] = export.read_mask(paths.alpha, frame).reshape(-1)
     if paths.mouth.is_file():
-        pixels[..., 4] = export.read_mask(paths.mouth, frame)
+        pixels[H * W * 4:] = export.read_mask(paths.mouth, frame).reshape(-1)
+    else:
+        pixels[H * W * 4:] = 0
     return pixels
 
 
 def to_sample(frame: Frame, pixels: Tensor, device: torch.device) -> Sample:
-    """A frame's uint8 pixels [H, W, 5] (``read_pixels``) as a Sample on ``device``."""
+    """A frame's uint8 pixels (``read_pixels``) as a Sample on ``device``."""
+    H, W = frame.camera.height, frame.camera.width
     values = pixels.to(device, non_blocking=True).float().div_(255.0)
     cam = frame.camera
-    return Sample(frame, values[..., :3], values[..., 3], values[..., 4], cam.viewmat.to(device), cam.K.to(device))
+    return Sample(frame, values[:H * W * 3].view(H, W, 3), values[H * W * 3:H * W * 4].view(H, W),
+                  values[H * W * 4:].view(H, W), cam.viewmat.to(device), cam.K.to(device))
 
 
 class ActorData:
@@ -122,7 +128,8 @@ class TrainingDraws(Dataset):
     """Map-style dataset indexed by training step: the step's frame (from ``frames``) and background,
     drawn from a generator seeded by (seed, step, rank), with the frame's pixels.
 
-    An item is a dict: step, index (into frames), pixels uint8 [H, W, 5], background float32 [3];
+    An item is a dict: step, index (into frames), pixels uint8 [H * W * 5] (``read_pixels``), background
+    float32 [3];
     or {step, error} when a file is bad, so the error reaches the training process as itself.
     """
 
@@ -146,7 +153,7 @@ class TrainingDraws(Dataset):
         index, bg = self.draw(step)
         frame = self.frames[index]
         try:
-            pixels = self.cache.get(index, (frame.camera.height, frame.camera.width, CHANNELS)) if self.cache else None
+            pixels = self.cache.get(index) if self.cache else None
             if pixels is None:
                 pixels = read_pixels(self.export, frame)
                 if self.cache is not None:
@@ -201,10 +208,11 @@ class TrainingImages:
         self.draws = TrainingDraws(export, frames, cfg.train.seed, rank, cfg.train.random_background,
                                    tuple(cfg.data.background), cache)
         workers = cfg.data.workers
-        self._loader = DataLoader(self.draws, batch_size=None, sampler=StepSampler(start, stop), num_workers=workers,
-                                  pin_memory=device.type == "cuda", worker_init_fn=partial(_init_worker, os.getpid()) if workers else None,
-                                  prefetch_factor=cfg.data.prefetch if workers else None)
-        self._items = iter(self._loader)
+        # items in step order (``TrainingDraws``); ``at`` turns them into samples on the device
+        self.loader = DataLoader(self.draws, batch_size=None, sampler=StepSampler(start, stop), num_workers=workers,
+                                 pin_memory=device.type == "cuda", prefetch_factor=cfg.data.prefetch if workers else None,
+                                 worker_init_fn=partial(_init_worker, os.getpid()) if workers else None)
+        self._items = None
 
     def at(self, step: int) -> tuple[Sample, Tensor, Tensor]:
         """The training image of ``step`` (steps are asked for in increasing order; skipped ones are
@@ -222,6 +230,8 @@ class TrainingImages:
         return sample, bg, composite_gt(sample.image[None], sample.alpha[None], bg[None])
 
     def _next(self) -> dict:
+        if self._items is None:
+            self._items = iter(self.loader)  # the workers start here
         try:
             return next(self._items)
         except StopIteration:
