@@ -204,8 +204,10 @@ def measure_loader(config: Path, steps: int, workers: int, cache_gb: float | Non
         if "error" in item:
             raise item["error"]
     seconds = time.perf_counter() - start
+    cached = images.draws.cache.used / GB if images.draws.cache else 0.0
     del items, images  # the workers end and are reaped: their peak joins RUSAGE_CHILDREN
     return {"images_per_s": (steps - 1) / seconds, "workers": workers, "cache_gb": cfg.data.cache_gb,
+            "cache_used_gb": cached,
             "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
             "worker_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)}
 
@@ -262,7 +264,8 @@ def main() -> None:
                 fill = args.fill_images or int(cfg.data.cache_gb * GB / (HEIGHT * WIDTH * 5) * 1.1) + 50  # past the budget
                 r = _loader(config, fill, cfg.data.workers, None, work / f"loader_{T}.log")
                 row["loader"] = r
-                print(f"  loader (workers {r['workers']}, cache {r['cache_gb']} GB, {fill} images): "
+                print(f"  loader (workers {r['workers']}, cache {r['cache_gb']} GB of which {r['cache_used_gb']:.2f} GB "
+                      f"filled, {fill} images): "
                       f"{r['images_per_s']:.0f} images/s, peak RSS {r['rss_gb']:.2f} GB (largest worker "
                       f"{r['worker_rss_gb']:.2f} GB)", flush=True)
             if "gem" in args.parts:

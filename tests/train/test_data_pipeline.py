@@ -41,15 +41,18 @@ def _draws(images, steps):
 
 # ---------------------------------------------------------------- the cache
 
-def test_cache_keeps_only_the_frames_its_budget_holds():
+def test_cache_keeps_the_first_frames_put_until_its_budget_is_spent():
     cache = ImageCache([100, 100, 100], budget=250)
-    assert cache.slots == 2 and cache.nbytes == 200
     frames = [np.full(100, i + 1, dtype=np.uint8) for i in range(3)]
-    for i, f in enumerate(frames):
+    for i in (2, 0, 1):
         assert cache.get(i) is None
-        cache.put(i, f)
-    np.testing.assert_array_equal(cache.get(1), frames[1])
-    assert cache.get(2) is None  # no slot: decoded at every use
+        cache.put(i, frames[i])
+    np.testing.assert_array_equal(cache.get(2), frames[2])
+    np.testing.assert_array_equal(cache.get(0), frames[0])
+    assert cache.get(1) is None  # no room left: decoded at every use
+    assert cache.used == 200
+    cache.put(0, np.zeros(100, dtype=np.uint8))  # a frame is kept once
+    np.testing.assert_array_equal(cache.get(0), frames[0])
     assert ImageCache([100], budget=0).get(0) is None
 
 
@@ -59,6 +62,7 @@ def _fill_in_child(cache):
 
 def test_a_frame_a_forked_worker_caches_is_seen_by_every_process():
     cache = ImageCache([64], budget=1 << 20)
+    assert cache.budget == 64  # no more than the export needs
     child = multiprocessing.get_context("fork").Process(target=_fill_in_child, args=(cache,))
     child.start()
     child.join(30)
