@@ -446,6 +446,9 @@ def _check_relations(values: dict[str, dict[str, Any]], source: str) -> None:
         if not name or name.startswith(".") or "/" in name or "\\" in name:
             fail(f"{key} = {name!r} names a folder under {values['actor']['experiments_dir']}/: use letters, "
                  "digits, '_', '-' or '.', not a path")
+    if values["run"]["name"] == "masks" and not values["data"]["masks_dir"]:
+        fail("run.name = 'masks' is the folder of the actor's masks (experiments/<actor>/masks/, data.masks_dir "
+             "empty); name the run otherwise")
     r = values["regressor"]
     levels = math.log2(r["uv_size"] / 8)
     if levels != int(levels):

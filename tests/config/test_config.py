@@ -133,7 +133,7 @@ def test_numbers_out_of_range_name_the_key_and_the_bound(override, bound):
     ("data.background=[1.0, 1.0]", "needs exactly 3 item"), ("test.splits=[]", "needs at least 1 item"),
     ("test.splits=[val, tset]", "'tset' is not one of"), ("regressor.widths=[8, eight]", "is not a int"),
     ("actor.name=''", "is empty"), ("actor.name=a/b", "not a path"),
-    ("regressor.widths=[8, 8, 8]", "uv_size 256 needs one per level"),
+    ("regressor.widths=[8, 8, 8]", "uv_size 256 needs one per level"), ("run.name=masks", "folder of the actor.s masks"),
 ])
 def test_lists_names_and_related_keys_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
