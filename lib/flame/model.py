@@ -31,6 +31,7 @@ from lib.paths import resolve
 
 JOINT_NAMES = ("root", "neck", "jaw", "left_eye", "right_eye")
 SHAPE_COLUMNS = 300  # shapedirs columns before this are shape, from it on expression
+POSE_BATCH = 64  # frames posed together; skinning holds [B, V, 4, 4] transforms (0.3 MB per FLAME frame)
 
 _REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights",
                   "kintree_table")
@@ -224,18 +225,26 @@ class FlameModel(torch.nn.Module):
         p = {name: self._param(name, args[name], batch, width) for name, width in widths.items()}
 
         n_verts = self.v_template.shape[0]
-        v_rest = self.v_template + blend_shapes(
-            torch.cat([p["shape"], p["expr"]], dim=-1), self.shapedirs
-        )
-        if static_offset is not None:
-            if static_offset.ndim != 3 or static_offset.shape[1] < n_verts \
-                    or static_offset.shape[2] != 3 or static_offset.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"static_offset must be [B, V', 3] with V' >= {n_verts} vertices, got "
-                    f"{tuple(static_offset.shape)}"
-                )
-            v_rest = v_rest + static_offset[:, :n_verts].to(self.v_template.dtype)
+        if static_offset is not None and (static_offset.ndim != 3 or static_offset.shape[1] < n_verts
+                                          or static_offset.shape[2] != 3 or static_offset.shape[0] not in (1, batch)):
+            raise ValueError(f"static_offset must be [B, V', 3] with V' >= {n_verts} vertices, got "
+                             f"{tuple(static_offset.shape)}")
+        if batch <= POSE_BATCH:
+            return self._pose(p, static_offset)
+        # in chunks: skinning holds [B, V, 4, 4] transforms, which would grow with a long sequence
+        parts = []
+        for i in range(0, batch, POSE_BATCH):
+            offset = static_offset if static_offset is None or static_offset.shape[0] == 1 else \
+                static_offset[i:i + POSE_BATCH]
+            parts.append(self._pose({k: v[i:i + POSE_BATCH] for k, v in p.items()}, offset))
+        return torch.cat([v for v, _ in parts]), torch.cat([w for _, w in parts])
 
+    def _pose(self, p: dict[str, Tensor], static_offset: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``forward`` of checked parameters ([B, width] each) and static offsets ([1 or B, V', 3])."""
+        batch, n_verts = p["shape"].shape[0], self.v_template.shape[0]
+        v_rest = self.v_template + blend_shapes(torch.cat([p["shape"], p["expr"]], dim=-1), self.shapedirs)
+        if static_offset is not None:
+            v_rest = v_rest + static_offset[:, :n_verts].to(self.v_template.dtype)
         pose = torch.cat([p["rotation"], p["neck_pose"], p["jaw_pose"], p["eyes_pose"]], -1)
         verts, world = lbs(v_rest, pose.reshape(batch, -1, 3), self.J_regressor,
                            self._parent_list, self.posedirs, self.lbs_weights)

@@ -101,6 +101,37 @@ def test_batch_one_arguments_are_shared_across_the_batch(write_flame):
     torch.testing.assert_close(verts[2:3], model(shape=shape, jaw_pose=jaw[2:3])[0])
 
 
+@pytest.mark.parametrize("offsets", [1, "per frame"])
+def test_a_long_sequence_is_posed_in_chunks_with_the_same_result(write_flame, offsets, monkeypatch):
+    import lib.flame.model as flame_model
+    from lib.flame.model import POSE_BATCH
+
+    batches = []
+
+    def counting_lbs(v_rest, *args):
+        batches.append(v_rest.shape[0])
+        return lbs(v_rest, *args)
+
+    lbs = flame_model.lbs
+    monkeypatch.setattr(flame_model, "lbs", counting_lbs)
+
+    model = FlameModel.from_file(write_flame(seed=6)[0], dtype=torch.float64)
+    B = 2 * POSE_BATCH + 5
+    gen = torch.Generator().manual_seed(1)
+    params = {"shape": torch.randn(1, 300, generator=gen, dtype=torch.float64),
+              "jaw_pose": 0.2 * torch.randn(B, 3, generator=gen, dtype=torch.float64),
+              "translation": torch.randn(B, 3, generator=gen, dtype=torch.float64),
+              "static_offset": 0.01 * torch.randn(1 if offsets == 1 else B, 53, 3, generator=gen, dtype=torch.float64)}
+    verts, transforms = model(**params)
+    assert verts.shape == (B, 50, 3) and transforms.shape == (B, 5, 4, 4)
+    assert max(batches) == POSE_BATCH  # memory bounded by the chunk, not the sequence
+    for b in (0, POSE_BATCH - 1, POSE_BATCH, B - 1):  # either side of a chunk border
+        one = {k: v if v.shape[0] == 1 else v[b:b + 1] for k, v in params.items()}
+        v1, t1 = model(**one)
+        torch.testing.assert_close(verts[b:b + 1], v1, rtol=0, atol=1e-12)
+        torch.testing.assert_close(transforms[b:b + 1], t1, rtol=0, atol=1e-12)
+
+
 def test_wrong_argument_shape_says_what_is_expected(write_flame):
     model = FlameModel.from_file(write_flame()[0])
     with pytest.raises(ValueError, match=r"shape must be \[B, 300\].*shape\[None\]"):
