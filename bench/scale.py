@@ -206,22 +206,41 @@ def measure_loader(config: Path, steps: int, workers: int, cache_gb: float | Non
     seconds = time.perf_counter() - start
     cached = images.draws.cache.used / GB if images.draws.cache else 0.0
     del items, images  # the workers end and are reaped: their peak joins RUSAGE_CHILDREN
+    # A worker is a fork of this process, so its ru_maxrss counts from this process's size at the fork
+    # (pages it shares, resident in both); this process itself is measured by VmHWM.
     return {"images_per_s": (steps - 1) / seconds, "workers": workers, "cache_gb": cfg.data.cache_gb,
-            "cache_used_gb": cached,
-            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
+            "cache_used_gb": cached, "rss_gb": peak_rss_gb(),
             "worker_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)}
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM) in GB. Not ``ru_maxrss``: Linux carries that across
+    fork and exec, so a child of a large process would report the parent's size."""
+    with open("/proc/self/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kb / (1 << 20)
+
+
+# Runs a script as ``python SCRIPT ARGS`` would, then prints its peak resident set.
+_RUN_AND_REPORT = """import atexit, runpy, sys
+sys.path.insert(0, {repo!r})
+from bench.scale import peak_rss_gb
+atexit.register(lambda: print("PEAK_RSS_GB", peak_rss_gb(), flush=True))
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def _child(args: list[str], log: Path) -> dict:
-    """Run a process; -> its exit code, seconds and peak RSS (its own, from wait4)."""
+    """Run a script of the repository (or ``-c CODE``) in its own process. -> seconds and its peak RSS"""
+    code = args[1] if args[0] == "-c" else _RUN_AND_REPORT.format(repo=str(REPO), argv=args)
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "rss_gb": usage.ru_maxrss / (1 << 20)}
+        code_ = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code_ != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({code_}); see {log}:\n{log.read_text()[-3000:]}")
+    peaks = [float(li.split()[1]) for li in log.read_text().splitlines() if li.startswith("PEAK_RSS_GB ")]
+    return {"seconds": time.perf_counter() - start, "rss_gb": peaks[-1] if peaks else float("nan")}
 
 
 def _loader(config: Path, steps: int, workers: int, cache_gb: float | None, log: Path) -> dict:
