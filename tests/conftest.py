@@ -116,3 +116,23 @@ class RenderLog:
 @pytest.fixture
 def render_log(monkeypatch) -> RenderLog:
     return RenderLog(monkeypatch)
+
+
+@pytest.fixture
+def fill_disk(monkeypatch):
+    """A function that, once called, makes every temporary file lib.atomic creates a link to /dev/full,
+    which fails every write with ENOSPC, as a full disk does."""
+    import tempfile
+
+    from lib import atomic
+
+    real_mkstemp = tempfile.mkstemp
+
+    def full_disk_mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        os.close(fd)
+        os.remove(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_RDONLY), name
+
+    return lambda: monkeypatch.setattr(atomic.tempfile, "mkstemp", full_disk_mkstemp)

@@ -256,27 +256,14 @@ def _is_zombie(pid: int) -> bool:
 
 # ---------------------------------------------------------------- disk full
 
-def test_a_full_disk_is_named_with_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    """The temp file of the atomic write is a link to /dev/full, which fails every write with ENOSPC,
-    as a full file system does."""
-    import tempfile
-
-    from lib import atomic
+def test_a_full_disk_is_named_with_the_path_and_keeps_the_previous_checkpoint(tmp_path, fill_disk, capsys):
+    """The temp file of the atomic write fails every write with ENOSPC, as a full file system does."""
     from lib.cli import run
     from lib.models.mesh_pca import MeshPCA
     from lib.train.checkpoint import load_checkpoint, save_checkpoint
 
     save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, tmp_path, 1)
-    real_mkstemp = tempfile.mkstemp
-
-    def full_disk_mkstemp(*args, **kwargs):
-        fd, name = real_mkstemp(*args, **kwargs)
-        os.close(fd)
-        os.remove(name)
-        os.symlink("/dev/full", name)
-        return os.open(name, os.O_RDONLY), name
-
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", full_disk_mkstemp)
+    fill_disk()
     state = {"model": {"w": torch.zeros(1 << 16)}, "step": 2}
     with pytest.raises(SystemExit) as exit_:
         run(lambda: save_checkpoint(state, tmp_path, 2), debug=False)

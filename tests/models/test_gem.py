@@ -259,23 +259,8 @@ def test_a_frame_store_left_by_a_killed_run_is_removed_by_the_next_run(tmp_path)
     store.close()
 
 
-def test_a_full_disk_while_writing_the_frame_store_is_a_disk_full_error(tmp_path, monkeypatch):
-    """The store's file is a link to /dev/full, which fails every write with ENOSPC, as a full disk does."""
-    import os
-    import tempfile
-
-    from lib import atomic
-
-    real_mkstemp = tempfile.mkstemp
-
-    def full_disk_mkstemp(*args, **kwargs):
-        fd, name = real_mkstemp(*args, **kwargs)
-        os.close(fd)
-        os.remove(name)
-        os.symlink("/dev/full", name)
-        return os.open(name, os.O_RDONLY), name
-
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", full_disk_mkstemp)
+def test_a_full_disk_while_writing_the_frame_store_is_a_disk_full_error(tmp_path, fill_disk):
+    fill_disk()
     with pytest.raises(DiskFullError, match=r"no space left on device while writing .*\.frames\.f32\..*partial"):
         with FrameStore(tmp_path) as store:
             store.append(low_rank_sequence(T=2, N=50))
