@@ -153,8 +153,11 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
         u = t / T * (SOURCE_TIMESTEPS - 1)  # interpolated motion over the small actor's timesteps
         k, w = int(u), u - int(u)
         b = min(k + 1, SOURCE_TIMESTEPS - 1)
+        # the motion interpolated; shape and static offset belong to the subject: the same in every file
+        motion = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
         np.savez(data / "flame_param" / f"{t:05d}.npz",
-                 **{key: ((1 - w) * params[k][key] + w * params[b][key]).astype(np.float32) for key in params[k].files})
+                 **{key: ((1 - w) * params[k][key] + w * params[b][key]).astype(np.float32) if key in motion
+                    else params[0][key] for key in params[k].files})
         for c in range(16):
             name, src = f"{t:05d}_{c:02d}.png", f"{round(u):05d}_{c:02d}.png"
             _link(full / "images" / src, data / "images" / name)

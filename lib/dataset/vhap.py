@@ -124,9 +124,38 @@ def read_flame_params(path: str | Path, n_shape: int = 0, n_expr: int = 0) -> di
 
 
 def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int = 0) -> dict[str, Tensor | None]:
-    """The FLAME parameters of several files as one batch (``read_flame_params`` keys, [T, ...])."""
-    params = [read_flame_params(p, n_shape, n_expr) for p in paths]
-    return {k: None if params[0][k] is None else torch.cat([p[k] for p in params]).to(device) for k in params[0]}
+    """The FLAME parameters of several files as one batch (``read_flame_params`` keys, [T, ...]).
+
+    ``static_offset`` belongs to the subject, and VHAP writes the same one into every file: then it is
+    kept once, [1, V, 3] (FLAME shares a batch-1 argument across the batch; ``take_timesteps`` keeps it
+    shared), not T times (60 MB per 1,000 timesteps). Offsets that differ are stacked [T, V, 3].
+    """
+    columns: dict[str, list[Tensor]] = {}
+    first, every = None, None  # the first file's offset; every file's, once one differs from it
+    for i, path in enumerate(paths):
+        params = read_flame_params(path, n_shape, n_expr)
+        offset = params.pop("static_offset")
+        for key, value in params.items():
+            columns.setdefault(key, []).append(value)
+        if i == 0:
+            first = offset
+        elif every is not None:
+            every.append(offset)
+        elif (offset is None) != (first is None) or (offset is not None and not torch.equal(offset, first)):
+            every = [first] * i + [offset]
+    offsets = every or [first]
+    if any(o is None for o in offsets) and not all(o is None for o in offsets):
+        raise DatasetError(f"some FLAME parameter files of {Path(paths[0]).parent} have a 'static_offset' and "
+                           f"others not; the files of one export come from one tracking run; {_REEXPORT_HINT}")
+    stacked = {key: torch.cat(values).to(device) for key, values in columns.items()}
+    stacked["static_offset"] = None if offsets[0] is None else torch.cat(offsets).to(device)
+    return stacked
+
+
+def take_timesteps(params: dict[str, Tensor | None], rows: Tensor) -> dict[str, Tensor | None]:
+    """The rows of stacked parameters (``stack_flame_params``); a shared (batch-1) static offset stays shared."""
+    return {k: None if v is None else v if (k == "static_offset" and v.shape[0] == 1) else v[rows]
+            for k, v in params.items()}
 
 
 class VhapExport:
@@ -147,6 +176,7 @@ class VhapExport:
         self.ds_rate = int(ds_rate)
         self.n_shape, self.n_expr = n_shape, n_expr  # the fewest values a parameter file may hold
         self._splits: dict[str, list[Frame]] = {}
+        self._cameras: dict[tuple, Camera] = {}
 
     @classmethod
     def from_config(cls, cfg) -> "VhapExport":
@@ -293,10 +323,16 @@ class VhapExport:
             camera_index, timestep_index = int(entry["camera_index"]), int(entry["timestep_index"])
         except (TypeError, ValueError):
             raise DatasetError(f"{where}: camera_index and timestep_index must be integers; {_REEXPORT_HINT}") from None
-        try:
-            camera = Camera.from_vhap_fields(c2w, camera_index=camera_index, **numbers).resized(self.ds_rate)
-        except ValueError as e:  # e.g. a ds_rate that leaves no pixels
-            raise DatasetError(f"{where}: {e}") from None
+        # Frames of one camera share one Camera object: an export lists tens of thousands of frames but
+        # has a few cameras per sequence.
+        key = (camera_index, c2w.tobytes(), *numbers.values())
+        camera = self._cameras.get(key)
+        if camera is None:
+            try:
+                camera = Camera.from_vhap_fields(c2w, camera_index=camera_index, **numbers).resized(self.ds_rate)
+            except ValueError as e:  # e.g. a ds_rate that leaves no pixels
+                raise DatasetError(f"{where}: {e}") from None
+            self._cameras[key] = camera
         folder = json_path.parent
         mask = entry.get("fg_mask_path")
         return Frame(

@@ -231,13 +231,16 @@ class FlameModel(torch.nn.Module):
                              f"{tuple(static_offset.shape)}")
         if batch <= POSE_BATCH:
             return self._pose(p, static_offset)
-        # in chunks: skinning holds [B, V, 4, 4] transforms, which would grow with a long sequence
-        parts = []
+        # in chunks: skinning holds [B, V, 4, 4] transforms, which would grow with a long sequence; the
+        # results are written into place, so the peak is the outputs and one chunk's work
+        verts = self.v_template.new_empty(batch, n_verts, 3)
+        world = self.v_template.new_empty(batch, self.J_regressor.shape[0], 4, 4)
         for i in range(0, batch, POSE_BATCH):
             offset = static_offset if static_offset is None or static_offset.shape[0] == 1 else \
                 static_offset[i:i + POSE_BATCH]
-            parts.append(self._pose({k: v[i:i + POSE_BATCH] for k, v in p.items()}, offset))
-        return torch.cat([v for v, _ in parts]), torch.cat([w for _, w in parts])
+            verts[i:i + POSE_BATCH], world[i:i + POSE_BATCH] = self._pose(
+                {k: v[i:i + POSE_BATCH] for k, v in p.items()}, offset)
+        return verts, world
 
     def _pose(self, p: dict[str, Tensor], static_offset: Tensor | None) -> tuple[Tensor, Tensor]:
         """``forward`` of checked parameters ([B, width] each) and static offsets ([1 or B, V', 3])."""

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from lib.cli import end_with_parent
 from lib.dataset.image_cache import ImageCache
 from lib.dataset.masks import mask_paths
-from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params
+from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params, take_timesteps
 from lib.errors import ProjectError
 from lib.flame.model import FlameModel
 from lib.models.avatar import split_global_pose
@@ -115,7 +115,7 @@ class ActorData:
     def gem_pose(self, timesteps: list[int]) -> tuple[Tensor, Tensor]:
         """The GEM pose (``lib.models.gem.gem_pose``) of timesteps. -> R [T, 3, 3], t [T, 3]"""
         rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)
-        return gem_pose(self.flame, {k: None if v is None else v[rows] for k, v in self.params.items()})
+        return gem_pose(self.flame, take_timesteps(self.params, rows))
 
     def sample(self, frame: Frame) -> Sample:
         """One frame read now, in this process (evaluation reads each frame once)."""

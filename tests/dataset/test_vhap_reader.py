@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.dataset.cameras import Camera
-from lib.dataset.vhap import DatasetError, VhapExport
+from lib.dataset.vhap import DatasetError, VhapExport, stack_flame_params, take_timesteps
 
 W, H = 64, 48
 K = torch.tensor([[80.0, 0.0, 30.5], [0.0, 82.0, 20.25], [0.0, 0.0, 1.0]])  # principal point off-centre
@@ -212,6 +212,33 @@ def test_flame_file_without_static_offset_gives_none(tmp_path):
     del arrays["static_offset"]
     np.savez(tmp_path / "p.npz", **arrays)
     assert VhapExport(tmp_path).load_flame(tmp_path / "p.npz")["static_offset"] is None
+
+
+@pytest.mark.parametrize("offsets", ["same", "different", "mixed"])
+def test_a_static_offset_every_file_shares_is_stacked_once(tmp_path, offsets):
+    rng = np.random.default_rng(3)
+    shared = _flame_arrays(rng)["static_offset"]
+    paths = []
+    for t in range(4):
+        arrays = _flame_arrays(rng)
+        if offsets == "same":
+            arrays["static_offset"] = shared
+        elif offsets == "mixed" and t == 2:
+            del arrays["static_offset"]
+        paths.append(tmp_path / f"{t}.npz")
+        np.savez(paths[-1], **arrays)
+    if offsets == "mixed":
+        with pytest.raises(DatasetError, match="some FLAME parameter files .* have a 'static_offset' and others not"):
+            stack_flame_params(paths)
+        return
+    params = stack_flame_params(paths)
+    assert params["expr"].shape == (4, 100)
+    assert params["static_offset"].shape == ((1 if offsets == "same" else 4), N_VERTS, 3)
+    rows = take_timesteps(params, torch.tensor([3, 1]))
+    torch.testing.assert_close(rows["expr"], params["expr"][[3, 1]])
+    expected = [np.load(paths[t])["static_offset"] for t in (3, 1)]
+    for i, offset in enumerate(expected):
+        torch.testing.assert_close(rows["static_offset"][0 if offsets == "same" else i], torch.from_numpy(offset[0]).float())
 
 
 def test_from_config_applies_ds_rate_and_names_the_masks_folder_outside_the_export(sequence, tmp_path):
