@@ -70,7 +70,7 @@ def _trained(cfg):
 def evaluate_mapping(cfg, log=print) -> dict:
     paths, device, gem, net, state, flame = _trained(cfg)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, flame, device)
+    data = ActorData(export, flame, device, keep_meshes=False)
     avatar, regressor = load_regressor(cfg, paths, flame, device)
 
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
@@ -137,7 +137,7 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     target = VhapExport.from_config(cfg)
     source = VhapExport.from_config(source_cfg)
     src_flame = FlameModel.from_config(source_cfg).to(device)
-    src_data = ActorData(source, src_flame, device)
+    src_data = ActorData(source, src_flame, device, keep_meshes=False)
 
     frames = pick_frames(source.camera_frames("test", source_cfg.test.camera, "test.camera of the source's config"),
                          cfg.test.max_frames)
@@ -149,7 +149,7 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     # the source's motion relative to its identity frame, applied to the target's identity pose
     src_id, tgt_id = source_cfg.actor.identity_timestep, cfg.actor.identity_timestep
     R_s, t_s = src_data.gem_pose([src_id, *steps])
-    R_i, t_i = ActorData(target, flame, device).gem_pose([tgt_id])
+    R_i, t_i = ActorData(target, flame, device, keep_meshes=False).gem_pose([tgt_id])
     M = R_s[1:] @ R_s[0].T
     R = M @ R_i[0]
     t = (M @ (t_i[0] - t_s[0])[:, None])[..., 0] + t_s[1:]

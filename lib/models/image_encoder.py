@@ -212,7 +212,7 @@ def encoder_features(cfg, export: VhapExport, data, timesteps: list[int]) -> Ten
     path = resolve(cfg.mapping.encoder)
     encoder = load_encoder(path, data.device)
     masks_path = resolve(cfg.actor.flame_masks)
-    regions = load_regions(masks_path, data.verts_head.shape[1])
+    regions = load_regions(masks_path, data.flame.v_template.shape[0])
     if "face" not in regions:
         raise DatasetError(f"{masks_path} has no 'face' region (it has {sorted(regions)}); the encoder signal "
                            "crops to it: point actor.flame_masks at FLAME_masks.pkl")

@@ -36,7 +36,7 @@ from lib.dataset.image_cache import ImageCache
 from lib.dataset.masks import mask_paths
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params, take_timesteps
 from lib.errors import ProjectError
-from lib.flame.model import FlameModel
+from lib.flame.model import POSE_BATCH, FlameModel
 from lib.models.avatar import split_global_pose
 from lib.models.gem import gem_pose
 from lib.train.losses import composite_gt
@@ -89,9 +89,14 @@ def to_sample(frame: Frame, pixels: Tensor, device: torch.device) -> Sample:
 
 
 class ActorData:
-    """Driving signal of every timestep and the images of the splits."""
+    """Driving signal of every timestep and the images of the splits.
 
-    def __init__(self, export: VhapExport, flame: FlameModel, device: torch.device):
+    keep_meshes: pose every timestep once here (training draws timesteps at random, thousands of times
+    each); False poses a timestep when it is asked for (one pass over the timesteps, as stage 3 and the
+    evaluations make), so memory does not hold T meshes.
+    """
+
+    def __init__(self, export: VhapExport, flame: FlameModel, device: torch.device, keep_meshes: bool = True):
         self.export = export
         self.device = device
         files: dict[int, Path] = {}
@@ -102,20 +107,35 @@ class ActorData:
         self._row = {t: i for i, t in enumerate(self.timesteps)}
         self.flame = flame
         self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr)  # [T, ...] per key
-        batch = self.params
-        with torch.no_grad():
-            self.verts_head, self.R, self.t = split_global_pose(flame, batch)  # [T, V, 3], [T, 3, 3], [T, 3]
+        self._posed = None
+        if keep_meshes:
+            with torch.no_grad():
+                self._posed = split_global_pose(flame, self.params)  # verts_head [T, V, 3], R [T, 3, 3], t [T, 3]
 
     def driving(self, timestep: int) -> tuple[Tensor, Tensor, Tensor]:
         """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep."""
         i = self._row[timestep]
-        return self.verts_head[i:i + 1], self.R[i:i + 1], self.t[i:i + 1]
+        if self._posed is not None:
+            return tuple(x[i:i + 1] for x in self._posed)
+        with torch.no_grad():
+            return split_global_pose(self.flame, take_timesteps(self.params, torch.tensor([i], device=self.device)))
+
+    @torch.no_grad()
+    def meshes(self, timesteps: list[int]) -> Tensor:
+        """Head-space meshes of timesteps. -> verts_head [T, V, 3]"""
+        rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)
+        if self._posed is not None:
+            return self._posed[0][rows]
+        return split_global_pose(self.flame, take_timesteps(self.params, rows))[0]
 
     @torch.no_grad()
     def gem_pose(self, timesteps: list[int]) -> tuple[Tensor, Tensor]:
         """The GEM pose (``lib.models.gem.gem_pose``) of timesteps. -> R [T, 3, 3], t [T, 3]"""
         rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)
-        return gem_pose(self.flame, take_timesteps(self.params, rows))
+        # in chunks: posing computes the meshes too, which would be [T, V, 3] at once
+        poses = [gem_pose(self.flame, take_timesteps(self.params, rows[i:i + POSE_BATCH]))
+                 for i in range(0, len(rows), POSE_BATCH)]
+        return torch.cat([R for R, _ in poses]), torch.cat([t for _, t in poses])
 
     def sample(self, frame: Frame) -> Sample:
         """One frame read now, in this process (evaluation reads each frame once)."""

@@ -91,8 +91,7 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
         signal = torch.cat([flame_signal(export.load_flame(files[t])) for t in steps])
     else:
         pca = MeshPCA.load(ActorPaths(cfg).mesh_pca).to(data.device)
-        rows = torch.tensor([data.timesteps.index(t) for t in steps], device=data.device)
-        signal = pca.coefficients(data.verts_head[rows], min(cfg.mapping.n_mesh_pca, pca.n_components)).cpu()
+        signal = pca.coefficients(data.meshes(steps), min(cfg.mapping.n_mesh_pca, pca.n_components)).cpu()
     return relative_to_identity(signal[1:], signal[0])
 
 

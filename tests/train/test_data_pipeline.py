@@ -183,3 +183,20 @@ def test_train_py_stops_with_the_files_name_when_a_worker_meets_a_truncated_imag
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot decode ") and str(data / "images") in line, line
+
+
+def test_meshes_posed_on_demand_equal_the_ones_posed_up_front(tiny_actor_config):
+    from lib.flame.model import FlameModel
+    from lib.train.data import ActorData
+
+    cfg = load_config(tiny_actor_config)
+    export, flame = VhapExport.from_config(cfg), FlameModel.from_config(cfg)
+    kept, lazy = ActorData(export, flame, CPU), ActorData(export, flame, CPU, keep_meshes=False)
+    steps = kept.timesteps[::-1]
+    for t in steps:
+        for a, b in zip(kept.driving(t), lazy.driving(t)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(kept.meshes(steps), lazy.meshes(steps), rtol=0, atol=1e-6)
+    torch.testing.assert_close(kept.meshes(steps[:1])[0], kept.driving(steps[0])[0][0])
+    for a, b in zip(kept.gem_pose(steps), lazy.gem_pose(steps)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

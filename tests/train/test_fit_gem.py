@@ -38,7 +38,7 @@ def test_gem_of_the_trained_regressor_renders_its_training_frames_like_it(run_co
     # The model fitted from the frame store is the fit of the regressor's frames held in memory.
     flame = FlameModel.from_config(cfg)
     avatar, _ = load_regressor(cfg, paths, flame, torch.device("cpu"))
-    data = ActorData(VhapExport.from_config(cfg), flame, torch.device("cpu"))
+    data = ActorData(VhapExport.from_config(cfg), flame, torch.device("cpu"), keep_meshes=False)  # as stage 3
     frames = GaussianSet(*map(torch.cat, zip(*gem_space_gaussians(avatar, data, loaded.timesteps.tolist()))))
     labels = torch.empty(loaded.n_gaussians, dtype=torch.long)
     for i, block in enumerate(loaded.blocks["positions"]):
