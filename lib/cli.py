@@ -81,6 +81,15 @@ def _fail(error: BaseException, debug: bool, raised: BaseException | None = None
     sys.exit(1)
 
 
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, **kwargs):
+    """A tqdm bar, redrawn at most every 30 s when stderr is a file or a pipe (run.sh's logs), not ten
+    times a second."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
 def die_with_parent() -> None:
     """Under run.sh (``GEM_PARENT_PID``), ask Linux for SIGTERM when the parent dies, so a killed
     run.sh leaves no orphan stage running."""

@@ -38,7 +38,6 @@ model they are given.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,9 +47,9 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from lib.atomic import write_bytes
+from lib.cli import progress_bar
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.vhap import DatasetError, Frame, VhapExport
 from lib.flame.model import FlameFormatError, FlameModel
@@ -218,12 +217,6 @@ def _up_to_date(paths: MaskPaths, frame: Frame) -> bool:
     return all(made >= os.stat(p).st_mtime_ns for p in inputs)
 
 
-def _progress_bar(total: int) -> tqdm:
-    """Redrawn at most every 30 s when stderr is a file or a pipe (run.sh's logs), as training's."""
-    return tqdm(total=total, desc="masks", unit="frame", dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
-
-
 def _render_masks(export: VhapExport, model: FlameModel, masks: dict, log) -> dict:
     start = time.time()
     device = model.v_template.device
@@ -245,7 +238,7 @@ def _render_masks(export: VhapExport, model: FlameModel, masks: dict, log) -> di
 
     fg_total = alpha_total = 0.0
     written = 0
-    with _progress_bar(sum(len(group) for group in todo.values())) as bar:
+    with progress_bar(sum(len(group) for group in todo.values()), desc="masks", unit="frame") as bar:
         for (_, _, width, height), group in sorted(todo.items(), key=lambda kv: kv[0][:1] + kv[0][2:]):
             with torch.no_grad():
                 params = {k: None if v is None else v.to(device) for k, v in export.load_flame(group[0]).items()}

@@ -69,6 +69,17 @@ def _covar(quats, scales, n, m, cov):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _to_camera(viewmats, cam, means, g, cov, tmp, p, cov_c):
+    """Gaussian g's mean (into p [3]) and world covariance cov (into cov_c [3, 3]) in camera cam's frame;
+    tmp: [3, 3] scratch. -> the camera's rotation [3, 3]"""
+    rv = viewmats[cam, :3, :3]
+    for i in range(3):
+        p[i] = rv[i, 0] * means[g, 0] + rv[i, 1] * means[g, 1] + rv[i, 2] * means[g, 2] + viewmats[cam, i, 3]
+    _mm(_mm(rv, cov, tmp), rv.T, cov_c)
+    return rv
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _lims(Ks, cam, width, height):
     fx, fy, cx, cy = Ks[cam, 0, 0], Ks[cam, 1, 1], Ks[cam, 0, 2], Ks[cam, 1, 2]
     tan_x, tan_y = 0.5 * width / fx, 0.5 * height / fy
@@ -85,10 +96,7 @@ def _project(lo, hi, means, quats, scales, viewmats, Ks, width, height, eps2d, n
     for g in range(lo, hi):
         _covar(quats, scales, g, m, cov)
         for cam in range(n_cams):
-            rv = viewmats[cam, :3, :3]
-            for i in range(3):
-                p[i] = rv[i, 0] * means[g, 0] + rv[i, 1] * means[g, 1] + rv[i, 2] * means[g, 2] + viewmats[cam, i, 3]
-            _mm(_mm(rv, cov, tmp), rv.T, cov_c)
+            rv = _to_camera(viewmats, cam, means, g, cov, tmp, p, cov_c)
             tx, ty, tz = p[0], p[1], p[2]
             lxn, lxp, lyn, lyp = _lims(Ks, cam, width, height)
             txc = tz * min(max(tx / tz, -lxn), lxp)
@@ -133,10 +141,7 @@ def _project_backward(lo, hi, means, quats, scales, viewmats, Ks, width, height,
         v_cov[:] = 0.0  # d/d Sigma (world), summed over cameras
         vm[:] = 0.0
         for cam in range(n_cams):
-            rv = viewmats[cam, :3, :3]
-            for i in range(3):
-                p[i] = rv[i, 0] * means[g, 0] + rv[i, 1] * means[g, 1] + rv[i, 2] * means[g, 2] + viewmats[cam, i, 3]
-            _mm(_mm(rv, cov, t33), rv.T, cov_c)
+            rv = _to_camera(viewmats, cam, means, g, cov, t33, p, cov_c)
             tx, ty, tz = p[0], p[1], p[2]
             lxn, lxp, lyn, lyp = _lims(Ks, cam, width, height)
             ux, uy = tx / tz, ty / tz

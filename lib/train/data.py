@@ -204,8 +204,6 @@ def _init_worker(trainer: int, worker_id: int) -> None:
     # training process's own threads.
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
 
 
 class TrainingImages:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from lib.cli import progress_bar
 from lib.config import Config, save_config
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.flame.model import FlameModel
@@ -55,7 +56,7 @@ from lib.train.data import ActorData, TrainingImages
 from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
 from lib.train.schedule import lr_factor, progress
-from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, progress_bar, start_over
+from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, start_over
 
 # Warm-up steps between re-orthonormalisations of a fine-tuned basis: one costs about 40 ms on a CPU
 # core for the synthetic actor's GEM, and ten Adam steps at 1e-5 leave the rows orthonormal to about 2e-4.

@@ -13,14 +13,13 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import sys
 import time
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from lib.cli import progress_bar
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport
 from lib.errors import ProjectError
@@ -192,13 +191,6 @@ def start_over(cfg, folder, info, log) -> None:
             if moved is not None:
                 log(f"train.resume is false: the previous checkpoints were moved to {moved}")
         distributed.barrier(info)
-
-
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """The training progress bar; redrawn at most every 30 s when stderr is a file or a pipe (run.sh's
-    logs), not ten times a second."""
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 class NanGuard:
