@@ -64,7 +64,7 @@ from lib.dataset.synthetic_appearance import (
     Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
 )
 from lib.flame.model import FlameModel, load_regions
-from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
+from lib.flame.synthetic import EXPRESSION_NAMES, GROUND_TRUTH_DIR, KEPT_FILE, ensure_head_model, model_paths
 from lib.geometry.obj_io import read_obj
 from lib.geometry.rasterize import rasterize_camera
 from lib.geometry.uv import vertex_normals
@@ -370,6 +370,16 @@ class HeadFiles:
         masks = load_regions(self.flame_masks, model.v_template.shape[0])
         return model, torch.as_tensor(obj["uvs"], dtype=torch.float32), torch.as_tensor(obj["faces_uv"]).long(), masks
 
+    def ground_truth(self) -> tuple["HeadFiles", np.ndarray | None]:
+        """The head the images are rendered from, and which of its vertices the tracked model keeps:
+        a FLAME-like head (synthetic.head_mouth 'open') has its full head, cavity and all, in
+        ``ground_truth/`` beside it; any other head is its own. -> (files, kept vertex indices or None)"""
+        folder = self.flame_model.parent / GROUND_TRUTH_DIR
+        if not (folder / KEPT_FILE).is_file():
+            return self, None
+        full = model_paths(folder)
+        return HeadFiles(full["flame_model"], full["uv_obj"], full["masks"]), np.load(folder / KEPT_FILE)
+
 
 class ActorRenderer:
     """Renders the ground truth of one actor: tracked mesh + relief + hair shell, before a torso.
@@ -491,6 +501,13 @@ def _write_split(folder: Path, split: str, frames: list[dict]) -> None:
     (folder / f"transforms_{split}.json").write_text(json.dumps(db, indent=4))
 
 
+def _tracked(params: dict[str, Tensor], kept: np.ndarray | None) -> dict[str, Tensor]:
+    """Parameters as the tracked model reads them: the static offset of its own vertices only."""
+    if kept is None:
+        return params
+    return {**params, "static_offset": params["static_offset"][:, torch.as_tensor(kept)]}
+
+
 def _flame_npz(params: dict[str, Tensor]) -> dict[str, np.ndarray]:
     """VHAP's arrays: shape (S,), the others with a leading axis of 1, float32."""
     out = {k: params[k].numpy().astype(np.float32) for k in PARAM_KEYS}
@@ -540,7 +557,8 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
         raise DatasetError(f"{data_dir} exists but holds no transforms_test.json: it is not a finished "
                               "synthetic dataset; delete it (or point actor.data_dir elsewhere) and rerun")
     start = time.time()
-    model, uvs, faces_uv, masks = head.load()
+    truth, kept = head.ground_truth()
+    model, uvs, faces_uv, masks = truth.load()
     plan = plan_actor(spec, model, masks)
     renderer = ActorRenderer(plan, model, uvs, faces_uv, masks)
 
@@ -560,7 +578,8 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
         with ThreadPoolExecutor(2) as pool:
             pending = []
             for t in range(plan.n_timesteps):
-                np.savez(tmp / "flame_param" / f"{t:05d}.npz", **_flame_npz(plan.timestep_params(t, written=True)))
+                np.savez(tmp / "flame_param" / f"{t:05d}.npz",
+                         **_flame_npz(_tracked(plan.timestep_params(t, written=True), kept)))
                 rgb, cover = renderer.render(t, plan.cameras)
                 rgb_u8, cover_u8 = _to_u8(rgb), _to_u8(cover)
                 for cam, image, mask in zip(plan.cameras, rgb_u8, cover_u8):
@@ -581,7 +600,7 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
         for k in ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation"):
             canonical[k] = torch.zeros_like(canonical[k])
         canonical["jaw_pose"][0, 0] = CANONICAL_JAW
-        np.savez(tmp / "canonical_flame_param.npz", **_flame_npz(canonical))
+        np.savez(tmp / "canonical_flame_param.npz", **_flame_npz(_tracked(canonical, kept)))
 
         names = list(spec.sequences)
         (tmp / "sequences_trainval.txt").write_text("\n".join(names[:-1]) + "\n")
@@ -613,7 +632,7 @@ def generate(cfg) -> None:
         return
     head_dir, data_dir = resolve(cfg.synthetic.head_dir), resolve(cfg.actor.data_dir)
     with locked(head_dir, "the synthetic head model folder", head_dir.parent / f".{head_dir.name}.lock"):
-        ensure_head_model(head_dir, cfg.synthetic.head_seed)
+        ensure_head_model(head_dir, cfg.synthetic.head_seed, cfg.synthetic.head_mouth)
     with locked(data_dir, "the synthetic dataset", data_dir.parent / f".{data_dir.name}.lock", clean=False):
         generate_actor(data_dir, HeadFiles.from_config(cfg), ActorSpec.from_config(cfg))
 
