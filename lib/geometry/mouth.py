@@ -44,10 +44,10 @@ class MouthError(ProjectError, ValueError):
 class MouthFaces:
     """Faces closing the mouth, to be appended to the mesh's: ``faces`` [M, 3] vertex indices;
     ``uvs`` [K, 2] new UV coordinates, to be appended to the layout's; ``faces_uv`` [M, 3] indices
-    into the appended layout (offset by the layout's own count)."""
+    into the appended layout (offset by the layout's own count). Without a layout: faces only."""
     faces: np.ndarray
-    uvs: np.ndarray
-    faces_uv: np.ndarray
+    uvs: np.ndarray | None
+    faces_uv: np.ndarray | None
 
     def appended(self, faces, uvs, faces_uv):
         """The mesh and layout with these faces appended, as tensors. -> (faces, uvs, faces_uv)"""
@@ -185,46 +185,39 @@ def free_rectangle(uvs: np.ndarray, faces_uv: np.ndarray, aspect: float = ASPECT
     return best
 
 
-def close_loop(verts: np.ndarray, faces: np.ndarray, uvs: np.ndarray, faces_uv: np.ndarray,
-               loop: np.ndarray) -> MouthFaces:
-    """Faces closing one hole (``mouth_loop``), oriented as the faces around it, with a UV chart of
-    their own in the layout's largest free rectangle."""
+def close_loop(verts: np.ndarray, faces: np.ndarray, loop: np.ndarray, uvs: np.ndarray | None = None,
+               faces_uv: np.ndarray | None = None) -> MouthFaces:
+    """Faces closing one hole (``mouth_loop``), oriented as the faces around it; with the layout (uvs,
+    faces_uv), a UV chart of their own in its largest free rectangle (else ``uvs``/``faces_uv`` are None)."""
     verts = np.asarray(verts, dtype=np.float64)
     upper, lower = lip_chains(verts, loop)
     tris = zip_chains(verts, upper, lower)
     existing = {(int(a), int(b)) for f in np.asarray(faces) for a, b in ((f[0], f[1]), (f[1], f[2]), (f[2], f[0]))}
     if any((int(t[k]), int(t[(k + 1) % 3])) in existing for t in tris for k in range(3)):
         tris = tris[:, ::-1].copy()  # a closing face runs along each shared edge against its neighbour
+    if uvs is None:
+        return MouthFaces(tris, None, None)
 
     u0, v0, u1, v1 = free_rectangle(uvs, faces_uv)
     inset = 0.5 * MARGIN
     u0, v0, u1, v1 = u0 + inset, v0 + inset, u1 - inset, v1 - inset
     su, sl = _arc_fraction(verts[upper]), _arc_fraction(verts[lower])
-    corner_a, corner_b = upper[0], upper[-1]
-    local: dict[tuple[int, str], int] = {}
-    coords = []
-
-    def uv_of(vertex: int, chain: str, s: float) -> None:
-        local[(vertex, chain)] = len(coords)
-        v = 0.5 * (v0 + v1) if vertex in (corner_a, corner_b) else (v1 if chain == "upper" else v0)
-        coords.append((u0 + s * (u1 - u0), v))
-
-    for vertex, s in zip(upper.tolist(), su):
-        uv_of(vertex, "upper", s)
-    for vertex, s in zip(lower[1:-1].tolist(), sl[1:-1]):
-        uv_of(vertex, "lower", s)
-    upper_set = set(upper.tolist())
-
-    def uv_index(vertex: int) -> int:
-        return local[(vertex, "upper" if vertex in upper_set else "lower")]
-
-    base = len(uvs)
-    faces_uv_new = np.array([[base + uv_index(int(v)) for v in t] for t in tris], dtype=np.int64)
-    return MouthFaces(tris, np.array(coords, dtype=np.float64), faces_uv_new)
+    corners = {int(upper[0]), int(upper[-1])}
+    # one UV vertex per loop vertex: the corners at mid-height, the upper lip on top, the lower at the bottom
+    chart = {}
+    for chain, s_chain, v_edge in ((upper, su, v1), (lower, sl, v0)):
+        for vertex, s in zip(chain.tolist(), s_chain):
+            if vertex not in chart:
+                chart[vertex] = (len(chart), (u0 + s * (u1 - u0), 0.5 * (v0 + v1) if vertex in corners else v_edge))
+    coords = np.array([uv for _, uv in sorted(chart.values())], dtype=np.float64)
+    faces_uv_new = np.array([[len(uvs) + chart[int(v)][0] for v in t] for t in tris], dtype=np.int64)
+    return MouthFaces(tris, coords, faces_uv_new)
 
 
-def mouth_faces(verts, faces, uvs, faces_uv, regions: dict[str, np.ndarray]) -> MouthFaces:
-    """The faces closing the mouth of a FLAME-topology mesh (its template ``verts``), with their UV chart.
-    Raises MouthError where the mesh has no hole between the lips or the layout no room."""
+def mouth_faces(verts, faces, regions: dict[str, np.ndarray], uvs=None, faces_uv=None) -> MouthFaces:
+    """The faces closing the mouth of a FLAME-topology mesh (its template ``verts``), with their UV chart
+    when the layout is given. Raises MouthError where the mesh has no hole between the lips or the layout
+    no room."""
     faces = np.asarray(faces, dtype=np.int64)
-    return close_loop(np.asarray(verts), faces, np.asarray(uvs), np.asarray(faces_uv), mouth_loop(faces, regions))
+    layout = (None, None) if uvs is None else (np.asarray(uvs), np.asarray(faces_uv))
+    return close_loop(np.asarray(verts), faces, mouth_loop(faces, regions), *layout)

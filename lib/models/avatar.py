@@ -218,7 +218,7 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
     regions = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
     faces, uvs, faces_uv = flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"])
     if cfg.actor.close_mouth:  # the hole between the lips closed by faces with texels of their own
-        closure = mouth_faces(flame.v_template.cpu().numpy(), faces.numpy(), uvs.numpy(), faces_uv.numpy(), regions)
+        closure = mouth_faces(flame.v_template.cpu().numpy(), faces.numpy(), regions, uvs.numpy(), faces_uv.numpy())
         faces, uvs, faces_uv = closure.appended(faces, uvs, faces_uv)
     r = cfg.regressor
     return GaussianAvatar(

@@ -43,7 +43,7 @@ def test_a_slit_is_closed_by_a_strip_that_continues_the_surface():
     verts, faces = grid(5, holes={(1, 2), (2, 2), (3, 2)})
     lips = np.array([v for v in range(len(verts)) if 1 <= verts[v, 0] <= 4 and 2 <= verts[v, 1] <= 3])
     uvs = verts[:, :2] / 5 * 0.5  # the layout fills [0, 0.5]²: room to its right
-    closure = mouth_faces(verts, faces, uvs, faces, {"lips": lips})
+    closure = mouth_faces(verts, faces, {"lips": lips}, uvs, faces)
     assert len(closure.faces) == 6  # 8 loop vertices, two corners: 8 - 2 triangles
     closed = np.concatenate([faces, closure.faces])
     assert len(boundary_loops(closed)) == 1  # only the outer border is left
@@ -106,7 +106,7 @@ def test_the_avatar_closes_the_mouth_with_gaussians_that_follow_the_lips(open_he
     flame = FlameModel.from_file(paths["flame_model"])
     obj = read_obj(paths["uv_obj"])
     regions = load_pickle(paths["masks"])
-    closure = mouth_faces(flame.v_template.numpy(), flame.faces.numpy(), obj["uvs"], obj["faces_uv"], regions)
+    closure = mouth_faces(flame.v_template.numpy(), flame.faces.numpy(), regions, obj["uvs"], obj["faces_uv"])
     faces, uvs, faces_uv = closure.appended(flame.faces, obj["uvs"], obj["faces_uv"])
     none = {"shape": None, "neck_pose": None, "static_offset": None}
     canon = canonical_mesh(flame, none, None, 20.0)
@@ -126,3 +126,33 @@ def test_the_avatar_closes_the_mouth_with_gaussians_that_follow_the_lips(open_he
     # closed jaw: the strip lies on the lip line; open: its Gaussians spread down with the lower lip
     spread = [g.means[b, on_closure, 1].max() - g.means[b, on_closure, 1].min() for b in range(2)]
     assert spread[1] > 2 * spread[0] + 0.005
+
+
+def test_masks_label_what_is_seen_through_the_open_mouth_as_mouth_and_keep_it(open_head):
+    """Without the closing faces a ray through the open lips meets the inside of the head (its label is
+    whatever face lies there); with them (render_masks(close_mouth=True)) it meets the strip: mouth, kept."""
+    from lib.dataset.masks import MaskRegions, frame_masks
+    from lib.dataset.synthetic_actor import make_rig
+    from lib.flame.safe_pickle import load_pickle
+    from lib.geometry.rasterize import rasterize_camera
+
+    _, paths = open_head
+    flame = FlameModel.from_file(paths["flame_model"])
+    regions = load_pickle(paths["masks"])
+    with torch.no_grad():
+        verts, joints = flame(jaw_pose=torch.tensor([[0.4, 0.0, 0.0]]))
+    camera = make_rig(flame.v_template, regions, 9, 0.5)[8]  # the frontal camera
+    closure = torch.as_tensor(mouth_faces(flame.v_template.numpy(), flame.faces.numpy(), regions).faces)
+    closed = torch.cat([flame.faces, closure])
+    seen = rasterize_camera(verts, closed, camera.viewmat[None], camera.K[None], camera.height, camera.width)
+    gap = seen.pix_to_face[0] >= len(flame.faces)  # pixels where the strip is the front-most surface
+    assert gap.sum() > 20
+    fg = torch.ones(1, camera.height, camera.width)
+    results = {}
+    for name, faces in (("hole", flame.faces), ("closed", closed)):
+        labels = MaskRegions.from_masks(faces, flame.v_template.shape[0], regions)
+        results[name] = frame_masks(verts[0], joints[0], faces, labels, [camera], fg)
+    alpha, mouth = results["closed"]
+    assert mouth[0][gap].all() and (alpha[0][gap] == 1).all()
+    hole_alpha, hole_mouth = results["hole"]
+    assert not (hole_mouth[0][gap].all() and (hole_alpha[0][gap] == 1).all())  # what the strip fixes
