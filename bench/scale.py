@@ -120,13 +120,13 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
     small = source.root
     frames = {(f.timestep_index, f.camera_index): f for s in ("train", "val", "test") for f in source.split(s)}
     full = work / "full"  # the upscaled source frames, made once for every T
-    if not full.is_dir():
+    if not (full / "keep").is_dir():  # keep masks: a folder of an earlier version's alpha masks is not reused
         for (t, c), f in frames.items():
             name = f"{t:05d}_{c:02d}.png"
             _upscaled(f.image_path, full / "images" / name, gray=False)
             _upscaled(f.mask_path, full / "fg_masks" / name, gray=True)
             masks = mask_paths(f.image_path, small, source.masks_dir)
-            _upscaled(masks.alpha, full / "alpha" / name, gray=True)
+            _upscaled(masks.keep, full / "keep" / name, gray=True)
             _upscaled(masks.mouth, full / "mouth" / name, gray=True)
 
     data = work / f"actor_{T}"
@@ -162,8 +162,8 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
             name, src = f"{t:05d}_{c:02d}.png", f"{round(u):05d}_{c:02d}.png"
             _link(full / "images" / src, data / "images" / name)
             _link(full / "fg_masks" / src, data / "fg_masks" / name)
-            masks = mask_paths(data / "images" / name, data, masks_dir, fallback=False)
-            _link(full / "alpha" / src, masks.alpha)
+            masks = mask_paths(data / "images" / name, data, masks_dir)
+            _link(full / "keep" / src, masks.keep)
             _link(full / "mouth" / src, masks.mouth)
             entry = {"file_path": f"images/{name}", "fg_mask_path": f"fg_masks/{name}",
                      "flame_param_path": f"flame_param/{t:05d}.npz", "timestep_index": t, "camera_index": c,

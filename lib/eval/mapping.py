@@ -50,7 +50,6 @@ from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
-from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
 
 
@@ -89,7 +88,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
         for frame in frames:
             i = steps.index(frame.timestep_index)
             sample = data.sample(frame)
-            gt = composite_gt(sample.image[None], sample.alpha[None], white[None])[0]
+            gt = sample.ground_truth(white)[0]
             cam = (sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height, white)
             images = {}
             for name, coeffs in (("predicted", pred_coeffs), ("gt_coefficients", gt_coeffs)):

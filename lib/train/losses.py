@@ -59,13 +59,21 @@ def mouth_weight(mouth: Tensor, strength: float, blur_px: int) -> Tensor:
     return 1.0 + strength * soft
 
 
-def composite_gt(image: Tensor, alpha: Tensor, background: Tensor) -> Tensor:
-    """Ground truth on a background: image [B, H, W, 3], alpha [B, H, W], background [B, 3] -> [B, H, W, 3]
+def composite_gt(image: Tensor, fg: Tensor, keep: Tensor, background: Tensor) -> Tensor:
+    """Ground truth of the kept head on a background.
 
-    image * alpha + background * (1 - alpha): keeps only what the (neck-less) mask holds.
+    image [B, H, W, 3]: the export's image, already composited on white with its foreground alpha a,
+    I = F·a + (1 - a); fg [B, H, W]: that alpha a; keep [B, H, W]: the keep mask k (1 on the head,
+    0 on neck and torso, ``lib.dataset.masks``); background [B, 3] -> [B, H, W, 3]
+
+        GT = k · (I - (1 - a) · (1 - bg)) + (1 - k) · bg
+
+    i.e. F·a + bg·(1 - a) where the head is kept (the foreground re-composited on bg, soft edges
+    exact) and bg where it is removed. On white (bg = 1) it is the export's image where kept.
     """
-    a = alpha[..., None]
-    return image * a + background[:, None, None, :] * (1 - a)
+    a, k = fg[..., None], keep[..., None]
+    bg = background[:, None, None, :]
+    return k * (image - (1 - a) * (1 - bg)) + (1 - k) * bg
 
 
 def photometric(render: Tensor, gt: Tensor, weight: Tensor, w_l1: float, w_ssim: float) -> dict[str, Tensor]:

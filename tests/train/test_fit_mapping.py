@@ -24,7 +24,6 @@ from lib.train.checkpoint import latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
 from lib.train.fit_gem import fit_gem
 from lib.train.fit_mapping import driving_signals, fit_mapping, load_mapping
-from lib.train.losses import composite_gt
 
 QUIET = lambda *a, **k: None  # noqa: E731
 MAPPING = ["train.stage=mapping", "mapping.width=16", "mapping.warmup_iterations=30", "mapping.iterations=3",
@@ -91,7 +90,7 @@ def _image_loss(cfg, net=None) -> float:
             c = {a: v[i:i + 1] for a, v in coeffs.items()}
             rgb = render_gem(gem, c, R[i:i + 1], t[i:i + 1], s.viewmat[None], s.K[None], f.camera.width,
                              f.camera.height, torch.ones(3)).rgb
-            losses.append((rgb - composite_gt(s.image[None], s.alpha[None], torch.ones(1, 3))).abs().mean())
+            losses.append((rgb - s.ground_truth(torch.ones(3))).abs().mean())
     return float(torch.stack(losses).mean())
 
 

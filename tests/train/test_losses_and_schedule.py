@@ -19,13 +19,29 @@ def test_mouth_weight_is_one_outside_and_raised_inside_the_mouth():
     assert w[0, 0, 0] == pytest.approx(1.0) and w[0, 20, 20] > 50
 
 
-def test_ground_truth_is_composited_on_the_background_through_the_mask():
-    image = torch.full((1, 2, 2, 3), 0.3)
-    alpha = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
-    out = composite_gt(image, alpha, torch.tensor([[0.0, 1.0, 0.0]]))
-    assert torch.allclose(out[0, 0, 0], torch.tensor([0.3, 0.3, 0.3]))
-    assert torch.allclose(out[0, 0, 1], torch.tensor([0.0, 1.0, 0.0]))
-    assert torch.allclose(out[0, 1, 0], torch.tensor([0.15, 0.65, 0.15]))
+def test_ground_truth_recomposites_the_kept_foreground_on_the_background_with_soft_edges_exact():
+    # Hand-made pixels of an export composited on white: I = F·a + (1 - a).
+    F = torch.tensor([[[[0.1, 0.1, 0.1],    # dark hair, half transparent, kept
+                        [0.8, 0.3, 0.1]],   # opaque skin, kept
+                       [[0.6, 0.5, 0.4],    # opaque neck, removed
+                        [0.0, 0.0, 0.0]]]])  # background (a = 0) above the cut, kept
+    a = torch.tensor([[[0.5, 1.0], [1.0, 0.0]]])
+    k = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
+    image = F * a[..., None] + (1 - a[..., None])
+    bg = torch.tensor([0.2, 0.4, 0.6])
+    gt = composite_gt(image, a, k, bg[None])[0]
+    torch.testing.assert_close(gt[0, 0], torch.tensor([0.15, 0.25, 0.35]))  # F·a + bg·(1 - a)
+    torch.testing.assert_close(gt[0, 1], F[0, 0, 1])
+    torch.testing.assert_close(gt[1, 0], bg)
+    torch.testing.assert_close(gt[1, 1], bg)
+    # the former image·(a·k) + bg·(1 - a·k) is off by a(1 - a)(1 - F) = 0.225 on the hair pixel
+    former = image * (a * k)[..., None] + bg * (1 - (a * k)[..., None])
+    torch.testing.assert_close(former[0, 0, 0] - gt[0, 0], torch.full((3,), 0.225))
+    # on white: the export's image where kept, white elsewhere
+    white = composite_gt(image, a, k, torch.ones(1, 3))[0]
+    torch.testing.assert_close(white[0], image[0, 0])
+    torch.testing.assert_close(white[1, 0], torch.ones(3))
+    torch.testing.assert_close(white[1, 1], torch.ones(3))
 
 
 def test_schedules_follow_the_progress_of_the_run():
