@@ -159,7 +159,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "parts": Key(False, "one basis per face region (eyeballs, ears, mouth, nose, eye region, forehead, face, scalp, neck, rest)"),
         "fp16": Key(False, "store the bases in float16 (about half the file; means, variances, coefficients stay float32)"),
         "splits": Key(["train", "val"], "dataset splits whose timesteps the bases are fitted to", length=(1, None), choices=("train", "val", "test")),
-        "evaluate": Key(True, "pca_gauss.py renders val and test frames (test.camera, test.max_frames) with GEM and the regressor and scores both"),
+        "evaluate": Key(True, "pca_gauss.py renders val and test frames (test.camera, test.max_frames) with the regressor and with the GEM oracle (its output projected on GEM) and scores both"),
         "table_components": Key([5, 10, 20, 50], "component counts (same for every attribute) of the PSNR / size table", ge=1, length=(1, None)),
     },
     "mapping": {

@@ -127,11 +127,11 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
 
     render_log.watch(mapping_eval, "render_gem")
     results = evaluate_mapping(cfg, log=QUIET)
-    # each frame goes to the video as soon as it is rendered (predicted and GT coefficients: 2 renders)
+    # each frame goes to the video as soon as it is rendered (predicted and oracle coefficients: 2 renders)
     assert render_log.renders_in_a_row() == 2 and render_log.frames("test.mp4") == 2
     saved = json.loads((ActorPaths(cfg).mapping_eval / "metrics.json").read_text())
     assert saved["frames"] == results["frames"] == 2
-    for name in ("predicted", "gt_coefficients"):
+    for name in ("predicted", "oracle_coefficients"):
         assert 5.0 < saved[name]["psnr"] < 60.0 and 5.0 < saved[name]["psnr_masked"] < 60.0
     assert (ActorPaths(cfg).mapping_eval / "test.mp4").stat().st_size > 0
 
