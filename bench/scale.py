@@ -120,7 +120,7 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
     small = source.root
     frames = {(f.timestep_index, f.camera_index): f for s in ("train", "val", "test") for f in source.split(s)}
     full = work / "full"  # the upscaled source frames, made once for every T
-    if not (full / "keep").is_dir():  # keep masks: a folder of an earlier version's alpha masks is not reused
+    if not full.is_dir():
         for (t, c), f in frames.items():
             name = f"{t:05d}_{c:02d}.png"
             _upscaled(f.image_path, full / "images" / name, gray=False)
@@ -281,9 +281,10 @@ def main() -> None:
             row = {"T": T, "images": 16 * T}
             if "loader" in args.parts:
                 from lib.config import load_config
+                from lib.train.data import CHANNELS
 
                 cfg = load_config(config)
-                fill = args.fill_images or int(cfg.data.cache_gb * GB / (HEIGHT * WIDTH * 5) * 1.1) + 50  # past the budget
+                fill = args.fill_images or int(cfg.data.cache_gb * GB / (HEIGHT * WIDTH * CHANNELS) * 1.1) + 50  # past the budget
                 r = _loader(config, fill, cfg.data.workers, None, work / f"loader_{T}.log")
                 row["loader"] = r
                 print(f"  loader (workers {r['workers']}, cache {r['cache_gb']} GB of which {r['cache_used_gb']:.2f} GB "
