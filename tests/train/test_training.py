@@ -18,7 +18,7 @@ from lib.paths import REPO_ROOT, ActorPaths, resolve
 from lib.train import trainer
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
-from lib.train.losses import composite_gt, photometric, regularisers
+from lib.train.losses import photometric, regularisers
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -39,7 +39,7 @@ def test_a_few_training_steps_lower_the_loss(run_config):
     frame = export.split("train")[3]
     sample = data.sample(frame)
     bg = torch.tensor([0.2, 0.5, 0.8])
-    gt = composite_gt(sample.image[None], sample.alpha[None], bg[None])
+    gt = sample.ground_truth(bg)
 
     def loss_now():
         g = avatar(*data.driving(frame.timestep_index))
