@@ -77,7 +77,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workers": Key(2, "processes decoding training images ahead of the loop (0: the loop decodes them itself)", ge=0),
         "prefetch": Key(4, "images each worker decodes ahead", ge=1),
         "cache_gb": Key(2.0, "memory (GB per machine, shared by its processes) keeping decoded training images; beyond it they are decoded at every use (0: no cache)", ge=0),
-        "background": Key([1.0, 1.0, 1.0], "RGB the dataset images are composited on (white for VHAP exports)", ge=0, le=1, length=3),
+        "background": Key([1.0, 1.0, 1.0], "RGB the training ground truth and renders are composited on when train.random_background is false (the export's own images are on white, as VHAP writes them)", ge=0, le=1, length=3),
         "masks_dir": Key("", "folder of render_masks.py's keep and mouth masks, outside the dataset; '' = masks/ in the actor's experiments folder (actor.experiments_dir/actor.name/masks), shared by its runs", is_path=True),
     },
     "synthetic": {
