@@ -59,7 +59,8 @@ def build(cfg, gem: bool, device: torch.device, folder: Path):
     avatar = GaussianAvatar(flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]),
                             canonical.cpu(), regions, pca, pick("uv_size"), pick("n_pca"), pick("widths"),
                             pick("colour_width"), pick("feature_channels"), pick("style_dim"),
-                            pick("convs_per_level"), tuple(pick("removed_regions")), pick("init_scale")).to(device)
+                            pick("convs_per_level"), tuple(pick("removed_regions")), pick("init_scale"),
+                            pick("deform")).to(device)
     scale = 1.0 if gem else cfg.synthetic.scale
     camera = make_rig(flame.v_template.cpu(), {k: np.asarray(v) for k, v in regions.items()}, 16, scale)[8]
     return avatar, (verts, R, t), camera

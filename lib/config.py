@@ -106,6 +106,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "colour_width": Key(64, "channels of the colour head's convs", ge=1),
         "removed_regions": Key(["neck"], "FLAME mask regions whose texels carry no Gaussian"),
         "init_scale": Key(1.0, "factor on the canonical Gaussians' scale (RMS distance to 3 nearest neighbours)", gt=0),
+        "deform": Key("tracked", "mesh the Gaussians ride: the tracked mesh, or its projection on the first n_pca mesh-PCA components (the network's input; filters tracking jitter)", choices=("tracked", "pca")),
     },
     "train": {
         "stage": Key("regressor", "what train.py / test.py train and evaluate", choices=("regressor", "mapping")),

@@ -17,7 +17,10 @@ canonical one:
     rotation = (R R_c^T) ⊗ normalise(q0 + Δq)
     scale    = exp(s0 + Δs),  opacity = sigmoid(o0 + Δo),  colour = sigmoid(rgb)
 
-and finally the head's global rotation and translation. Texels of the neck region carry no
+and finally the head's global rotation and translation. The texel frames F are taken on the tracked
+head-space mesh (``regressor.deform: tracked``) or on its projection onto the first ``n_pca`` mesh-PCA
+components, the mesh the network sees (``pca``, as the published method drives them: frame-to-frame
+tracking jitter outside the PCA's span does not reach the Gaussians). Texels of the neck region carry no
 Gaussian (the ground-truth masks exclude neck and torso). With ``actor.close_mouth`` the hole between
 the lips is closed by faces with a UV chart of their own (``lib.geometry.mouth``), whose texels carry
 Gaussians like the rest. Conventions: metres, quaternions wxyz.
@@ -50,6 +53,7 @@ GEOMETRY_CHANNELS = 11  # Δposition 3, Δrotation 4, Δscale 3, Δopacity 1
 # the last layer move Gaussians by centimetres.
 POSITION_UNIT = 0.01
 INITIAL_OPACITY = 0.7
+DEFORMS = ("tracked", "pca")  # regressor.deform: the mesh the Gaussians ride
 
 
 @dataclass
@@ -103,8 +107,12 @@ class GaussianAvatar(nn.Module):
     def __init__(self, faces: Tensor, uvs: Tensor, faces_uv: Tensor, canonical_verts: Tensor,
                  regions: dict[str, np.ndarray], pca: MeshPCA, size: int, n_pca: int,
                  widths: list[int], colour_width: int, feature_ch: int = 32, style_dim: int = 64,
-                 convs_per_level: int = 1, removed_regions: tuple[str, ...] = ("neck",), init_scale: float = 1.0):
+                 convs_per_level: int = 1, removed_regions: tuple[str, ...] = ("neck",), init_scale: float = 1.0,
+                 deform: str = "tracked"):
         super().__init__()
+        if deform not in DEFORMS:
+            raise ConfigError(f"regressor.deform '{deform}': one of {DEFORMS}")
+        self.deform = deform
         faces = faces.long()
         uvs = uvs.float()
         full = uv.texel_map(uvs, faces_uv, size)
@@ -156,19 +164,22 @@ class GaussianAvatar(nn.Module):
         """[N] bool: the Gaussians of one FLAME mask region."""
         return self.texel_regions[:, self.region_names.index(name)]
 
-    def network_input(self, verts_head: Tensor) -> tuple[Tensor, Tensor]:
-        """UV normal map of the PCA-projected mesh [B, 3, S, S] and its whitened PCA coefficients [B, n]."""
+    def network_input(self, verts_head: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """UV normal map of the PCA-projected mesh [B, 3, S, S], its whitened PCA coefficients [B, n] and
+        the projected mesh itself [B, V, 3]."""
         coeffs = self.pca.coefficients(verts_head, self.n_pca)
         projected = self.pca.reconstruct(coeffs)
         normals = uv.vertex_normals(projected, self.faces)
         tm = self.texels
         normal_map = uv.scatter_texels(uv.surface_points(normals, self.faces, tm), tm)
-        return normal_map, coeffs
+        return normal_map, coeffs, projected
 
     def forward(self, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
         """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N)."""
         tm = self.texels
-        normal_map, coeffs = self.network_input(verts_head)
+        normal_map, coeffs, projected = self.network_input(verts_head)
+        if self.deform == "pca":  # the Gaussians ride the mesh the network sees: tracking jitter filtered out
+            verts_head = projected
         with torch.autocast(verts_head.device.type, torch.bfloat16, enabled=self.bf16):
             maps = self.generator(normal_map, coeffs)
         residual = uv.gather_texels(maps.float(), tm)  # [B, N, 11]
@@ -224,7 +235,7 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
     return GaussianAvatar(
         faces, uvs, faces_uv, load_canonical_mesh(paths.canonical_mesh), regions, MeshPCA.load(paths.mesh_pca), r.uv_size, r.n_pca,
         r.widths, r.colour_width, r.feature_channels, r.style_dim, r.convs_per_level, tuple(r.removed_regions),
-        r.init_scale)
+        r.init_scale, r.deform)
 
 
 def load_regressor(cfg, paths, flame: FlameModel, device) -> tuple[GaussianAvatar, dict]:

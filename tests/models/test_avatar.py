@@ -116,3 +116,23 @@ def test_modulated_conv_equals_the_per_sample_modulated_weight():
         w = w / w.pow(2).sum((1, 2, 3), keepdim=True).add(1e-8).sqrt()
         expected.append(F.conv2d(x[b:b + 1], w, padding=1) + conv.bias[None, :, None, None])
     assert torch.allclose(conv(x, style), torch.cat(expected), atol=1e-5)
+
+
+def test_pca_deformation_rides_the_projected_mesh_and_ignores_what_the_pca_cannot_hold(setup):
+    """regressor.deform: pca: the Gaussians follow the mesh projected on the network's PCA components, so
+    jitter outside that span (tracking noise) moves them not at all; with 'tracked' it moves them."""
+    s, tracked = setup, setup["avatar"]
+    flame, obj = s["flame"], s["obj"]
+    pca_avatar = GaussianAvatar(flame.faces, torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]), s["canon"],
+                                s["regions"], tracked.pca, 32, 4, [8, 8, 8], 8, 4, 8, 1, deform="pca")
+    pca_avatar.load_state_dict(tracked.state_dict())
+    head, R, t = s["head"][:3], s["R"][:3], s["t"][:3]
+    with torch.no_grad():
+        _, _, projected = tracked.network_input(head)
+        jitter = projected - head  # what the first n_pca components do not hold
+        for avatar, moved in ((pca_avatar, False), (tracked, True)):
+            a, b = avatar(head, R, t), avatar(projected, R, t)
+            assert torch.allclose(a.means, b.means, atol=1e-6) != moved
+            assert torch.allclose(a.colors, b.colors)
+    assert jitter.abs().max() > 1e-4
+    assert torch.allclose(pca_avatar(projected, R, t).means, tracked(projected, R, t).means, atol=1e-6)
