@@ -114,6 +114,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "time_limit_minutes": Key(0.0, "stop after this many training minutes (0 = off); the lr schedule then follows the time used when it is further along than the steps", ge=0),
         "lr": Key(5e-4, "Adam learning rate of the generator and colour head", gt=0),
         "lr_features": Key(5e-4, "Adam learning rate of the learned UV feature maps", ge=0),
+        "refine_flame": Key(False, "learn per-timestep corrections of the tracked FLAME rotation, translation, jaw and expression of the train timesteps with the avatar (lib/models/flame_refinement.py); stored with the checkpoint and used by stages 3-4 and the evaluations of those timesteps; held-out test timesteps stay as tracked"),
+        "lr_flame": Key(1e-3, "Adam learning rate of the FLAME corrections, in their units (0.01 rad, 1 mm, 0.1 expression)", gt=0),
         "lr_schedule": Key("multistep", "learning-rate decay over the run", choices=("multistep", "exponential", "constant")),
         "lr_milestones": Key([0.35, 0.7], "multistep: fractions of the run where the rate is multiplied by lr_gamma", ge=0, le=1),
         "lr_gamma": Key(0.33, "multistep: factor at each milestone", gt=0, le=1),
@@ -143,6 +145,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "vgg_weights": Key("", "torchvision-layout VGG19 state_dict file; empty = no VGG loss", is_path=True),
         "position": Key(750.0, "weight of mean(position residual^2), metres", ge=0),
         "scale": Key(20.0, "weight of mean(scale^2), metres", ge=0),
+        "flame_refine": Key(1e-3, "weight of mean(p^2) of the step's FLAME corrections in their units (train.refine_flame)", ge=0),
     },
     "test": {
         "splits": Key(["val", "test", "spin"], "what test.py renders: val (novel view), test (novel expression), spin (orbit)", length=(1, None), choices=("val", "test", "spin")),

@@ -69,7 +69,7 @@ def evaluate(cfg, log=print) -> dict:
     flame = FlameModel.from_config(cfg).to(device)
     avatar, regressor = load_regressor(cfg, paths, flame, device)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, flame, device, keep_meshes=False)
+    data = ActorData(export, flame, device, keep_meshes=False, refinement=regressor["refinement"])
     out = paths.regressor_eval
     results: dict = {"checkpoint": regressor["path"], "step": regressor["step"], "background": "white"}
     try:

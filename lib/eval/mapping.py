@@ -46,9 +46,11 @@ from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
 from lib.lock import locks_run_folder
 from lib.models.avatar import load_regressor
+from lib.models.flame_refinement import load_refinement
 from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
+from lib.train.checkpoint import latest_checkpoint
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
@@ -75,8 +77,8 @@ def _trained(cfg):
 def evaluate_mapping(cfg, log=print) -> dict:
     paths, device, gem, net, state, flame = _trained(cfg)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, flame, device, keep_meshes=False)
     avatar, regressor = load_regressor(cfg, paths, flame, device)
+    data = ActorData(export, flame, device, keep_meshes=False, refinement=regressor["refinement"])
 
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
@@ -154,7 +156,8 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     # the source's motion relative to its identity frame, applied to the target's identity pose
     src_id, tgt_id = source_cfg.actor.identity_timestep, cfg.actor.identity_timestep
     R_s, t_s = src_data.gem_pose([src_id, *steps])
-    R_i, t_i = ActorData(target, flame, device, keep_meshes=False).gem_pose([tgt_id])
+    refinement = load_refinement(latest_checkpoint(paths.regressor_checkpoints))  # the poses GEM was fitted at
+    R_i, t_i = ActorData(target, flame, device, keep_meshes=False, refinement=refinement).gem_pose([tgt_id])
     M = R_s[1:] @ R_s[0].T
     R = M @ R_i[0]
     t = (M @ (t_i[0] - t_s[0])[:, None])[..., 0] + t_s[1:]

@@ -21,14 +21,15 @@ def render_gaussians(g: Gaussians, b: int, viewmats: Tensor, Ks: Tensor, width: 
 
 
 @torch.no_grad()
-def render_frame(avatar, data, frame: Frame) -> tuple[Tensor, Tensor, Tensor]:
+def render_frame(avatar, data, frame: Frame, refinement=None) -> tuple[Tensor, Tensor, Tensor]:
     """Render one dataset frame on white. -> (render [H, W, 3], ground truth [H, W, 3], head alpha [H, W])
 
     On white the ground truth is the export's image where the head is kept and white elsewhere
-    (``Sample.ground_truth``); the head alpha fg · keep is the masked metrics' mask."""
+    (``Sample.ground_truth``); the head alpha fg · keep is the masked metrics' mask. refinement: FLAME
+    corrections being learnt (the training curve), for ``ActorData.driving``."""
     sample = data.sample(frame)
     white = torch.tensor(WHITE, device=sample.image.device)
-    g = avatar(*data.driving(frame.timestep_index))
+    g = avatar(*data.driving(frame.timestep_index, refinement))
     rgb = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height,
                            white)[0].clamp(0, 1)
     gt = sample.ground_truth(white)[0]
@@ -36,7 +37,7 @@ def render_frame(avatar, data, frame: Frame) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def score_frames(avatar, data, frames: list[Frame]) -> dict[str, float]:
+def score_frames(avatar, data, frames: list[Frame], refinement=None) -> dict[str, float]:
     """Mean metrics (psnr, psnr_masked, ssim, l1) over frames rendered on white."""
-    rows = [image_metrics(*render_frame(avatar, data, f)) for f in frames]
+    rows = [image_metrics(*render_frame(avatar, data, f, refinement)) for f in frames]
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

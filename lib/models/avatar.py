@@ -43,6 +43,7 @@ from lib.geometry import uv
 from lib.geometry.mouth import mouth_faces
 from lib.geometry.obj_io import ObjFormatError, read_obj
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
+from lib.models.flame_refinement import refinement_from_state
 from lib.models.mesh_pca import MeshPCA, MeshPcaError
 from lib.models.texture_unet import ColourHead, TextureUNet
 from lib.paths import resolve
@@ -187,7 +188,8 @@ class GaussianAvatar(nn.Module):
         d_pos = d_pos * POSITION_UNIT
         rgb = uv.gather_texels(self.colour(self.position_map), tm)  # [1, N, 3]
 
-        with torch.no_grad():  # the mesh is data: its frames need no gradient
+        # The mesh is data (its frames need no gradient) unless the tracked FLAME parameters are being refined.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(x.requires_grad for x in (verts_head, R, t))):
             origin = uv.surface_points(verts_head, self.faces, tm)
             frames = uv.texel_frames(verts_head, self.faces, self.uvs, self.faces_uv, tm)
             # Head space -> world folded into the frame: R_world = R_g R R_c^T.
@@ -240,7 +242,8 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
 
 def load_regressor(cfg, paths, flame: FlameModel, device) -> tuple[GaussianAvatar, dict]:
     """The trained regressor of stage 2 (newest checkpoint of ``paths``, an ``ActorPaths``), in eval
-    mode. -> (avatar, {"path": checkpoint file, "step": its training step})"""
+    mode. -> (avatar, {"path": checkpoint file, "step": its training step, "refinement": its FLAME
+    refinement or None})"""
     ckpt = latest_checkpoint(paths.regressor_checkpoints)
     if ckpt is None:
         raise CheckpointError(f"no regressor checkpoint in {paths.regressor_checkpoints}; train it first "
@@ -248,4 +251,5 @@ def load_regressor(cfg, paths, flame: FlameModel, device) -> tuple[GaussianAvata
     avatar = build_avatar(cfg, paths, flame)
     state = load_checkpoint(ckpt)
     load_into(avatar, state["model"], ckpt, "regressor")
-    return avatar.to(device).eval(), {"path": str(ckpt), "step": int(state["step"])}
+    return avatar.to(device).eval(), {"path": str(ckpt), "step": int(state["step"]),
+                                      "refinement": refinement_from_state(state.get("flame_refinement"))}

@@ -39,6 +39,7 @@ from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flam
 from lib.errors import ProjectError
 from lib.flame.model import POSE_BATCH, FlameModel
 from lib.models.avatar import split_global_pose
+from lib.models.flame_refinement import FlameRefinement
 from lib.models.gem import gem_pose
 from lib.train.losses import composite_gt
 
@@ -110,10 +111,12 @@ class ActorData:
 
     keep_meshes: pose every timestep once here (training draws timesteps at random, thousands of times
     each); False poses a timestep when it is asked for (one pass over the timesteps, as stage 3 and the
-    evaluations make), so memory does not hold T meshes.
+    evaluations make), so memory does not hold T meshes. refinement: the regressor's learnt corrections
+    of the tracked parameters (``lib.models.flame_refinement``), applied to the timesteps it refined.
     """
 
-    def __init__(self, export: VhapExport, flame: FlameModel, device: torch.device, keep_meshes: bool = True):
+    def __init__(self, export: VhapExport, flame: FlameModel, device: torch.device, keep_meshes: bool = True,
+                 refinement: FlameRefinement | None = None):
         self.export = export
         self.device = device
         files: dict[int, Path] = {}
@@ -124,14 +127,21 @@ class ActorData:
         self._row = {t: i for i, t in enumerate(self.timesteps)}
         self.flame = flame
         self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr)  # [T, ...] per key
+        if refinement is not None:
+            with torch.no_grad():
+                self.params = refinement.to(device).corrected(self.params, self.timesteps)
         self._posed = None
         if keep_meshes:
             with torch.no_grad():
                 self._posed = split_global_pose(flame, self.params)  # verts_head [T, V, 3], R [T, 3, 3], t [T, 3]
 
-    def driving(self, timestep: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep."""
+    def driving(self, timestep: int, refinement: FlameRefinement | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep; with a refinement being learnt,
+        posed with its corrections (differentiable in them)."""
         i = self._row[timestep]
+        if refinement is not None and refinement.rows([timestep])[1]:
+            params = take_timesteps(self.params, torch.tensor([i], device=self.device))
+            return split_global_pose(self.flame, refinement.corrected(params, [timestep]))
         if self._posed is not None:
             return tuple(x[i:i + 1] for x in self._posed)
         with torch.no_grad():

@@ -75,8 +75,8 @@ def fit_gem(cfg, log=print) -> GaussianEigenModel:
     paths = ActorPaths(cfg)
     flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, flame, device, keep_meshes=False)
     avatar, regressor = load_regressor(cfg, paths, flame, device)
+    data = ActorData(export, flame, device, keep_meshes=False, refinement=regressor["refinement"])
     ckpt = regressor["path"]
 
     parts = None

@@ -37,6 +37,7 @@ from lib.config import Config, save_config
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
+from lib.models.flame_refinement import load_refinement
 from lib.models.gem import GaussianEigenModel, GemError, render_gem
 from lib.models.image_encoder import encoder_signal
 from lib.models.mapping import (
@@ -161,7 +162,8 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     gem = GaussianEigenModel.load(paths.gem, device=device)
     flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, flame, device)
+    # the GEM poses of the train timesteps as the regressor (and so GEM) saw them: refined if it refined them
+    data = ActorData(export, flame, device, refinement=load_refinement(latest_checkpoint(paths.regressor_checkpoints)))
     gem_rows = {int(t): i for i, t in enumerate(gem.timesteps)}
     train_steps = [t for t, _ in export.timesteps("train") if t in gem_rows]
     if not train_steps:

@@ -8,7 +8,8 @@ optionally, a time budget; its progress p in [0, 1] (steps, or the budget when t
 
     out = step_fn(step)                      the loss terms (and a render to show beside its ground truth)
     lr = base_lr · phase.schedule(p)         for every group of the optimiser
-    backward of the terms' sum; the NaN guard clips, then steps or restores the last good state
+    backward of the terms' sum; before_step(step) (e.g. averaging gradients DDP does not manage);
+    the NaN guard clips, then steps or restores the last good state
     after_backward(step, grad_norm)          e.g. a second optimiser (the mapping's basis fine-tuning)
     step += 1; the progress bar; the phase's elapsed seconds (rank 0's clock under DDP)
     TensorBoard on rank 0: <phase>/<term>, <phase>/total, train/lr, train/grad_norm every train.log_every
@@ -82,7 +83,8 @@ class TrainingLoop:
 
     def run(self, phase: Phase, step_fn: Callable[[int], StepOutput], step: int, elapsed: float = 0.0,
             after_backward: Callable[[int, Tensor], None] | None = None,
-            after_step: Callable[[int, float], None] | None = None) -> tuple[int, float]:
+            after_step: Callable[[int, float], None] | None = None,
+            before_step: Callable[[int], None] | None = None) -> tuple[int, float]:
         """Train ``phase`` from ``step``, ``elapsed`` seconds into it. -> (step, elapsed) at its end"""
         if step >= phase.stop:
             return step, elapsed
@@ -96,6 +98,8 @@ class TrainingLoop:
                 group["lr"] = group["base_lr"] * factor
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if before_step is not None:
+                before_step(step)
             # Under DDP the gradients are averaged across ranks by now, so every rank sees the same norm
             # and takes the same decision in the guard.
             grad_norm = self.guard.step(step, self.train.grad_clip, self.log)

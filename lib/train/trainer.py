@@ -26,6 +26,7 @@ from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
 from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, build_avatar
+from lib.models.flame_refinement import FlameRefinement
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
@@ -38,12 +39,16 @@ from lib.train.loop import NanGuard, Phase, StepOutput, TrainingLoop, start_over
 from lib.train.schedule import configured_schedule
 
 
-def make_optimizer(avatar: GaussianAvatar, cfg) -> torch.optim.Adam:
-    """Adam with two groups: the networks (train.lr) and the learned UV feature maps (train.lr_features)."""
+def make_optimizer(avatar: GaussianAvatar, cfg, refinement: FlameRefinement | None = None) -> torch.optim.Adam:
+    """Adam with two groups: the networks (train.lr) and the learned UV feature maps (train.lr_features);
+    a third for the FLAME corrections (train.lr_flame) when they are learnt."""
     features = [p for n, p in avatar.named_parameters() if n.endswith("features")]
     ids = {id(p) for p in features}
     nets = [p for p in avatar.parameters() if id(p) not in ids]
-    opt = torch.optim.Adam([{"params": nets, "lr": cfg.train.lr}, {"params": features, "lr": cfg.train.lr_features}])
+    groups = [{"params": nets, "lr": cfg.train.lr}, {"params": features, "lr": cfg.train.lr_features}]
+    if refinement is not None:
+        groups.append({"params": list(refinement.parameters()), "lr": cfg.train.lr_flame})
+    opt = torch.optim.Adam(groups)
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]
     return opt
@@ -77,7 +82,10 @@ def train(cfg, log=print) -> GaussianAvatar:
     data = ActorData(export, flame, device)
     avatar = build_avatar(cfg, paths, flame).to(device)
     avatar.bf16 = cfg.train.bf16 and device.type == "cuda"
-    opt = make_optimizer(avatar, cfg)
+    refinement = None
+    if cfg.train.refine_flame:  # corrections of the train timesteps' tracked parameters, learnt alongside
+        refinement = FlameRefinement([t for t, _ in export.timesteps("train")], data.params["expr"].shape[1]).to(device)
+    opt = make_optimizer(avatar, cfg, refinement)
     vgg = perceptual_loss(cfg, cfg.loss.vgg, log)
     vgg = vgg.to(device) if vgg is not None else None
 
@@ -89,6 +97,8 @@ def train(cfg, log=print) -> GaussianAvatar:
         check_resume(state, cfg, "regressor", latest)
         load_into(avatar, state["model"], latest, "regressor")
         load_into(opt, state.get("optimizer"), latest, "optimizer")
+        if refinement is not None:
+            load_into(refinement, state.get("flame_refinement"), latest, "FLAME refinement")
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         log(f"resuming from {latest} (step {step})")
     if info.is_main:
@@ -102,17 +112,18 @@ def train(cfg, log=print) -> GaussianAvatar:
     val_frames = export.split("val")
     val_frames = [val_frames[i] for i in np.linspace(0, len(val_frames) - 1, cfg.train.curve_views).round().astype(int)]
     total, limit = cfg.train.iterations, cfg.train.time_limit_minutes
-    guard = NanGuard(avatar, opt, cfg.train.nan_snapshot_every, "lower train.lr or check the data")
+    learnt = avatar if refinement is None else torch.nn.ModuleList([avatar, refinement])  # what the guard clips and restores
+    guard = NanGuard(learnt, opt, cfg.train.nan_snapshot_every, "lower train.lr or check the data")
     curve = cfg.train.curve_every_minutes > 0 and info.is_main
     curve_next = elapsed + 60.0 * cfg.train.curve_every_minutes if curve else math.inf
     if step == 0 and curve:
-        _curve_point(paths, avatar, data, val_frames, step, 0.0, fresh=True)
+        _curve_point(paths, avatar, data, val_frames, step, 0.0, refinement, fresh=True)
     images = TrainingImages(export, frames, cfg, info.rank, info.world_size, step, total, device)
 
     def train_step(step: int) -> StepOutput:
         sample, bg, gt = images.at(step)
         frame = sample.frame
-        gaussians = model(*data.driving(frame.timestep_index))
+        gaussians = model(*data.driving(frame.timestep_index, refinement))
         render = render_gaussians(gaussians, 0, sample.viewmat[None], sample.K[None],
                                   frame.camera.width, frame.camera.height, bg)
         weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
@@ -120,29 +131,36 @@ def train(cfg, log=print) -> GaussianAvatar:
         terms.update(regularisers(gaussians.position_residual, gaussians.scales, cfg.loss.position, cfg.loss.scale))
         if vgg is not None and step >= cfg.loss.vgg_from:
             terms["vgg"] = cfg.loss.vgg * vgg(render, gt)
+        if refinement is not None:
+            terms["flame_refine"] = cfg.loss.flame_refine * refinement.penalty([frame.timestep_index])
         return StepOutput(terms, render, gt)
+
+    def share_corrections(step: int) -> None:  # DDP averages the avatar's gradients, not these
+        distributed.average_gradients(info, list(refinement.parameters()))
 
     def curve_point(step: int, elapsed: float) -> None:
         nonlocal curve_next
         if elapsed >= curve_next:
-            _curve_point(paths, avatar, data, val_frames, step, elapsed)
+            _curve_point(paths, avatar, data, val_frames, step, elapsed, refinement)
             curve_next += 60.0 * cfg.train.curve_every_minutes
 
     def save(step: int, elapsed: float) -> None:
-        save_checkpoint({"model": avatar.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "elapsed": elapsed, "shaping": shaping_config(cfg, "regressor")},
-                        paths.regressor_checkpoints, step, cfg.train.keep_checkpoints)
+        state = {"model": avatar.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "elapsed": elapsed, "shaping": shaping_config(cfg, "regressor")}
+        if refinement is not None:
+            state["flame_refinement"] = refinement.state_dict()
+        save_checkpoint(state, paths.regressor_checkpoints, step, cfg.train.keep_checkpoints)
 
     loop = TrainingLoop(cfg, info, opt, guard, save, paths.regressor_tensorboard, total, step, log)
     first_step = step
     warm_up(device)  # native CPU kernels loaded (or compiled) before the clock starts
     step, elapsed = loop.run(Phase("loss", 0, total, limit, configured_schedule(cfg.train)), train_step, step, elapsed,
-                             after_step=curve_point)
+                             after_step=curve_point, before_step=share_corrections if refinement is not None else None)
     loop.close()
 
     minutes = elapsed / 60.0
     if curve and step > first_step:  # a finished run adds no point
-        _curve_point(paths, avatar, data, val_frames, step, elapsed)
+        _curve_point(paths, avatar, data, val_frames, step, elapsed, refinement)
         plot_curve(paths.regressor_curve, paths.regressor_curve.with_suffix(".png"))
     log(f"trained {step} steps in {minutes:.2f} min; checkpoint in {paths.regressor_checkpoints}")
     distributed.teardown(info)
@@ -150,9 +168,9 @@ def train(cfg, log=print) -> GaussianAvatar:
 
 
 def _curve_point(paths: ActorPaths, avatar, data: ActorData, frames, step: int, seconds: float,
-                 fresh: bool = False) -> None:
+                 refinement: FlameRefinement | None, fresh: bool = False) -> None:
     """Append (minutes, step, val PSNR full / masked) to the run's curve CSV."""
-    scores = score_frames(avatar, data, frames)
+    scores = score_frames(avatar, data, frames, refinement)
     path = paths.regressor_curve
     path.parent.mkdir(parents=True, exist_ok=True)
     new = fresh or not path.is_file()

@@ -1,0 +1,91 @@
+"""Per-timestep refinement of the tracked FLAME parameters, learnt with the avatar (``train.refine_flame``).
+
+A tracker's FLAME fit jitters from frame to frame; the Gaussians ride that mesh, so the jitter reaches
+them. As GaussianAvatars does, the regressor's training can correct the tracked parameters of each
+training timestep while it learns the avatar: the head's rotation and translation, the jaw and the
+expression. Each correction is a learnt value p times a fixed unit (``UNITS``: 0.01 rad, 1 mm, 0.1 of an
+expression coefficient), so one Adam rate (``train.lr_flame``) moves them all at comparable speeds and
+one weight (``loss.flame_refine``) pulls them back towards the tracker: the loss of a step adds
+loss.flame_refine · mean(p_t²) over the step's own timestep t.
+
+Which timesteps: those of the train split, and only them. The val split shows the same timesteps from
+the held-out camera, so its renders use the refined parameters (as a novel view of a refined sequence);
+the test split is a held-out sequence whose images the training never saw, so its parameters stay as
+tracked. The corrections are saved in the regressor's checkpoints (``flame_refinement``); stage 3 (GEM),
+stage 4 (the mapping network's GEM poses) and the evaluations read them back (``load_refinement``) and
+pose those timesteps refined.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+UNITS = {"rotation": 0.01, "translation": 0.001, "jaw_pose": 0.01, "expr": 0.1}  # rad, m, rad, coefficient
+
+
+class FlameRefinement(nn.Module):
+    """Corrections of the tracked parameters of ``timesteps`` (all zero at first)."""
+
+    def __init__(self, timesteps: list[int], n_expr: int):
+        super().__init__()
+        self.register_buffer("timesteps", torch.as_tensor(sorted(timesteps), dtype=torch.long))
+        T = len(timesteps)
+        self.rotation = nn.Parameter(torch.zeros(T, 3))
+        self.translation = nn.Parameter(torch.zeros(T, 3))
+        self.jaw_pose = nn.Parameter(torch.zeros(T, 3))
+        self.expr = nn.Parameter(torch.zeros(T, n_expr))
+        self._row = {int(t): i for i, t in enumerate(self.timesteps.tolist())}
+
+    def rows(self, timesteps: list[int]) -> tuple[list[int], list[int]]:
+        """Which of ``timesteps`` are refined: (their positions in the list, their rows here)."""
+        pairs = [(i, self._row[int(t)]) for i, t in enumerate(timesteps) if int(t) in self._row]
+        return [i for i, _ in pairs], [r for _, r in pairs]
+
+    def corrected(self, params: dict[str, Tensor | None], timesteps: list[int]) -> dict[str, Tensor | None]:
+        """Parameters [B, ...] of ``timesteps`` (one per row) with the corrections of the refined ones added
+        (differentiable in the corrections). The expression correction covers the first n_expr columns."""
+        at, rows = self.rows(timesteps)
+        if not rows:
+            return params
+        out = dict(params)
+        idx = torch.as_tensor(at, device=self.rotation.device)
+        for key, unit in UNITS.items():
+            delta = getattr(self, key)[rows] * unit
+            value = params[key]
+            if key == "expr":
+                n = min(delta.shape[1], value.shape[1])
+                delta = torch.nn.functional.pad(delta[:, :n], (0, value.shape[1] - n))
+            out[key] = value.index_add(0, idx, delta.to(value))
+        return out
+
+    def penalty(self, timesteps: list[int]) -> Tensor:
+        """mean(p²) over the corrections of the refined ones among ``timesteps`` (0 when none is)."""
+        _, rows = self.rows(timesteps)
+        if not rows:
+            return self.rotation.new_zeros(())
+        return torch.cat([getattr(self, key)[rows].flatten() for key in UNITS]).pow(2).mean()
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state, strict, assign)
+        self._row = {int(t): i for i, t in enumerate(self.timesteps.tolist())}
+        return out
+
+
+def refinement_from_state(state: dict | None) -> FlameRefinement | None:
+    """The refinement a regressor checkpoint holds (``flame_refinement``), or None."""
+    if not state:
+        return None
+    refinement = FlameRefinement(state["timesteps"].tolist(), int(state["expr"].shape[1]))
+    refinement.load_state_dict(state)
+    return refinement.requires_grad_(False)
+
+
+def load_refinement(checkpoint: str | Path | None) -> FlameRefinement | None:
+    """The FLAME refinement stored with a regressor checkpoint (None without one, or trained without it)."""
+    if checkpoint is None:
+        return None
+    from lib.train.checkpoint import load_checkpoint
+
+    return refinement_from_state(load_checkpoint(checkpoint, map_location="cpu").get("flame_refinement"))

@@ -1,0 +1,91 @@
+"""Per-timestep refinement of the tracked FLAME parameters (train.refine_flame, lib/models/flame_refinement.py)."""
+import torch
+
+from lib.config import load_config
+from lib.dataset.vhap import VhapExport
+from lib.eval.render import render_gaussians
+from lib.flame.model import FlameModel
+from lib.models.avatar import build_avatar, load_regressor
+from lib.models.flame_refinement import UNITS, FlameRefinement, load_refinement
+from lib.paths import ActorPaths, resolve
+from lib.train import trainer
+from lib.train.checkpoint import latest_checkpoint
+from lib.train.data import ActorData
+from lib.train.fit_gem import fit_gem
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+def test_corrections_are_added_in_their_units_to_the_refined_timesteps_only():
+    refinement = FlameRefinement([4, 7], n_expr=3)
+    with torch.no_grad():
+        refinement.translation[1] = torch.tensor([2.0, 0.0, -1.0])
+        refinement.expr[1] = torch.tensor([1.0, 0.0, 0.0])
+    params = {"rotation": torch.zeros(3, 3), "translation": torch.ones(3, 3), "jaw_pose": torch.zeros(3, 3),
+              "expr": torch.zeros(3, 5), "shape": torch.zeros(1, 4), "static_offset": None}
+    out = refinement.corrected(params, [7, 5, 4])  # rows: timestep 7 (refined), 5 (not), 4 (refined, zero)
+    assert torch.allclose(out["translation"][0], torch.tensor([1.0 + 2 * UNITS["translation"], 1.0, 1.0 - UNITS["translation"]]))
+    assert torch.equal(out["translation"][1:], params["translation"][1:])
+    assert torch.allclose(out["expr"][0], torch.tensor([UNITS["expr"], 0, 0, 0, 0]))  # the first n_expr columns
+    assert out["shape"] is params["shape"] and out["static_offset"] is None
+    assert refinement.penalty([5]) == 0 and refinement.penalty([7]) > 0
+
+
+def test_the_refinement_pulls_a_mistracked_head_back_onto_its_images(run_config):
+    """The images of a timestep, and its tracked translation off by 5 mm: optimising the corrections alone
+    through the renderer moves the head back (the chain FLAME -> Gaussians -> image is differentiable)."""
+    cfg = load_config(*run_config)
+    torch.manual_seed(0)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, torch.device("cpu"))
+    avatar = build_avatar(cfg, ActorPaths(cfg), flame).requires_grad_(False)
+    frames = [f for f in export.split("train") if f.timestep_index == export.split("train")[0].timestep_index][:3]
+    t = frames[0].timestep_index
+    bg = torch.tensor([0.2, 0.5, 0.8])
+
+    def images(refinement):
+        g = avatar(*data.driving(t, refinement))
+        return [render_gaussians(g, 0, f.camera.viewmat[None], f.camera.K[None], f.camera.width, f.camera.height, bg)
+                for f in frames]
+
+    with torch.no_grad():
+        targets = images(None)
+    refinement = FlameRefinement([t], data.params["expr"].shape[1])
+    with torch.no_grad():
+        refinement.translation[0] = torch.tensor([5.0, -3.0, 0.0])  # mm
+    opt = torch.optim.Adam(refinement.parameters(), lr=0.2)
+    for _ in range(60):
+        loss = sum((a - b).abs().mean() for a, b in zip(images(refinement), targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert refinement.translation[0, :2].norm() < 0.25 * 34 ** 0.5  # a quarter of the 5.8 mm left, at most
+
+
+def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run_config):
+    config, overrides = run_config
+    cfg = load_config(config, overrides + ["train.refine_flame=true", "train.iterations=6", "gem.evaluate=false",
+                                           "gem.positions=2", "gem.rotations=2", "gem.scales=2", "gem.opacities=2"])
+    trainer.train(cfg, log=QUIET)
+    ckpt = latest_checkpoint(ActorPaths(cfg).regressor_checkpoints)
+    refinement = load_refinement(ckpt)
+    export = VhapExport.from_config(cfg)
+    train_steps = sorted(t for t, _ in export.timesteps("train"))
+    test_steps = sorted(t for t, _ in export.timesteps("test"))
+    assert refinement.timesteps.tolist() == train_steps  # held-out timesteps are never refined
+    assert refinement.rotation.abs().sum() > 0  # the sampled timesteps moved
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    _, info = load_regressor(cfg, ActorPaths(cfg), flame, torch.device("cpu"))
+    plain = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
+    refined = ActorData(export, flame, torch.device("cpu"), keep_meshes=False, refinement=info["refinement"])
+    moved = [not torch.equal(plain.driving(t)[0], refined.driving(t)[0]) for t in train_steps]
+    assert any(moved)
+    for t in test_steps:
+        assert all(torch.equal(a, b) for a, b in zip(plain.driving(t), refined.driving(t)))
+    # resuming keeps the corrections; GEM is fitted on the refined poses
+    before = refinement.state_dict()
+    trainer.train(load_config(config, overrides + ["train.refine_flame=true", "train.iterations=6"]), log=QUIET)
+    assert all(torch.equal(v, load_refinement(latest_checkpoint(ActorPaths(cfg).regressor_checkpoints)).state_dict()[k])
+               for k, v in before.items())
+    fit_gem(cfg, log=QUIET)
