@@ -15,7 +15,6 @@ import csv
 import math
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,7 +22,7 @@ from lib.cli import progress_bar
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport
 from lib.errors import ProjectError
-from lib.eval.curve import plot_curve
+from lib.eval.curve import curve_frames, plot_curve
 from lib.eval.render import render_gaussians, score_frames
 from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
@@ -107,8 +106,7 @@ def train(cfg, log=print) -> GaussianAvatar:
                                         forward_sync_buffers=False)
 
     frames = export.split("train")
-    val_frames = export.split("val")
-    val_frames = [val_frames[i] for i in np.linspace(0, len(val_frames) - 1, cfg.train.curve_views).round().astype(int)]
+    val_frames = curve_frames(export, cfg.train.curve_views, log if info.is_main else lambda *a: None)
     total = cfg.train.iterations
     writer = open_tensorboard(paths.regressor_tensorboard) if info.is_main else None
     guard = NanGuard(avatar, opt, cfg.train.nan_snapshot_every, "lower train.lr or check the data")
@@ -173,7 +171,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     bar.close()
 
     minutes = (time.perf_counter() - t_start) / 60.0
-    if info.is_main and cfg.train.curve_every_minutes > 0 and step > first_step:  # a finished run adds no point
+    if info.is_main and cfg.train.curve_every_minutes > 0 and step > first_step and val_frames:  # a finished run adds no point
         _curve_point(paths, avatar, data, val_frames, step, minutes * 60.0)
         plot_curve(paths.regressor_curve, paths.regressor_curve.with_suffix(".png"))
     log(f"trained {step} steps in {minutes:.2f} min; checkpoint in {paths.regressor_checkpoints}")
@@ -242,6 +240,8 @@ def open_tensorboard(folder):
 def _curve_point(paths: ActorPaths, avatar, data: ActorData, frames, step: int, seconds: float,
                  fresh: bool = False) -> None:
     """Append (minutes, step, val PSNR full / masked) to the run's curve CSV."""
+    if not frames:  # an empty val split: no curve (curve_frames said so)
+        return
     scores = score_frames(avatar, data, frames)
     path = paths.regressor_curve
     path.parent.mkdir(parents=True, exist_ok=True)
