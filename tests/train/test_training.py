@@ -186,8 +186,13 @@ def test_a_one_camera_export_trains_and_evaluates_reporting_its_empty_val_split(
 
 
 def test_renders_without_ground_truth_take_the_camera_of_the_sequence_they_show(tiny_actor_factory, monkeypatch):
-    """A union relocates each sequence's cameras; the orbit and the sweeps show the identity timestep (here in
-    the second sequence), so they must see it through that sequence's camera, not the first sequence's."""
+    """A union relocates each sequence's cameras; the orbit, the sweeps and a reenactment show the identity
+    timestep (here in the second sequence), so they must see it through that sequence's camera, not the
+    first sequence's."""
+    from lib.eval import mapping as mapping_eval
+    from lib.eval.mapping import reenact
+    from lib.train.fit_mapping import fit_mapping
+
     config = tiny_actor_factory(synthetic={"union": True}, actor={"identity_timestep": 4},
                                 train={"iterations": 1}, test={"splits": ["spin"]})
     cfg = load_config(config)
@@ -204,6 +209,17 @@ def test_renders_without_ground_truth_take_the_camera_of_the_sequence_they_show(
     torch.testing.assert_close(seen[0].cpu(), mine.viewmat, rtol=0, atol=1e-6)  # view 0 of the orbit: yaw 0
     camera, _, _ = identity_view(cfg)
     assert torch.equal(camera.viewmat, export.camera_at(4, cfg.actor.identity_camera).viewmat)
+
+    small = ["gem.positions=1", "gem.rotations=1", "gem.scales=1", "gem.opacities=1", "gem.evaluate=false"]
+    fit_gem(load_config(config, small), log=lambda *a: None)
+    cfg = load_config(config, small + ["train.stage=mapping", "mapping.width=8", "mapping.warmup_iterations=2",
+                                       "mapping.iterations=1"])
+    fit_mapping(cfg, log=lambda *a: None)
+    seen.clear()
+    render = mapping_eval.render_gem
+    monkeypatch.setattr(mapping_eval, "render_gem", lambda gem, c, R, t, viewmat, *a: seen.append(viewmat[0]) or render(gem, c, R, t, viewmat, *a))
+    reenact(cfg, cfg, log=lambda *a: None)  # the actor drives itself: the target is shown at its identity place
+    assert seen and all(torch.equal(v.cpu(), mine.viewmat) for v in seen)
 
 
 def test_time_limit_ends_the_run_early_with_a_final_checkpoint_and_decayed_rate(run_config):
