@@ -126,6 +126,9 @@ class ActorSpec:
             raise ConfigError(f"synthetic.n_cameras = {self.n_cameras}: camera {FRONTAL_CAMERA} is the frontal "
                              f"(validation) camera, as in NeRSemble; use at least {FRONTAL_CAMERA + 1}, or 1 for "
                              "a monocular export")
+        if self.union and any(not n or n in (".", "..") or "/" in n or os.sep in n for n in self.sequences):
+            raise ConfigError(f"synthetic.sequences = {list(self.sequences)}: with synthetic.union each name is "
+                              "a folder name (no '/', not '.' or '..')")
         if self.frames_per_sequence < 1:
             raise ConfigError(f"synthetic.frames_per_sequence = {self.frames_per_sequence}: must be >= 1")
         if not 0.05 <= self.scale <= 2.0:

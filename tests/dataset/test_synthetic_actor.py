@@ -229,6 +229,8 @@ def test_spec_errors_name_the_key():
     with pytest.raises(ValueError, match="synthetic.n_cameras"):
         replace(SPEC, n_cameras=4).check()
     replace(SPEC, n_cameras=1).check()  # a monocular export
+    with pytest.raises(ValueError, match="synthetic.union each name is a folder name"):
+        replace(SPEC, union=True, sequences=("A", "../B")).check()
 
 
 @pytest.fixture(scope="module")
