@@ -21,7 +21,8 @@ def masks(cfg, _):
     export = VhapExport(resolve(cfg.actor.data_dir), n_shape=cfg.actor.n_shape,
                         n_expr=cfg.actor.n_expr, masks_dir=ActorPaths(cfg).masks)
     model = FlameModel.from_config(cfg).to(evaluation_device(cfg.train.device, cfg.train.threads))
-    render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]))
+    render_masks(export, model, load_regions(resolve(cfg.actor.flame_masks), model.v_template.shape[0]),
+                 close_mouth=cfg.actor.close_mouth)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def small_actor(work: Path):
     path = work / "small.yml"
     path.write_text(yaml.safe_dump(small))
     cfg = load_config(path)
-    ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed)
+    ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed, cfg.synthetic.head_mouth)
     generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg), log=lambda *a: None)
     model = FlameModel.from_config(cfg)
     export = VhapExport.from_config(cfg)

@@ -57,7 +57,7 @@ def build_tiny_actor(root, **sections):
     path.write_text(yaml.safe_dump(cfg_data))
     cfg = load_config(path)
     torch.set_num_threads(1)  # tiny tensors: extra threads only spin against other processes
-    ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed)
+    ensure_head_model(resolve(cfg.synthetic.head_dir), cfg.synthetic.head_seed, cfg.synthetic.head_mouth)
     generate_actor(resolve(cfg.actor.data_dir), HeadFiles.from_config(cfg), ActorSpec.from_config(cfg), log=lambda *a: None)
     render_masks(VhapExport(resolve(cfg.actor.data_dir), masks_dir=ActorPaths(cfg).masks),
                  FlameModel.from_file(resolve(cfg.actor.flame_model)), load_pickle(resolve(cfg.actor.flame_masks)),

@@ -53,6 +53,7 @@ from lib.cli import progress_bar
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.vhap import DatasetError, Frame, VhapExport
 from lib.flame.model import FlameFormatError, FlameModel
+from lib.geometry.mouth import mouth_faces
 from lib.geometry.rasterize import rasterize_camera
 from lib.lock import locked, remove_partials
 
@@ -190,9 +191,11 @@ def _write_atomic(path: Path, image: np.ndarray) -> None:
     write_bytes(path, data.tobytes())
 
 
-def render_masks(export: VhapExport, model: FlameModel, masks: dict, log=print) -> dict:
+def render_masks(export: VhapExport, model: FlameModel, masks: dict, log=print, close_mouth: bool = False) -> dict:
     """Write the alpha and mouth masks of every frame of the export's three splits into
-    ``export.masks_dir`` (``mask_paths``), on the device of ``model``.
+    ``export.masks_dir`` (``mask_paths``), on the device of ``model``. close_mouth: the mesh has the
+    faces closing the hole between the lips (``actor.close_mouth``, ``lib.geometry.mouth``), so what
+    is seen through an open mouth is labelled mouth and kept.
 
     `export` should be read at ds_rate 1 (masks are written at the images' size). One process at a
     time per masks folder (``.masks.lock`` in it); the partial masks of a killed run are removed
@@ -204,7 +207,7 @@ def render_masks(export: VhapExport, model: FlameModel, masks: dict, log=print) 
                          "VhapExport.from_config (data.masks_dir) or VhapExport(..., masks_dir=...)")
     folder = Path(export.masks_dir)
     with locked(folder, "the masks folder", folder / ".masks.lock", clean=False):
-        return _render_masks(export, model, masks, log)
+        return _render_masks(export, model, masks, log, close_mouth)
 
 
 def _up_to_date(paths: MaskPaths, frame: Frame) -> bool:
@@ -217,10 +220,13 @@ def _up_to_date(paths: MaskPaths, frame: Frame) -> bool:
     return all(made >= os.stat(p).st_mtime_ns for p in inputs)
 
 
-def _render_masks(export: VhapExport, model: FlameModel, masks: dict, log) -> dict:
+def _render_masks(export: VhapExport, model: FlameModel, masks: dict, log, close_mouth: bool) -> dict:
     start = time.time()
     device = model.v_template.device
     faces = model.faces
+    if close_mouth:
+        closure = mouth_faces(model.v_template.cpu().numpy(), faces.cpu().numpy(), masks).faces
+        faces = torch.cat([faces, torch.as_tensor(closure, device=faces.device)])
     regions = MaskRegions.from_masks(faces, model.v_template.shape[0], masks)
     frames: dict[Path, Frame] = {}
     for split in ("train", "val", "test"):

@@ -73,7 +73,7 @@ from lib.dataset.synthetic_appearance import (
     Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
 )
 from lib.flame.model import FlameModel, load_regions
-from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
+from lib.flame.synthetic import EXPRESSION_NAMES, GROUND_TRUTH_DIR, KEPT_FILE, ensure_head_model, model_paths
 from lib.geometry.obj_io import read_obj
 from lib.geometry.rasterize import rasterize_camera
 from lib.geometry.uv import vertex_normals
@@ -411,6 +411,16 @@ class HeadFiles:
         masks = load_regions(self.flame_masks, model.v_template.shape[0])
         return model, torch.as_tensor(obj["uvs"], dtype=torch.float32), torch.as_tensor(obj["faces_uv"]).long(), masks
 
+    def ground_truth(self) -> tuple["HeadFiles", np.ndarray | None]:
+        """The head the images are rendered from, and which of its vertices the tracked model keeps:
+        a FLAME-like head (synthetic.head_mouth 'open') has its full head, cavity and all, in
+        ``ground_truth/`` beside it; any other head is its own. -> (files, kept vertex indices or None)"""
+        folder = self.flame_model.parent / GROUND_TRUTH_DIR
+        if not (folder / KEPT_FILE).is_file():
+            return self, None
+        full = model_paths(folder)
+        return HeadFiles(full["flame_model"], full["uv_obj"], full["masks"]), np.load(folder / KEPT_FILE)
+
 
 class ActorRenderer:
     """Renders the ground truth of one actor: tracked mesh + relief + hair shell, before a torso.
@@ -534,6 +544,14 @@ def _write_split(path: Path, frames: list[dict], top: dict) -> None:
     path.write_text(json.dumps(db, indent=4))
 
 
+def _tracked(params: dict[str, Tensor], kept: np.ndarray | None) -> dict[str, Tensor]:
+    """Parameters as the tracked model reads them: the offsets of its own vertices only."""
+    if kept is None:
+        return params
+    rows = torch.as_tensor(kept)
+    return {**params, **{k: params[k][:, rows] for k in ("static_offset", "dynamic_offset") if k in params}}
+
+
 def _flame_npz(params: dict[str, Tensor], teeth_rows: int = 0) -> dict[str, np.ndarray]:
     """VHAP's arrays: shape (S,), the others with a leading axis of 1, float32; offsets padded with
     ``teeth_rows`` rows, as VHAP's FLAME (with teeth vertices) writes them."""
@@ -622,7 +640,8 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
             raise DatasetError(f"{folder} exists but {data_dir} is not a finished synthetic union export: it is "
                                "left from an interrupted run or another dataset; delete it and rerun")
     start = time.time()
-    model, uvs, faces_uv, masks = head.load()
+    truth, kept = head.ground_truth()
+    model, uvs, faces_uv, masks = truth.load()
     plan = plan_actor(spec, model, masks)
     renderer = ActorRenderer(plan, model, uvs, faces_uv, masks)
 
@@ -648,7 +667,7 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
             pending = []
             for t in range(plan.n_timesteps):
                 seq = sequences[plan.sequence[t]]
-                params = plan.timestep_params(t, written=True)
+                params = _tracked(plan.timestep_params(t, written=True), kept)
                 params["translation"] = params["translation"] - seq.shift
                 np.savez(seq.folder / "flame_param" / f"{t - seq.first:05d}.npz", **_flame_npz(params, spec.teeth_rows))
                 rgb, cover = renderer.render(t, plan.cameras)  # relocating head and cameras together moves no pixel
@@ -676,7 +695,7 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
             canonical[k] = torch.zeros_like(canonical[k])
         canonical["jaw_pose"][0, 0] = CANONICAL_JAW
         for folder in {root} | {s.folder for s in sequences}:
-            np.savez(folder / "canonical_flame_param.npz", **_flame_npz(canonical, spec.teeth_rows))
+            np.savez(folder / "canonical_flame_param.npz", **_flame_npz(_tracked(canonical, kept), spec.teeth_rows))
         for seq in sequences if spec.union else ():
             _write_split(seq.folder / "transforms.json", seq.frames, seq.frames[-1])
 
@@ -718,7 +737,7 @@ def generate(cfg) -> None:
         return
     head_dir, data_dir = resolve(cfg.synthetic.head_dir), resolve(cfg.actor.data_dir)
     with locked(head_dir, "the synthetic head model folder", head_dir.parent / f".{head_dir.name}.lock"):
-        ensure_head_model(head_dir, cfg.synthetic.head_seed)
+        ensure_head_model(head_dir, cfg.synthetic.head_seed, cfg.synthetic.head_mouth)
     with locked(data_dir, "the synthetic dataset", data_dir.parent / f".{data_dir.name}.lock", clean=False):
         generate_actor(data_dir, HeadFiles.from_config(cfg), ActorSpec.from_config(cfg))
 

@@ -20,6 +20,12 @@ counter-clockwise seen from outside (outward normals by the right-hand rule), as
 
 Vertex order: skin grid row by row, crown pole, mouth cavity, left eyeball, right eyeball.
 
+Mouth (``mouth``): ``cavity`` writes the head as built. ``open`` writes a FLAME-like head, as real FLAME
+is: the cavity's vertices and faces are left out, so an open hole lies between the lips with nothing
+behind it; the head as built, cavity and all, is written to ``ground_truth/`` beside it, with the
+indices of the kept vertices, for the synthetic actor's images (a photo shows the mouth's inside even
+though the tracked mesh has none).
+
 Model
 -----
 Joints as in FLAME: 0 root, 1 neck, 2 jaw, 3 left eye, 4 right eye. `shapedirs` columns 0-299 are
@@ -32,6 +38,7 @@ directions, so every output is a pure function of the seed.
 """
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +48,16 @@ import scipy.sparse
 from scipy.interpolate import PchipInterpolator
 
 from lib.atomic import atomic_path
+from lib.config import ConfigError
 from lib.geometry.obj_io import write_obj
 
 FLAME_FILE = "flame2023.pkl"
 UV_FILE = "head_template.obj"
 MASKS_FILE = "FLAME_masks.pkl"
+INFO_FILE = "head.json"  # how the model was made: seed and mouth
+GROUND_TRUTH_DIR = "ground_truth"  # mouth 'open': the head as built, and kept_vertices.npy
+KEPT_FILE = "kept_vertices.npy"
+MOUTHS = ("cavity", "open")
 
 JOINT_NAMES = ("root", "neck", "jaw", "left_eye", "right_eye")
 N_SHAPE_SLOTS, N_EXPR_SLOTS = 300, 100  # FLAME 2023 layout of shapedirs' last axis
@@ -713,6 +725,36 @@ def flame_dict(model: HeadModel) -> dict[str, np.ndarray | scipy.sparse.csc_matr
     }
 
 
+def without_cavity(model: HeadModel) -> tuple[HeadModel, np.ndarray]:
+    """The FLAME-like head: the mouth cavity's vertices and faces left out, every field reindexed (the
+    joint regressor never reads the cavity, so the joints and every kept vertex pose exactly as before).
+    -> (model, indices of the kept vertices in the full model)"""
+    n = len(model.v_template)
+    keep = np.ones(n, dtype=bool)
+    keep[model.parts["mouth_cavity"]] = False
+    if model.J_regressor[:, ~keep].count_nonzero():
+        raise RuntimeError("the joint regressor reads the mouth cavity: removing it would move the joints")
+    kept = np.flatnonzero(keep)
+    new_index = np.full(n, -1, dtype=np.int64)
+    new_index[kept] = np.arange(len(kept))
+    face_kept = keep[model.faces].all(1)
+    reindex = lambda ids: new_index[np.asarray(ids)[keep[np.asarray(ids)]]]  # noqa: E731
+    return HeadModel(
+        v_template=model.v_template[kept],
+        faces=new_index[model.faces[face_kept]],
+        shapedirs=model.shapedirs[kept],
+        posedirs=model.posedirs[kept],
+        J_regressor=scipy.sparse.csc_matrix(model.J_regressor[:, kept]),
+        weights=model.weights[kept],
+        parents=model.parents,
+        joints=model.joints,
+        uvs=model.uvs,
+        faces_uv=model.faces_uv[face_kept],
+        masks={name: reindex(ids) for name, ids in model.masks.items()},
+        parts={name: reindex(ids) for name, ids in model.parts.items() if name != "mouth_cavity"},
+    ), kept
+
+
 def model_paths(out_dir: str | Path) -> dict[str, Path]:
     """The files of a generated model: 'flame_model' (FLAME pickle), 'uv_obj' (template with UVs),
     'masks' (FLAME_masks-style pickle)."""
@@ -720,14 +762,9 @@ def model_paths(out_dir: str | Path) -> dict[str, Path]:
     return {"flame_model": out_dir / FLAME_FILE, "uv_obj": out_dir / UV_FILE, "masks": out_dir / MASKS_FILE}
 
 
-def generate_head_model(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write the model's three files into `out_dir` (created if needed) and return their paths.
-
-    Each file is written atomically (``lib.atomic``), so an interrupted run leaves only whole files
-    (and `ensure_head_model` regenerates whatever is missing).
-    """
-    model = build_head_model(seed)
+def _write_model(model: HeadModel, out_dir: Path) -> dict[str, Path]:
     paths = model_paths(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for key, content in (("flame_model", flame_dict(model)), ("masks", model.masks)):
         with atomic_path(paths[key]) as tmp, open(tmp, "wb") as fh:
             pickle.dump(content, fh, protocol=_PICKLE_PROTOCOL)
@@ -736,12 +773,54 @@ def generate_head_model(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def ensure_head_model(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+def generate_head_model(out_dir: str | Path, seed: int = 0, mouth: str = "cavity") -> dict[str, Path]:
+    """Write the model's three files into `out_dir` (created if needed) and return their paths; with
+    mouth 'open', the FLAME-like head there and the head as built in ``ground_truth/``.
+
+    Each file is written atomically (``lib.atomic``), and ``head.json`` last, so an interrupted run
+    leaves only whole files (and `ensure_head_model` regenerates whatever is missing).
+    """
+    if mouth not in MOUTHS:
+        raise ValueError(f"mouth '{mouth}': one of {MOUTHS}")
+    out_dir = Path(out_dir)
+    model = build_head_model(seed)
+    if mouth == "open":
+        written, kept = without_cavity(model)
+        _write_model(model, out_dir / GROUND_TRUTH_DIR)
+        with atomic_path(out_dir / GROUND_TRUTH_DIR / KEPT_FILE, suffix=".npy") as tmp:
+            np.save(tmp, kept)
+        model = written
+    paths = _write_model(model, out_dir)
+    with atomic_path(out_dir / INFO_FILE) as tmp:
+        Path(tmp).write_text(json.dumps({"seed": seed, "mouth": mouth}) + "\n")
+    return paths
+
+
+def head_info(out_dir: str | Path) -> dict | None:
+    """How the model in `out_dir` was made ({"seed", "mouth"}), or None without a head.json (a model
+    written before it existed: mouth 'cavity')."""
+    path = Path(out_dir) / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def ensure_head_model(out_dir: str | Path, seed: int = 0, mouth: str = "cavity") -> dict[str, Path]:
     """Paths of the model in `out_dir`, generating it first when any of its files is missing.
 
-    Existing files are trusted as they are: delete the folder to regenerate with another seed.
+    Existing files are trusted as they are (delete the folder to regenerate with another seed); a folder
+    holding the other mouth is an error, as its files would silently stand for the wrong head.
     """
     paths = model_paths(out_dir)
     if all(path.is_file() for path in paths.values()):
+        info = head_info(out_dir) or {"mouth": "cavity"}
+        if info.get("mouth", "cavity") != mouth:
+            raise ConfigError(f"{out_dir} holds the synthetic head with mouth '{info.get('mouth')}', the config asks "
+                              f"for '{mouth}' (synthetic.head_mouth): point synthetic.head_dir at another folder")
+        if mouth == "open" and not (Path(out_dir) / GROUND_TRUTH_DIR / KEPT_FILE).is_file():
+            return generate_head_model(out_dir, seed, mouth)
         return paths
-    return generate_head_model(out_dir, seed)
+    return generate_head_model(out_dir, seed, mouth)

@@ -18,7 +18,9 @@ canonical one:
     scale    = exp(s0 + Δs),  opacity = sigmoid(o0 + Δo),  colour = sigmoid(rgb)
 
 and finally the head's global rotation and translation. Texels of the neck region carry no
-Gaussian (the ground-truth masks exclude neck and torso). Conventions: metres, quaternions wxyz.
+Gaussian (the ground-truth masks exclude neck and torso). With ``actor.close_mouth`` the hole between
+the lips is closed by faces with a UV chart of their own (``lib.geometry.mouth``), whose texels carry
+Gaussians like the rest. Conventions: metres, quaternions wxyz.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from lib.config import ConfigError
 from lib.errors import check_finite
 from lib.flame.model import FlameModel, load_regions
 from lib.geometry import uv
+from lib.geometry.mouth import mouth_faces
 from lib.geometry.obj_io import ObjFormatError, read_obj
 from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, normalize_quat, quat_multiply
 from lib.models.mesh_pca import MeshPCA, MeshPcaError
@@ -213,10 +216,13 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
         raise ObjFormatError(f"{resolve(cfg.actor.flame_uv)} has {obj['faces'].shape[0]} faces but the model "
                          f"{resolve(cfg.actor.flame_model)} has {flame.faces.shape[0]}: they must be the same mesh")
     regions = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
+    faces, uvs, faces_uv = flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"])
+    if cfg.actor.close_mouth:  # the hole between the lips closed by faces with texels of their own
+        closure = mouth_faces(flame.v_template.cpu().numpy(), faces.numpy(), regions, uvs.numpy(), faces_uv.numpy())
+        faces, uvs, faces_uv = closure.appended(faces, uvs, faces_uv)
     r = cfg.regressor
     return GaussianAvatar(
-        flame.faces.cpu(), torch.as_tensor(obj["uvs"]), torch.as_tensor(obj["faces_uv"]),
-        load_canonical_mesh(paths.canonical_mesh), regions, MeshPCA.load(paths.mesh_pca), r.uv_size, r.n_pca,
+        faces, uvs, faces_uv, load_canonical_mesh(paths.canonical_mesh), regions, MeshPCA.load(paths.mesh_pca), r.uv_size, r.n_pca,
         r.widths, r.colour_width, r.feature_channels, r.style_dim, r.convs_per_level, tuple(r.removed_regions),
         r.init_scale)
 

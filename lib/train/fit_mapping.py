@@ -20,7 +20,7 @@ of the regressor's Gaussians). One step counter runs through two phases:
                  loss.vgg_weights is set) + mapping.regression * L1(c, c_gt) + mapping.magnitude * mean(c^2).
 
 Both phases use AdamW (mapping.lr, mapping.weight_decay); the photometric phase decays the rate with
-train.lr_schedule over its own progress. The machinery is the regressor's (``lib.train.trainer``):
+train.lr_schedule over its own progress. Both run on the regressor's loop (``lib.train.loop``):
 atomic checkpoints every train.checkpoint_every steps and at the end, resume from the newest, the NaN
 guard, TensorBoard scalars and images on rank 0, DDP under torchrun. A checkpoint holds the network,
 the optimiser, the step, the photometric phase's elapsed seconds, and the signal and architecture it
@@ -28,13 +28,11 @@ was trained for.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lib.cli import progress_bar
 from lib.config import Config, save_config
 from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
 from lib.flame.model import FlameModel
@@ -55,8 +53,9 @@ from lib.train.checkpoint import (
 from lib.train.data import ActorData, TrainingImages
 from lib.train.fit_gem import timestep_files
 from lib.train.losses import photometric
-from lib.train.schedule import lr_factor, progress
-from lib.train.trainer import NanGuard, open_tensorboard, perceptual_loss, start_over
+from lib.train.loop import NanGuard, Phase, StepOutput, TrainingLoop, start_over
+from lib.train.schedule import configured_schedule
+from lib.train.trainer import perceptual_loss
 
 # Warm-up steps between re-orthonormalisations of a fine-tuned basis: one costs about 40 ms on a CPU
 # core for the synthetic actor's GEM, and ten Adam steps at 1e-5 leave the rows orthonormal to about 2e-4.
@@ -195,6 +194,8 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.mapping.lr, weight_decay=cfg.mapping.weight_decay)
     if state is not None and "optimizer" in state:
         load_into(opt, state["optimizer"], state["path"], "optimizer")
+    for group in opt.param_groups:  # the config's rate, also over a checkpoint's (decayed) one
+        group["base_lr"] = cfg.mapping.lr
     warmup, total = cfg.mapping.warmup_iterations, cfg.mapping.warmup_iterations + cfg.mapping.iterations
     basis, basis_opt = [], None
     if cfg.mapping.basis_lr > 0 and warmup > 0:  # a fine-tuned GEM is saved whole with every checkpoint
@@ -214,15 +215,14 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     frames = [f for f in export.split("train") if f.timestep_index in row]
     vgg = perceptual_loss(cfg, cfg.mapping.vgg, log) if cfg.mapping.iterations > 0 else None
     vgg = vgg.to(device) if vgg is not None else None
-    writer = open_tensorboard(paths.mapping_tensorboard) if info.is_main else None
     guard = NanGuard(net, opt, cfg.train.nan_snapshot_every, "lower mapping.lr or check the data")
-    limit = cfg.mapping.time_limit_minutes
-    done = progress(max(step - warmup, 0), cfg.mapping.iterations, elapsed, limit)
-    bar = progress_bar(total, step, info.is_main)
     images = TrainingImages(export, frames, cfg, info.rank, info.world_size, step if basis else max(step, warmup),
                             total, device)
-    warm_up(device)  # native CPU kernels loaded (or compiled) before the clock starts
-    t_start = time.perf_counter() - elapsed
+
+    def save(step: int, elapsed: float) -> None:  # elapsed: the photometric phase's seconds (0 in the warm-up)
+        save_mapping(cfg, net, opt, step, elapsed if step > warmup else 0.0, gem if basis else None, basis_opt)
+
+    loop = TrainingLoop(cfg, info, opt, guard, save, paths.mapping_tensorboard, total, step, log)
 
     def render_image(coefficients: Tensor, sample, bg: Tensor, gt: Tensor, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         """GEM render of a training image with flat coefficients [1, D] of its timestep (row i), on
@@ -232,76 +232,53 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
                          sample.K[None], cam.width, cam.height, bg).rgb
         return rgb, photometric(rgb, gt, torch.ones_like(sample.alpha[None]), cfg.mapping.l1, cfg.mapping.ssim)
 
-    while step < warmup or (step < total and done < 1.0):
-        render = gt = None
-        if step >= warmup or basis:  # a training image: photometric steps and the basis fine-tuning
+    def warmup_step(step: int) -> StepOutput:
+        """Every train timestep's coefficients regressed; with a basis to fine-tune, one training image
+        rendered with its ground-truth coefficients (only the basis learns from it)."""
+        if basis:  # the image before the dropout: the loader's start draws from torch's generator
             sample, bg, gt = images.at(step)
-            i = row[sample.frame.timestep_index]
-        if step < warmup:
-            pred = model(x)
-            terms = {"regression": coefficient_loss(pred, y, 0.0, weights),
-                     "magnitude": cfg.mapping.magnitude * pred.pow(2).mean()}
-            if basis:  # the ground-truth coefficients rendered: only the basis learns from the image
-                render, basis_terms = render_image(y[i:i + 1], sample, bg, gt, i)
-                terms.update({f"basis_{k}": v for k, v in basis_terms.items()})
-            lr = cfg.mapping.lr
-        else:
-            if step == warmup:
-                t_start = time.perf_counter()  # the time limit is the photometric phase's
-                _freeze(basis, True)
-            pred = model(x[i:i + 1])
-            render, terms = render_image(pred, sample, bg, gt, i)
-            if vgg is not None:
-                terms["vgg"] = cfg.mapping.vgg * vgg(render, gt)
-            terms["regression"] = cfg.mapping.regression * coefficient_loss(pred, y[i:i + 1], 0.0, weights)
-            terms["magnitude"] = cfg.mapping.magnitude * pred.pow(2).mean()
-            lr = cfg.mapping.lr * lr_factor(done, cfg.train.lr_schedule, cfg.train.lr_milestones,
-                                            cfg.train.lr_gamma, cfg.train.lr_final)
-        loss = sum(terms.values())
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        if basis_opt is not None:
             basis_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = guard.step(step, cfg.train.grad_clip, log)
-        if step < warmup and basis_opt is not None:
-            distributed.average_gradients(info, basis)
-            if torch.isfinite(grad_norm) and all(torch.isfinite(p.grad).all() for p in basis if p.grad is not None):
-                basis_opt.step()
-            if (step + 1) % ORTHONORMALISE_EVERY == 0 or step + 1 == warmup:
-                gem.orthonormalise()
-        step += 1
-        bar.update(1)
-        if step > warmup:
-            elapsed = time.perf_counter() - t_start
-            if limit > 0:
-                elapsed = distributed.broadcast_float(info, elapsed)
-            done = progress(step - warmup, cfg.mapping.iterations, elapsed, limit)
-        finished = step >= total or (step > warmup and done >= 1.0)
+        pred = model(x)
+        out = StepOutput({"regression": coefficient_loss(pred, y, 0.0, weights),
+                          "magnitude": cfg.mapping.magnitude * pred.pow(2).mean()})
+        if basis:
+            i = row[sample.frame.timestep_index]
+            out.render, basis_terms = render_image(y[i:i + 1], sample, bg, gt, i)
+            out.gt = gt
+            out.terms.update({f"basis_{k}": v for k, v in basis_terms.items()})
+        return out
 
-        if writer is not None and step % cfg.train.log_every == 0:
-            phase = "warmup" if step <= warmup else "photometric"
-            for name, value in terms.items():
-                writer.add_scalar(f"{phase}/{name}", value.item(), step)
-            writer.add_scalar(f"{phase}/total", loss.item(), step)
-            writer.add_scalar("train/lr", lr, step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if writer is not None and render is not None and step % cfg.train.image_every == 0:
-            writer.add_image("render|gt", torch.cat([render[0], gt[0]], 1).detach().clamp(0, 1), step,
-                             dataformats="HWC")
-        if step == warmup and step < total:
-            log(f"warm-up done ({warmup} steps): coefficient L1 {_train_l1(net, x, y):.4f} sigma")
-        if step % cfg.train.checkpoint_every == 0 or finished:
-            if info.is_main:
-                save_mapping(cfg, net, opt, step, elapsed, gem if basis else None, basis_opt)
-            distributed.barrier(info)
-    bar.close()
+    def basis_step(step: int, grad_norm: Tensor) -> None:
+        distributed.average_gradients(info, basis)
+        if torch.isfinite(grad_norm) and all(torch.isfinite(p.grad).all() for p in basis if p.grad is not None):
+            basis_opt.step()
+        if (step + 1) % ORTHONORMALISE_EVERY == 0 or step + 1 == warmup:
+            gem.orthonormalise()
+
+    def photometric_step(step: int) -> StepOutput:
+        """One training image rendered with the network's coefficients for its timestep."""
+        sample, bg, gt = images.at(step)
+        i = row[sample.frame.timestep_index]
+        pred = model(x[i:i + 1])
+        render, terms = render_image(pred, sample, bg, gt, i)
+        if vgg is not None:
+            terms["vgg"] = cfg.mapping.vgg * vgg(render, gt)
+        terms["regression"] = cfg.mapping.regression * coefficient_loss(pred, y[i:i + 1], 0.0, weights)
+        terms["magnitude"] = cfg.mapping.magnitude * pred.pow(2).mean()
+        return StepOutput(terms, render, gt)
+
+    warm_up(device)  # native CPU kernels loaded (or compiled) before the clock starts
+    first_step = step
+    step, _ = loop.run(Phase("warmup", 0, warmup), warmup_step, step, after_backward=basis_step if basis else None)
+    if first_step < warmup <= step < total:
+        log(f"warm-up done ({warmup} steps): coefficient L1 {_train_l1(net, x, y):.4f} sigma")
+    _freeze(basis, True)
+    step, _ = loop.run(Phase("photometric", warmup, total, cfg.mapping.time_limit_minutes,
+                             configured_schedule(cfg.train)), photometric_step, step, elapsed)
+    loop.close()
     net.eval()
     log(f"train coefficient L1 (eval mode) {_train_l1(net, x, y):.4f} sigma after {step} steps "
         f"({warmup} warm-up); checkpoint in {paths.mapping_checkpoints}")
-    if writer is not None:
-        writer.close()
     distributed.teardown(info)
     return net
 

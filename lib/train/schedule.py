@@ -11,6 +11,7 @@ functions of the progress only, they resume exactly from a checkpoint.
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 
 def progress(step: int, total: int, elapsed_s: float, limit_minutes: float) -> float:
@@ -29,3 +30,9 @@ def lr_factor(p: float, kind: str, milestones: list[float], gamma: float, final:
     if kind == "constant":
         return 1.0
     raise ValueError(f"unknown learning-rate schedule '{kind}' (train.lr_schedule): multistep, exponential or constant")
+
+
+def configured_schedule(train) -> Callable[[float], float]:
+    """The config's schedule (train.lr_schedule with its milestones, gamma and final factor) as a function
+    of progress."""
+    return lambda p: lr_factor(p, train.lr_schedule, train.lr_milestones, train.lr_gamma, train.lr_final)

@@ -295,3 +295,25 @@ def test_a_one_camera_export_is_the_frontal_camera_with_an_empty_val_split(head,
     camera = export.split("train")[0].camera
     torch.testing.assert_close(camera.viewmat, frontal.viewmat, rtol=0, atol=1e-5)
     torch.testing.assert_close(camera.K, frontal.K, rtol=0, atol=1e-4)
+
+
+def test_a_flame_like_head_gets_the_same_images_and_parameters_for_its_own_vertices(head, actor, tmp_path):
+    """synthetic.head_mouth: open: the tracked model has no mouth cavity, the images still show it (they are
+    rendered from the head as built), and the static offset is written for the tracked model's vertices."""
+    from lib.flame.synthetic import generate_head_model
+
+    paths = generate_head_model(tmp_path / "head_open", seed=0, mouth="open")
+    files = HeadFiles(paths["flame_model"], paths["uv_obj"], paths["masks"])
+    folder = generate_actor(tmp_path / "actor_open", files, SPEC, log=lambda *_: None)
+    kept = np.load(tmp_path / "head_open" / "ground_truth" / "kept_vertices.npy")
+    n_open = files.load()[0].v_template.shape[0]
+    assert n_open == len(kept) < head[1].v_template.shape[0]
+    for name in ("images/00000_08.png", "images/00004_03.png"):
+        assert np.array_equal(cv2.imread(str(folder / name)), cv2.imread(str(actor / name))), name
+    for name in ("flame_param/00002.npz", "canonical_flame_param.npz"):
+        with np.load(folder / name) as mine, np.load(actor / name) as full:
+            assert mine["static_offset"].shape == (1, n_open, 3)
+            np.testing.assert_array_equal(mine["static_offset"], full["static_offset"][:, kept])
+            for key in full.files:
+                if key != "static_offset":
+                    np.testing.assert_array_equal(mine[key], full[key])

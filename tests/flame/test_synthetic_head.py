@@ -5,11 +5,12 @@ import pytest
 import scipy.sparse
 import torch
 
+from lib.config import ConfigError
 from lib.flame.model import FlameModel
 from lib.flame.safe_pickle import load_pickle
 from lib.flame.synthetic import (
     EXPRESSION_NAMES, EYE_RADIUS, N_EXPR, N_SHAPE, SHAPE_NAMES, build_head_model, ensure_head_model,
-    generate_head_model, model_paths,
+    INFO_FILE, generate_head_model, head_info, model_paths,
 )
 from lib.geometry.obj_io import read_obj
 
@@ -320,4 +321,7 @@ def test_ensure_generates_missing_files_only(tmp_path):
     paths["masks"].unlink()
     ensure_head_model(out, seed=0)
     assert paths["masks"].is_file()
-    assert sorted(os.listdir(out)) == sorted(p.name for p in paths.values())  # no temporary left
+    assert sorted(os.listdir(out)) == sorted([p.name for p in paths.values()] + [INFO_FILE])  # no temporary left
+    assert head_info(out) == {"seed": 0, "mouth": "cavity"}
+    with pytest.raises(ConfigError, match="synthetic.head_mouth"):  # the other mouth is another folder
+        ensure_head_model(out, seed=0, mouth="open")
