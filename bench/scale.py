@@ -126,7 +126,7 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
             _upscaled(f.image_path, full / "images" / name, gray=False)
             _upscaled(f.mask_path, full / "fg_masks" / name, gray=True)
             masks = mask_paths(f.image_path, small, source.masks_dir)
-            _upscaled(masks.alpha, full / "alpha" / name, gray=True)
+            _upscaled(masks.keep, full / "keep" / name, gray=True)
             _upscaled(masks.mouth, full / "mouth" / name, gray=True)
 
     data = work / f"actor_{T}"
@@ -162,8 +162,8 @@ def big_actor(work: Path, source, base: dict, T: int) -> Path:
             name, src = f"{t:05d}_{c:02d}.png", f"{round(u):05d}_{c:02d}.png"
             _link(full / "images" / src, data / "images" / name)
             _link(full / "fg_masks" / src, data / "fg_masks" / name)
-            masks = mask_paths(data / "images" / name, data, masks_dir, fallback=False)
-            _link(full / "alpha" / src, masks.alpha)
+            masks = mask_paths(data / "images" / name, data, masks_dir)
+            _link(full / "keep" / src, masks.keep)
             _link(full / "mouth" / src, masks.mouth)
             entry = {"file_path": f"images/{name}", "fg_mask_path": f"fg_masks/{name}",
                      "flame_param_path": f"flame_param/{t:05d}.npz", "timestep_index": t, "camera_index": c,
@@ -281,9 +281,10 @@ def main() -> None:
             row = {"T": T, "images": 16 * T}
             if "loader" in args.parts:
                 from lib.config import load_config
+                from lib.train.data import CHANNELS
 
                 cfg = load_config(config)
-                fill = args.fill_images or int(cfg.data.cache_gb * GB / (HEIGHT * WIDTH * 5) * 1.1) + 50  # past the budget
+                fill = args.fill_images or int(cfg.data.cache_gb * GB / (HEIGHT * WIDTH * CHANNELS) * 1.1) + 50  # past the budget
                 r = _loader(config, fill, cfg.data.workers, None, work / f"loader_{T}.log")
                 row["loader"] = r
                 print(f"  loader (workers {r['workers']}, cache {r['cache_gb']} GB of which {r['cache_used_gb']:.2f} GB "

@@ -102,10 +102,10 @@ def main() -> None:
     vm, K = cam.viewmat[None].to(device), cam.K[None].to(device)
     gen = torch.Generator().manual_seed(1)
     gt_image = torch.rand(1, H, W, 3, generator=gen).to(device)
-    alpha = torch.ones(1, H, W, device=device)
+    fg = keep = torch.ones(1, H, W, device=device)
     mouth = torch.zeros(1, H, W, device=device)
     bg = torch.rand(3, generator=gen).to(device)
-    gt = composite_gt(gt_image, alpha, bg[None])
+    gt = composite_gt(gt_image, fg, keep, bg[None])
     weight = mouth_weight(mouth, cfg.loss.mouth, cfg.loss.mouth_blur_px)
     bf16 = cfg.train.bf16 and device.type == "cuda"
     avatar.bf16 = bf16

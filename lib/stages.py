@@ -60,7 +60,7 @@ def _masks(cfg: Config, source: Config | None) -> list[Path]:
     export = VhapExport(root)
     images = dict.fromkeys(frame.image_path for split in SPLITS for frame in export.split(split))
     found = [mask_paths(image, root, masks_dir) for image in images]
-    return [p for paths in found for p in (paths.alpha, paths.mouth)]
+    return [p for paths in found for p in (paths.keep, paths.mouth)]
 
 
 def _latest_checkpoint(folder: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """Decoded frames kept in memory up to a byte budget, shared by the data-loading workers.
 
 A training run draws frames at random for hours, so decoding each one once pays; but a NeRSemble
-export holds tens of thousands of frames at 802x550 (2.2 MB each decoded), more than a machine's
+export holds tens of thousands of frames at 802x550 (2.6 MB each decoded), more than a machine's
 memory. The cache therefore has a fixed budget: one anonymous shared memory mapping, made before the
 loader's worker processes fork. The first frames decoded take its room, first come first served,
 until the budget is spent; frames decoded later are decoded again at every use. A process that

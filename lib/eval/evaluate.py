@@ -11,7 +11,8 @@ An empty val split (a one-camera export) is logged and recorded as skipped.
 Everything is rendered on white, as the exports are. Per split: ``<split>/<t>_<c>.png`` renders,
 ``<split>/compare/<t>_<c>.png`` (render | ground truth | 4x error), ``<split>.mp4`` (render |
 ground truth), and in ``metrics.json`` the means and per-frame values of PSNR over the full frame,
-PSNR inside the ground-truth head mask, SSIM, L1 and LPIPS (or why LPIPS is unavailable).
+PSNR inside the ground-truth head mask, SSIM (zero-padded, as 3DGS reports it: ``lib.train.metrics``), L1
+and LPIPS (or why LPIPS is unavailable).
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ from torch import Tensor
 from lib.dataset.vhap import Frame
 from lib.gaussians.render import render
 from lib.models.avatar import Gaussians
-from lib.train.losses import composite_gt
 from lib.train.metrics import image_metrics
 
 WHITE = (1.0, 1.0, 1.0)  # evaluation background: the exports' own
@@ -23,13 +22,16 @@ def render_gaussians(g: Gaussians, b: int, viewmats: Tensor, Ks: Tensor, width: 
 
 @torch.no_grad()
 def render_frame(avatar, data, frame: Frame) -> tuple[Tensor, Tensor, Tensor]:
-    """Render one dataset frame on white. -> (render [H, W, 3], ground truth [H, W, 3], head mask [H, W])"""
+    """Render one dataset frame on white. -> (render [H, W, 3], ground truth [H, W, 3], head alpha [H, W])
+
+    On white the ground truth is the export's image where the head is kept and white elsewhere
+    (``Sample.ground_truth``); the head alpha fg · keep is the masked metrics' mask."""
     sample = data.sample(frame)
     white = torch.tensor(WHITE, device=sample.image.device)
     g = avatar(*data.driving(frame.timestep_index))
     rgb = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width, frame.camera.height,
                            white)[0].clamp(0, 1)
-    gt = composite_gt(sample.image[None], sample.alpha[None], white[None])[0]
+    gt = sample.ground_truth(white)[0]
     return rgb, gt, sample.alpha
 
 

@@ -2,8 +2,9 @@
 
 Every timestep of every split is posed once at start-up (FLAME in head space + the global pose,
 see ``lib.models.avatar.split_global_pose``), so a step costs no FLAME evaluation. The ground truth
-of a step is the image inside the head's alpha mask (neck and torso removed) composited on the
-step's background.
+of a step is the export's foreground where the keep mask holds the head (neck and torso removed),
+re-composited on the step's background through the export's own foreground alpha, and the background
+elsewhere (``lib.train.losses.composite_gt``).
 
 Images reach the training loop through ``torch.utils.data``: ``TrainingImages`` is a DataLoader over
 step numbers. The image and background of step s are drawn from a generator seeded by
@@ -11,8 +12,8 @@ step numbers. The image and background of step s are drawn from a generator seed
 number of workers. Under torchrun, rank r draws from its own share of the frames (every world_size-th
 one from r). ``data.workers`` processes decode ahead of the loop (``0``: the loop decodes itself);
 their decoded frames go into a cache of ``data.cache_gb`` per machine (``lib.dataset.image_cache``),
-so memory does not grow with the number of frames. A frame travels as one uint8 buffer (RGB, head
-alpha and mouth mask planes) and becomes float on the training device.
+so memory does not grow with the number of frames. A frame travels as one uint8 buffer (RGB,
+foreground alpha, keep mask and mouth mask planes) and becomes float on the training device.
 
 A bad file found by a worker ends the run with the same ``DatasetError`` (naming the file) as when
 the loop itself reads it; a worker that dies (e.g. killed for memory) ends it with ``LoaderError``.
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lib.cli import end_with_parent
 from lib.dataset.image_cache import ImageCache
-from lib.dataset.masks import mask_paths
+from lib.dataset.masks import mask_paths, missing_masks_message
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params, take_timesteps
 from lib.errors import ProjectError
 from lib.flame.model import POSE_BATCH, FlameModel
@@ -42,7 +43,7 @@ from lib.models.gem import gem_pose
 from lib.train.losses import composite_gt
 
 GB = 1 << 30
-CHANNELS = 5  # RGB, head alpha, mouth mask
+CHANNELS = 6  # RGB, foreground alpha, keep mask, mouth mask
 
 
 class LoaderError(ProjectError, RuntimeError):
@@ -54,28 +55,43 @@ class Sample:
     """One image of the export, ready for a loss. Images [H, W, 3], masks [H, W], on the device."""
 
     frame: Frame
-    image: Tensor  # as stored (composited on white)
-    alpha: Tensor  # head mask (neck and torso removed) in [0, 1]
-    mouth: Tensor  # mouth mask in [0, 1] (zeros when the export has none)
+    image: Tensor  # as stored (composited on white with fg)
+    fg: Tensor  # the export's foreground alpha in [0, 1] (ones when the export has no fg_mask_path)
+    keep: Tensor  # keep mask: 1 on the head (hair included), 0 on neck and torso (lib.dataset.masks)
+    mouth: Tensor  # mouth mask in [0, 1] (zeros when there is none)
     viewmat: Tensor  # [4, 4]
     K: Tensor  # [3, 3]
 
+    @property
+    def alpha(self) -> Tensor:
+        """The head's alpha fg · keep [H, W]: the masked metrics' mask (> 0.5, ``lib.train.metrics``)."""
+        return self.fg * self.keep
+
+    def ground_truth(self, background: Tensor) -> Tensor:
+        """The image's kept head on ``background`` [3] (``composite_gt``). -> [1, H, W, 3]"""
+        return composite_gt(self.image[None], self.fg[None], self.keep[None], background[None])
+
 
 def read_pixels(export: VhapExport, frame: Frame) -> np.ndarray:
-    """The image, head alpha and mouth mask of a frame, one after the other in one buffer (planes, so
-    each is decoded straight into place). -> uint8 [H * W * 5]: RGB [H, W, 3], alpha [H, W], mouth [H, W]"""
+    """The image, foreground alpha, keep mask and mouth mask of a frame, one after the other in one
+    buffer (planes, so each is decoded straight into place).
+    -> uint8 [H * W * 6]: RGB [H, W, 3], fg [H, W], keep [H, W], mouth [H, W]"""
     paths = mask_paths(frame.image_path, export.root, export.masks_dir)
-    if not paths.alpha.is_file():
-        raise DatasetError(f"head mask {paths.alpha} not found (timestep {frame.timestep_index}, camera "
-                           f"{frame.camera_index}); run `python render_masks.py CONFIG` first")
+    if not paths.keep.is_file():
+        raise DatasetError(missing_masks_message(paths, frame))
     H, W = frame.camera.height, frame.camera.width
-    pixels = np.empty(H * W * CHANNELS, dtype=np.uint8)
-    export.read_image(frame, out=pixels[:H * W * 3].reshape(H, W, 3))
-    pixels[H * W * 3:H * W * 4] = export.read_mask(paths.alpha, frame).reshape(-1)
+    plane = H * W
+    pixels = np.empty(plane * CHANNELS, dtype=np.uint8)
+    export.read_image(frame, out=pixels[:plane * 3].reshape(H, W, 3))
+    if frame.mask_path is not None:
+        pixels[plane * 3:plane * 4] = export.read_mask(frame.mask_path, frame).reshape(-1)
+    else:  # no foreground alpha: the image is taken as opaque
+        pixels[plane * 3:plane * 4] = 255
+    pixels[plane * 4:plane * 5] = export.read_mask(paths.keep, frame).reshape(-1)
     if paths.mouth.is_file():
-        pixels[H * W * 4:] = export.read_mask(paths.mouth, frame).reshape(-1)
+        pixels[plane * 5:] = export.read_mask(paths.mouth, frame).reshape(-1)
     else:
-        pixels[H * W * 4:] = 0
+        pixels[plane * 5:] = 0
     return pixels
 
 
@@ -84,8 +100,9 @@ def to_sample(frame: Frame, pixels: Tensor, device: torch.device) -> Sample:
     H, W = frame.camera.height, frame.camera.width
     values = pixels.to(device, non_blocking=True).float().div_(255.0)
     cam = frame.camera
-    return Sample(frame, values[:H * W * 3].view(H, W, 3), values[H * W * 3:H * W * 4].view(H, W),
-                  values[H * W * 4:].view(H, W), cam.viewmat.to(device), cam.K.to(device))
+    plane = H * W
+    fg, keep, mouth = (values[plane * i:plane * (i + 1)].view(H, W) for i in (3, 4, 5))
+    return Sample(frame, values[:plane * 3].view(H, W, 3), fg, keep, mouth, cam.viewmat.to(device), cam.K.to(device))
 
 
 class ActorData:
@@ -149,7 +166,7 @@ class TrainingDraws(Dataset):
     """Map-style dataset indexed by training step: the step's frame (from ``frames``) and background,
     drawn from a generator seeded by (seed, step, rank), with the frame's pixels.
 
-    An item is a dict: step, index (into frames), pixels uint8 [H * W * 5] (``read_pixels``), background
+    An item is a dict: step, index (into frames), pixels uint8 [H * W * 6] (``read_pixels``), background
     float32 [3];
     or {step, error} when a file is bad, so the error reaches the training process as itself.
     """
@@ -246,7 +263,7 @@ class TrainingImages:
             raise ValueError(f"step {step} was asked for after step {item['step']}")
         sample = to_sample(self.frames[item["index"]], item["pixels"], self.device)
         bg = item["background"].to(self.device)
-        return sample, bg, composite_gt(sample.image[None], sample.alpha[None], bg[None])
+        return sample, bg, sample.ground_truth(bg)
 
     def _next(self) -> dict:
         if self._items is None:

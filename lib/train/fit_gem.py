@@ -8,10 +8,15 @@ pose and neck rotation undone) and appended, one timestep at a time, to a frame 
 training reconstruction error measured: memory grows with the T x T Gram matrix, not with the
 T x N Gaussians (the report gives both sizes, ``store_mb`` and ``gram_mb``). Then, with
 ``gem.evaluate``, val (novel view) and test (novel expression) frames are rendered on white by the
-regressor and by GEM (coefficients = the projection of the regressor's output for that timestep,
-computed once per timestep) and scored against the ground truth, over the full frame and inside the
+regressor and by the GEM oracle, and scored against the ground truth, over the full frame and inside the
 head mask, and again for the component counts of ``gem.table_components``. Everything printed is also
 written to ``report.json``.
+
+The GEM figures are an oracle: a timestep's coefficients are the projection on GEM of the regressor's
+own Gaussians of that timestep (computed once per timestep), which needs the regressor to have run on
+that very frame. They are the best GEM can do there, not a prediction from a driving signal (the mapping
+network's figures are, ``lib.eval.mapping``); the report says so in its keys (``gem_oracle``,
+``gem_oracle_<n>``, ``oracle_<split>_psnr``) and in ``renders.coefficients``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from lib.train.data import ActorData
 from lib.train.metrics import image_metrics
 
 MB = 1024.0 * 1024.0
+ORACLE = "gem_oracle"  # GEM rendered with coefficients projected from the regressor's output (module docstring)
 
 
 def timestep_files(export: VhapExport, splits) -> dict[int, object]:
@@ -142,18 +148,20 @@ def _eval_frames(cfg, export: VhapExport, split: str) -> list[Frame]:
 @torch.no_grad()
 def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, data: ActorData,
                      export: VhapExport, sizes: dict, log) -> dict:
-    """PSNR (full / masked) of the regressor and of GEM on val and test frames, and a table of GEM's
-    PSNR and size against the number of components (the same count for every attribute); sizes: the
-    full model's, from ``_log_sizes``. An empty val split (a one-camera export) is logged and left out
-    (its table columns None)."""
+    """PSNR (full / masked) of the regressor and of the GEM oracle (coefficients projected from the
+    regressor's output, module docstring) on val and test frames, and a table of the oracle's PSNR and
+    GEM's size against the number of components (the same count for every attribute); sizes: the full
+    model's, from ``_log_sizes``. An empty val split (a one-camera export) is logged and left out (its
+    table columns None)."""
     device = data.device
     white = torch.tensor(WHITE, device=device)
     full = max(b.n_components for blocks in model.blocks.values() for b in blocks)
     counts = sorted({min(n, full) for n in cfg.gem.table_components} | {full})
-    variants = {"regressor": None, "gem": model.to(device)}
+    variants = {"regressor": None, ORACLE: model.to(device)}
     for n in counts[:-1]:
-        variants[f"gem_{n}"] = model.truncated({a: n for a in ATTRIBUTES}).to(device)
-    results = {}
+        variants[f"{ORACLE}_{n}"] = model.truncated({a: n for a in ATTRIBUTES}).to(device)
+    results = {"coefficients": "oracle: the projection on GEM of the regressor's own Gaussians of each frame's "
+                               "timestep, a best case for GEM, not a prediction"}
     splits = [s for s in ("val", "test") if s != "val" or not export.empty_split("val", "no val PSNR", log)]
     for split in splits:
         frames = _eval_frames(cfg, export, split)
@@ -182,21 +190,23 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
                           for name, rows in scores.items()}
         res = results[split]
         log(f"{split} ({len(frames)} frames): PSNR full / masked  regressor {res['regressor']['psnr']:.2f} / "
-            f"{res['regressor']['psnr_masked']:.2f} dB   GEM {res['gem']['psnr']:.2f} / {res['gem']['psnr_masked']:.2f} dB")
+            f"{res['regressor']['psnr_masked']:.2f} dB   GEM oracle (regressor's Gaussians projected) "
+            f"{res[ORACLE]['psnr']:.2f} / {res[ORACLE]['psnr_masked']:.2f} dB")
+    log("GEM oracle by component count (coefficients projected from the regressor's output):")
     log("components  size fp32 / fp16 MB   val PSNR full / masked   test PSNR full / masked")
     table = []
     for n in counts:
-        name = "gem" if n == full else f"gem_{n}"
+        name = ORACLE if n == full else f"{ORACLE}_{n}"
         m = variants[name]
         fp32, fp16 = ((sizes["gem_fp32"], sizes["gem_fp16"]) if n == full  # measured once already
                       else (m.nbytes() / MB, m.nbytes(half=True) / MB))
         entry = {"components": n, "fp32_mb": fp32, "fp16_mb": fp16,
-                 **{f"{s}_{k}": results[s][name][k] if s in results else None  # None: an empty val split
+                 **{f"oracle_{s}_{k}": results[s][name][k] if s in results else None  # None: an empty val split
                     for s in ("val", "test") for k in ("psnr", "psnr_masked")}}
         table.append(entry)
         db = {k: "     -" if v is None else f"{v:6.2f}" for k, v in entry.items()}
-        log(f"{n:10d}  {entry['fp32_mb']:8.2f} / {entry['fp16_mb']:6.2f}     {db['val_psnr']} / "
-            f"{db['val_psnr_masked']}          {db['test_psnr']} / {db['test_psnr_masked']}")
+        log(f"{n:10d}  {entry['fp32_mb']:8.2f} / {entry['fp16_mb']:6.2f}     {db['oracle_val_psnr']} / "
+            f"{db['oracle_val_psnr_masked']}          {db['oracle_test_psnr']} / {db['oracle_test_psnr_masked']}")
     results["table"] = table
     return results
 

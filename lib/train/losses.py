@@ -3,7 +3,7 @@
 Images are [B, H, W, 3] in [0, 1] (the project's layout); masks [B, H, W] in [0, 1].
 
     loss = w_l1 · mean(weight · |render - gt|),  weight = 1 + w_mouth · blur(mouth mask)
-         + w_ssim · (1 - SSIM(render, gt))       (11-px Gaussian window, sigma 1.5)
+         + w_ssim · (1 - SSIM(render, gt))       (11-px Gaussian window, sigma 1.5, 'valid' border)
          + w_vgg · VGG feature L1                (only with a weights file, see lib.models.vgg)
          + w_pos · mean(Δposition²)              (metres, as FLAME)
          + w_scale · mean(scale²)                (metres)
@@ -30,19 +30,27 @@ def blur(images: Tensor, size: int, sigma: float) -> Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, size, 1), padding=(size // 2, 0), groups=C)
 
 
-def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5, reduce: bool = True) -> Tensor:
-    """SSIM of images [B, H, W, 3] in [0, 1] with a Gaussian window ('valid' border, C1/C2 of Wang et al.).
+def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5, reduce: bool = True,
+         padding: str = "valid") -> Tensor:
+    """SSIM of images [B, H, W, 3] in [0, 1] with a Gaussian window (C1/C2 of Wang et al.).
 
+    padding="valid": the local statistics only where the window lies inside the image (the training
+    loss's SSIM). padding="zero": the window slides over every pixel of a zero-padded image and the map
+    is averaged over the full image, as 3DGS and GaussianAvatars compute their reported SSIM; every SSIM
+    written to a metrics file is this one (``lib.train.metrics``). The two differ near the border.
     reduce=True -> mean over everything (scalar); False -> per image [B].
     """
+    if padding not in ("valid", "zero"):
+        raise ValueError(f"padding must be 'valid' or 'zero', got {padding!r}")
     x, y = a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     k = gaussian_kernel(window, sigma, x.dtype, x.device)
     C = x.shape[1]
+    pad = window // 2 if padding == "zero" else 0
 
-    def filt(img: Tensor) -> Tensor:  # valid separable filtering
-        img = F.conv2d(img, k.view(1, 1, 1, -1).expand(C, 1, 1, window), groups=C)
-        return F.conv2d(img, k.view(1, 1, -1, 1).expand(C, 1, window, 1), groups=C)
+    def filt(img: Tensor) -> Tensor:  # separable filtering; with zero padding it equals the 2-D window's
+        img = F.conv2d(img, k.view(1, 1, 1, -1).expand(C, 1, 1, window), padding=(0, pad), groups=C)
+        return F.conv2d(img, k.view(1, 1, -1, 1).expand(C, 1, window, 1), padding=(pad, 0), groups=C)
 
     mx, my = filt(x), filt(y)
     sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
@@ -59,13 +67,21 @@ def mouth_weight(mouth: Tensor, strength: float, blur_px: int) -> Tensor:
     return 1.0 + strength * soft
 
 
-def composite_gt(image: Tensor, alpha: Tensor, background: Tensor) -> Tensor:
-    """Ground truth on a background: image [B, H, W, 3], alpha [B, H, W], background [B, 3] -> [B, H, W, 3]
+def composite_gt(image: Tensor, fg: Tensor, keep: Tensor, background: Tensor) -> Tensor:
+    """Ground truth of the kept head on a background.
 
-    image * alpha + background * (1 - alpha): keeps only what the (neck-less) mask holds.
+    image [B, H, W, 3]: the export's image, already composited on white with its foreground alpha a,
+    I = F·a + (1 - a); fg [B, H, W]: that alpha a; keep [B, H, W]: the keep mask k (1 on the head,
+    0 on neck and torso, ``lib.dataset.masks``); background [B, 3] -> [B, H, W, 3]
+
+        GT = k · (I - (1 - a) · (1 - bg)) + (1 - k) · bg
+
+    i.e. F·a + bg·(1 - a) where the head is kept (the foreground re-composited on bg, soft edges
+    exact) and bg where it is removed. On white (bg = 1) it is the export's image where kept.
     """
-    a = alpha[..., None]
-    return image * a + background[:, None, None, :] * (1 - a)
+    a, k = fg[..., None], keep[..., None]
+    bg = background[:, None, None, :]
+    return k * (image - (1 - a) * (1 - bg)) + (1 - k) * bg
 
 
 def photometric(render: Tensor, gt: Tensor, weight: Tensor, w_l1: float, w_ssim: float) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""Alpha and mouth masks: what they keep, where they are written (outside the dataset) and read, and
+"""Keep and mouth masks: what they keep, where they are written (outside the dataset) and read, and
 how a rerun resumes."""
 import json
 import os
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.dataset.masks import mask_paths, region_faces, render_masks
+from lib.dataset.cameras import Camera
+from lib.dataset.masks import MaskRegions, frame_masks, mask_paths, region_faces, render_masks
 from lib.dataset.synthetic_actor import (
     FRONTAL_CAMERA, ActorRenderer, ActorSpec, HeadFiles, generate_actor, image_size, plan_actor,
 )
@@ -87,23 +88,23 @@ def _ground_truth_classes(renderer, masks, t, cameras):
 
 
 @pytest.mark.parametrize("t", [0, 4])
-def test_alpha_removes_torso_and_neck_and_keeps_hair_and_face(actor, renderer, t):
+def test_keep_mask_removes_torso_and_neck_and_keeps_hair_and_face(actor, renderer, t):
     folder, masks_dir = actor[0], actor[6]
     cameras = [0, 4, FRONTAL_CAMERA, 12, 15]
     classes = _ground_truth_classes(renderer, actor[5], t, cameras)
     load = lambda sub: torch.stack([torch.from_numpy(_read(sub / f"{t:05d}_{c:02d}.png"))  # noqa: E731
                                     for c in cameras]) / 255.0
-    alpha, fg = load(masks_dir / folder.name / "alpha_masks"), load(folder / "fg_masks")
+    keep, fg = load(masks_dir / folder.name / "keep_masks"), load(folder / "fg_masks")
     solid = fg > 0.9  # away from anti-aliased edges
     for name, kept in (("torso", False), ("neck", False), ("hair", True), ("face", True)):
         pixels = classes[name] & solid
         assert pixels.sum() > 20, f"too few {name} pixels to judge"
-        share = float((alpha[pixels] > 0.5).float().mean())
+        share = float((keep[pixels] > 0.5).float().mean())
         if kept:
             assert share > 0.95, f"only {share:.1%} of {name} pixels kept"
         else:
             assert share < 0.03, f"{share:.1%} of {name} pixels kept"
-    assert torch.all(alpha <= fg + 1.0 / 255)  # never more than the foreground
+    assert set(torch.unique(keep).tolist()) <= {0.0, 1.0}  # binary: the foreground's alpha is the export's
 
 
 def test_mouth_mask_covers_the_lips_and_not_the_eyes(actor):
@@ -127,11 +128,11 @@ def test_masks_are_pngs_of_the_image_size_in_the_masks_folder_and_none_in_the_da
     assert summary["frames"] == summary["written"] == len(images)
     for image in images:
         paths = mask_paths(image, folder, masks_dir)
-        assert paths.alpha == masks_dir / folder.name / "alpha_masks" / image.name
+        assert paths.keep == masks_dir / folder.name / "keep_masks" / image.name
         assert paths.mouth == masks_dir / folder.name / "mouth_masks" / image.name
-        alpha, mouth = _read(paths.alpha), _read(paths.mouth)
-        assert alpha.shape == mouth.shape == (H, W) and alpha.dtype == mouth.dtype == np.uint8
-        assert set(np.unique(mouth)) <= {0, 255}
+        keep, mouth = _read(paths.keep), _read(paths.mouth)
+        assert keep.shape == mouth.shape == (H, W) and keep.dtype == mouth.dtype == np.uint8
+        assert set(np.unique(mouth)) <= {0, 255} and set(np.unique(keep)) <= {0, 255}
     # chmod keeps a non-root writer out of the dataset; as root, nothing new may appear in it either
     assert _files(folder) == before
     assert not [p for p in masks_dir.rglob(".*")]  # no temporary files or lock left
@@ -141,14 +142,14 @@ def test_a_second_run_skips_every_frame_and_a_rerun_redoes_missing_ones(actor, m
     folder, _, model, _, _, masks, masks_dir, _ = actor
     assert render_masks(VhapExport(folder, masks_dir=masks_dir), model, masks, log=QUIET)["written"] == 0
     monkeypatch.chdir(folder.parent)  # an export named by a relative path, as configs name them
-    alpha = masks_dir / folder.name / "alpha_masks" / "00002_05.png"
-    stamp = os.stat(masks_dir / folder.name / "alpha_masks" / "00001_05.png").st_mtime_ns
-    before = alpha.read_bytes()
-    alpha.unlink()
+    keep = masks_dir / folder.name / "keep_masks" / "00002_05.png"
+    stamp = os.stat(masks_dir / folder.name / "keep_masks" / "00001_05.png").st_mtime_ns
+    before = keep.read_bytes()
+    keep.unlink()
     summary = render_masks(VhapExport(Path(folder.name), masks_dir=masks_dir), model, masks, log=QUIET)
     assert summary["written"] == 1 and summary["skipped"] == summary["frames"] - 1
-    assert alpha.read_bytes() == before
-    assert os.stat(masks_dir / folder.name / "alpha_masks" / "00001_05.png").st_mtime_ns == stamp
+    assert keep.read_bytes() == before
+    assert os.stat(masks_dir / folder.name / "keep_masks" / "00001_05.png").st_mtime_ns == stamp
 
 
 def _make_older_than_its_flame_parameters(mask: Path, frame) -> None:
@@ -185,7 +186,7 @@ def test_mask_paths_follow_the_sequence_of_a_union_export(tmp_path):
     masks_dir = tmp_path / "masks"
     image = tmp_path / "UNION" / ".." / "EXP-1" / "images" / "00012_08.png"
     paths = mask_paths(image, tmp_path / "UNION", masks_dir)
-    assert paths.alpha == masks_dir / "EXP-1" / "alpha_masks" / "00012_08.png"
+    assert paths.keep == masks_dir / "EXP-1" / "keep_masks" / "00012_08.png"
     assert paths.mouth == masks_dir / "EXP-1" / "mouth_masks" / "00012_08.png"
     # the sequence read directly has the same masks
     assert mask_paths(tmp_path / "EXP-1" / "images" / "00012_08.png", tmp_path / "EXP-1", masks_dir) == paths
@@ -226,41 +227,74 @@ def test_a_union_export_keeps_its_sequences_apart_and_the_reader_finds_their_mas
     assert summary["written"] == summary["frames"] == 2 * 3 * 2
     assert sorted(p.name for p in masks_dir.iterdir()) == ["seqA", "seqB"]
     for seq in ("seqA", "seqB"):
-        assert len(list((masks_dir / seq / "alpha_masks").glob("*.png"))) == 6
+        assert len(list((masks_dir / seq / "keep_masks").glob("*.png"))) == 6
         assert len(list((masks_dir / seq / "mouth_masks").glob("*.png"))) == 6
     assert dataset() == before  # nothing written into the sequences or the union export
     # the same frames of two copies of one sequence: the same masks
-    for a in (masks_dir / "seqA" / "alpha_masks").glob("*.png"):
-        assert a.read_bytes() == (masks_dir / "seqB" / "alpha_masks" / a.name).read_bytes()
+    for a in (masks_dir / "seqA" / "keep_masks").glob("*.png"):
+        assert a.read_bytes() == (masks_dir / "seqB" / "keep_masks" / a.name).read_bytes()
 
     data = ActorData(export, model, torch.device("cpu"))
     frame = [f for f in export.split("train") if "seqB" in f.image_path.parts][0]
     sample = data.sample(frame)
-    for stored, read in (("alpha_masks", sample.alpha), ("mouth_masks", sample.mouth)):
+    for stored, read in (("keep_masks", sample.keep), ("mouth_masks", sample.mouth)):
         assert torch.equal(read, torch.from_numpy(_read(masks_dir / "seqB" / stored / frame.image_path.name)) / 255.0)
+    assert torch.equal(sample.fg, torch.from_numpy(_read(frame.mask_path)) / 255.0)  # the export's own alpha
     assert render_masks(export, model, masks, log=QUIET)["written"] == 0
 
 
-def test_masks_an_earlier_version_wrote_next_to_the_images_are_still_read(actor, tmp_path):
+@pytest.mark.parametrize("where", ["masks folder", "next to the images"])
+def test_alpha_masks_of_an_earlier_version_are_never_read_and_keep_masks_are_written(actor, tmp_path, where):
     folder, _, model, _, _, masks, masks_dir, _ = actor
     export_dir = tmp_path / folder.name
     shutil.copytree(folder, export_dir)
     _set_read_only(export_dir, False)
-    for sub in ("alpha_masks", "mouth_masks"):  # the old layout, made after the data (mtimes kept)
-        shutil.copytree(masks_dir / folder.name / sub, export_dir / sub)
     new_dir = tmp_path / "masks"
+    old_parent = new_dir / folder.name if where == "masks folder" else export_dir
+    for sub in ("alpha_masks", "mouth_masks"):  # the old format (fg x keep), made after the data (mtimes kept)
+        shutil.copytree(masks_dir / folder.name / "mouth_masks", old_parent / sub)
     export = VhapExport(export_dir, masks_dir=new_dir)
     frame = export.split("val")[0]
-    old, new = (d / "alpha_masks" / frame.image_path.name for d in (export_dir, new_dir / folder.name))
-    assert mask_paths(frame.image_path, export_dir, new_dir).alpha == old
-    assert mask_paths(frame.image_path, export_dir, new_dir, fallback=False).alpha == new
-    assert render_masks(export, model, masks, log=QUIET)["written"] == 0  # nothing to redo
+    old = old_parent / "alpha_masks" / frame.image_path.name
+    with pytest.raises(DatasetError, match=f"keep mask .* not found.*{old.name} is an alpha mask of an earlier version"):
+        ActorData(export, model, torch.device("cpu")).sample(frame)
+    summary = render_masks(export, model, masks, log=QUIET)
+    assert summary["written"] == summary["frames"]  # the old masks count for nothing
+    paths = mask_paths(frame.image_path, export_dir, new_dir)
+    assert paths.keep.read_bytes() == (masks_dir / folder.name / "keep_masks" / frame.image_path.name).read_bytes()
+    assert paths.mouth.read_bytes() == (masks_dir / folder.name / "mouth_masks" / frame.image_path.name).read_bytes()
     sample = ActorData(export, model, torch.device("cpu")).sample(frame)
-    assert torch.equal(sample.alpha, torch.from_numpy(_read(old)) / 255.0)
-    # outdated old masks are rendered again, into the masks folder, and those are read from then on
-    _make_older_than_its_flame_parameters(old, frame)
-    assert render_masks(export, model, masks, log=QUIET)["written"] == 1
-    assert new.is_file() and mask_paths(frame.image_path, export_dir, new_dir).alpha == new
+    assert torch.equal(sample.keep, torch.from_numpy(_read(paths.keep)) / 255.0)
+
+
+def _lips_before_a_neck(neck_depth: float) -> tuple[torch.Tensor, MaskRegions, Camera]:
+    """Square rings at depth 2 as FLAME has them around its open mouth: face (vertices 0-3 its open
+    outer rim), lips (4-7), the mouth's rim (8-11), and a neck triangle (12-14) at ``neck_depth``,
+    seen along +z by a 40 x 40 camera (pixel column 20 + 10 x at depth 2)."""
+    square = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    rings = [torch.cat([size * square, torch.full((4, 1), 2.0)], 1) for size in (1.6, 1.0, 0.4)]
+    neck = torch.tensor([[-12.0, -12.0, neck_depth], [12.0, -12.0, neck_depth], [0.0, 12.0, neck_depth]])
+    verts = torch.cat([*rings, neck])
+    faces = [f for a, b in ((0, 4), (4, 8)) for i in range(4)
+             for f in ((a + i, a + (i + 1) % 4, b + (i + 1) % 4), (a + i, b + (i + 1) % 4, b + i))]
+    regions = MaskRegions.from_masks(torch.tensor(faces + [(12, 13, 14)]), len(verts),
+                                     {"neck": [12, 13, 14], "lips": list(range(4, 12))})
+    K = torch.tensor([[20.0, 0.0, 20.0], [0.0, 20.0, 20.0], [0.0, 0.0, 1.0]])
+    return verts, regions, Camera(torch.eye(4), K, 40, 40)
+
+
+@pytest.mark.parametrize("neck_depth", [4.0, 1.0])
+def test_the_front_most_face_labels_a_pixel_even_through_an_open_mouth(neck_depth):
+    verts, regions, camera = _lips_before_a_neck(neck_depth)
+    keep, mouth = frame_masks(verts, torch.eye(4).repeat(2, 1, 1), regions, [camera])
+    keep, mouth = keep[0, 20], mouth[0, 20]  # the middle row
+    inside, lips, face, beyond = 20, 27, 32, 38  # columns: the open mouth, the lips, the face, only the neck
+    assert not keep[beyond]
+    if neck_depth > 2:  # the neck behind: seen through the open mouth, it must not decide the label
+        assert keep[inside] and mouth[inside]
+        assert keep[lips] and mouth[lips] and keep[face] and not mouth[face]
+    else:  # the neck in front of the face and the mouth: removed wherever it covers them
+        assert not keep[inside] and not keep[lips] and not keep[face] and not mouth[inside]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -271,7 +305,7 @@ def test_masks_rendered_on_cuda_match_the_cpu_ones(actor, tmp_path):
     finally:
         model.to("cpu")
     assert summary["written"] == summary["frames"]
-    for sub in ("alpha_masks", "mouth_masks"):
+    for sub in ("keep_masks", "mouth_masks"):
         for cpu in (masks_dir / folder.name / sub).glob("*.png"):
             a, b = _read(cpu).astype(int), _read(tmp_path / folder.name / sub / cpu.name).astype(int)
             assert (np.abs(a - b) > 1).mean() < 2e-3, cpu.name  # a pixel centre on a face edge may flip

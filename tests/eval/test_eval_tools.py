@@ -9,6 +9,7 @@ from lib.eval.curve import plot_curve, read_curve
 from lib.eval.evaluate import orbit_viewmats
 from lib.eval.lpips import load_lpips
 from lib.models.vgg import VggFeatures, VggUnavailable
+from lib.train.losses import ssim
 from lib.train.metrics import image_metrics, psnr
 
 
@@ -22,6 +23,9 @@ def test_psnr_full_frame_and_inside_the_mask():
     assert psnr(pred, gt, mask) == pytest.approx(20.0)
     m = image_metrics(pred, gt, mask)
     assert m["ssim"] < 1 and m["l1"] == pytest.approx(0.05)
+    # the reported SSIM is the zero-padded one of 3DGS / GaussianAvatars, not the loss's 'valid' one
+    assert m["ssim"] == pytest.approx(ssim(pred[None], gt[None], padding="zero").item())
+    assert m["ssim"] != pytest.approx(ssim(pred[None], gt[None]).item())
 
 
 def test_orbit_keeps_the_distance_to_the_centre_and_spans_the_yaw():

@@ -102,11 +102,15 @@ def test_the_sample_holds_the_exports_pixels(tiny_actor_config):
     export = VhapExport.from_config(cfg)
     image = export.load_image(sample.frame)
     paths = mask_paths(sample.frame.image_path, export.root, export.masks_dir)
-    alpha, mouth = (export.load_mask(replace(sample.frame, mask_path=p)) for p in (paths.alpha, paths.mouth))
+    keep, mouth = (export.load_mask(replace(sample.frame, mask_path=p)) for p in (paths.keep, paths.mouth))
+    fg = export.load_mask(sample.frame)  # the export's own foreground alpha
     torch.testing.assert_close(sample.image, image, rtol=0, atol=0)
-    torch.testing.assert_close(sample.alpha, alpha, rtol=0, atol=0)
+    torch.testing.assert_close(sample.fg, fg, rtol=0, atol=0)
+    torch.testing.assert_close(sample.keep, keep, rtol=0, atol=0)
     torch.testing.assert_close(sample.mouth, mouth, rtol=0, atol=0)
-    assert alpha.max() > 0.5 and mouth.max() > 0.5  # the tiny actor's frames show a head and its mouth
+    torch.testing.assert_close(sample.alpha, fg * keep, rtol=0, atol=0)
+    assert keep.max() > 0.5 and mouth.max() > 0.5  # the tiny actor's frames show a head and its mouth
+    assert ((fg > 0) & (fg < 1)).any()  # soft edges to re-composite
 
 
 def test_ranks_draw_from_disjoint_shares_of_the_frames(tiny_actor_config):

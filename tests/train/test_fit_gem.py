@@ -54,10 +54,13 @@ def test_gem_of_the_trained_regressor_renders_its_training_frames_like_it(run_co
     assert 0 < sizes["gem_fp16"] < sizes["gem_fp32"] and sizes["regressor_weights"] > 0
     val = report["renders"]["val"]
     # T frames span at most T - 1 directions: GEM rebuilds its training frames exactly.
-    assert abs(val["gem"]["psnr"] - val["regressor"]["psnr"]) < 0.01
-    assert abs(val["gem"]["psnr_masked"] - val["regressor"]["psnr_masked"]) < 0.01
-    assert 5.0 < report["renders"]["test"]["gem"]["psnr"] < 60.0
+    assert abs(val["gem_oracle"]["psnr"] - val["regressor"]["psnr"]) < 0.01
+    assert abs(val["gem_oracle"]["psnr_masked"] - val["regressor"]["psnr_masked"]) < 0.01
+    assert 5.0 < report["renders"]["test"]["gem_oracle"]["psnr"] < 60.0
+    assert report["renders"]["coefficients"].startswith("oracle")  # a best case, named as such
     assert [row["components"] for row in report["renders"]["table"]] == [1, T - 1]
+    assert report["renders"]["table"][-1]["oracle_test_psnr"] == report["renders"]["test"]["gem_oracle"]["psnr"]
+    assert any("GEM oracle" in line for line in lines)
     assert any(line.startswith("size: GEM") for line in lines)
 
     camera, R, t = identity_view(cfg)  # the sweeps' view: identity camera and pose

@@ -24,7 +24,6 @@ from lib.train.checkpoint import latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
 from lib.train.fit_gem import fit_gem
 from lib.train.fit_mapping import driving_signals, fit_mapping, load_mapping
-from lib.train.losses import composite_gt
 
 QUIET = lambda *a, **k: None  # noqa: E731
 MAPPING = ["train.stage=mapping", "mapping.width=16", "mapping.warmup_iterations=30", "mapping.iterations=3",
@@ -91,7 +90,7 @@ def _image_loss(cfg, net=None) -> float:
             c = {a: v[i:i + 1] for a, v in coeffs.items()}
             rgb = render_gem(gem, c, R[i:i + 1], t[i:i + 1], s.viewmat[None], s.K[None], f.camera.width,
                              f.camera.height, torch.ones(3)).rgb
-            losses.append((rgb - composite_gt(s.image[None], s.alpha[None], torch.ones(1, 3))).abs().mean())
+            losses.append((rgb - s.ground_truth(torch.ones(3))).abs().mean())
     return float(torch.stack(losses).mean())
 
 
@@ -128,11 +127,11 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
 
     render_log.watch(mapping_eval, "render_gem")
     results = evaluate_mapping(cfg, log=QUIET)
-    # each frame goes to the video as soon as it is rendered (predicted and GT coefficients: 2 renders)
+    # each frame goes to the video as soon as it is rendered (predicted and oracle coefficients: 2 renders)
     assert render_log.renders_in_a_row() == 2 and render_log.frames("test.mp4") == 2
     saved = json.loads((ActorPaths(cfg).mapping_eval / "metrics.json").read_text())
     assert saved["frames"] == results["frames"] == 2
-    for name in ("predicted", "gt_coefficients"):
+    for name in ("predicted", "oracle_coefficients"):
         assert 5.0 < saved[name]["psnr"] < 60.0 and 5.0 < saved[name]["psnr_masked"] < 60.0
     assert (ActorPaths(cfg).mapping_eval / "test.mp4").stat().st_size > 0
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -19,13 +20,68 @@ def test_mouth_weight_is_one_outside_and_raised_inside_the_mouth():
     assert w[0, 0, 0] == pytest.approx(1.0) and w[0, 20, 20] > 50
 
 
-def test_ground_truth_is_composited_on_the_background_through_the_mask():
-    image = torch.full((1, 2, 2, 3), 0.3)
-    alpha = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
-    out = composite_gt(image, alpha, torch.tensor([[0.0, 1.0, 0.0]]))
-    assert torch.allclose(out[0, 0, 0], torch.tensor([0.3, 0.3, 0.3]))
-    assert torch.allclose(out[0, 0, 1], torch.tensor([0.0, 1.0, 0.0]))
-    assert torch.allclose(out[0, 1, 0], torch.tensor([0.15, 0.65, 0.15]))
+def test_ground_truth_recomposites_the_kept_foreground_on_the_background_with_soft_edges_exact():
+    # Hand-made pixels of an export composited on white: I = F·a + (1 - a).
+    F = torch.tensor([[[[0.1, 0.1, 0.1],    # dark hair, half transparent, kept
+                        [0.8, 0.3, 0.1]],   # opaque skin, kept
+                       [[0.6, 0.5, 0.4],    # opaque neck, removed
+                        [0.0, 0.0, 0.0]]]])  # background (a = 0) above the cut, kept
+    a = torch.tensor([[[0.5, 1.0], [1.0, 0.0]]])
+    k = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
+    image = F * a[..., None] + (1 - a[..., None])
+    bg = torch.tensor([0.2, 0.4, 0.6])
+    gt = composite_gt(image, a, k, bg[None])[0]
+    torch.testing.assert_close(gt[0, 0], torch.tensor([0.15, 0.25, 0.35]))  # F·a + bg·(1 - a)
+    torch.testing.assert_close(gt[0, 1], F[0, 0, 1])
+    torch.testing.assert_close(gt[1, 0], bg)
+    torch.testing.assert_close(gt[1, 1], bg)
+    # the former image·(a·k) + bg·(1 - a·k) is off by a(1 - a)(1 - F) = 0.225 on the hair pixel
+    former = image * (a * k)[..., None] + bg * (1 - (a * k)[..., None])
+    torch.testing.assert_close(former[0, 0, 0] - gt[0, 0], torch.full((3,), 0.225))
+    # on white: the export's image where kept, white elsewhere
+    white = composite_gt(image, a, k, torch.ones(1, 3))[0]
+    torch.testing.assert_close(white[0], image[0, 0])
+    torch.testing.assert_close(white[1, 0], torch.ones(3))
+    torch.testing.assert_close(white[1, 1], torch.ones(3))
+
+
+def _ssim_direct(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM as 3DGS reports it, written out independently: a 2-D Gaussian window (11 px, sigma 1.5)
+    correlated with each zero-padded channel in float64, the map averaged over the full image.
+    a, b [H, W, 3]"""
+    x = np.arange(11) - 5.0
+    g = np.exp(-x ** 2 / (2 * 1.5 ** 2))
+    g /= g.sum()
+    window = np.outer(g, g)
+    H, W = a.shape[:2]
+
+    def filt(img):  # zero padding, output the image's size
+        padded = np.zeros((H + 10, W + 10))
+        padded[5:5 + H, 5:5 + W] = img
+        out = np.zeros((H, W))
+        for i in range(11):
+            for j in range(11):
+                out += window[i, j] * padded[i:i + H, j:j + W]
+        return out
+
+    maps = []
+    for c in range(3):
+        p, q = a[..., c].astype(np.float64), b[..., c].astype(np.float64)
+        mp, mq = filt(p), filt(q)
+        vp, vq, cov = filt(p * p) - mp ** 2, filt(q * q) - mq ** 2, filt(p * q) - mp * mq
+        maps.append((2 * mp * mq + 0.01 ** 2) * (2 * cov + 0.03 ** 2)
+                    / ((mp ** 2 + mq ** 2 + 0.01 ** 2) * (vp + vq + 0.03 ** 2)))
+    return float(np.mean(maps))
+
+
+def test_zero_padded_ssim_matches_a_direct_float64_window_and_differs_from_the_valid_one():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 23, 31, 3, generator=gen)
+    b = (a + 0.15 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+    zero = ssim(a, b, padding="zero").item()
+    assert zero == pytest.approx(_ssim_direct(a[0].numpy(), b[0].numpy()), abs=1e-5)
+    assert abs(zero - ssim(a, b).item()) > 1e-3  # the training loss's 'valid' border is another figure
+    assert ssim(a, a, padding="zero").item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_schedules_follow_the_progress_of_the_run():
