@@ -32,10 +32,9 @@ TINY_REGRESSOR = {"uv_size": 16, "widths": [8, 8], "convs_per_level": 1, "featur
                   "style_dim": 8, "colour_width": 8, "n_pca": 4}
 
 
-@pytest.fixture(scope="session")
-def tiny_actor_config(tmp_path_factory):
-    """Path of a config for the tiny actor (stage 1 done); runs write under the same folder."""
-    root = tmp_path_factory.mktemp("tiny_actor")
+def build_tiny_actor(root, **sections):
+    """The tiny actor under ``root``: its config (tiny.yml, each of ``sections`` merged into the section of
+    that name), dataset, masks and mesh PCA. -> the config's path"""
     head = root / "head"
     cfg_data = {
         "base": os.path.relpath(REPO_ROOT / "configs" / "synthetic_a.yml", root),  # relative to this file
@@ -52,6 +51,8 @@ def tiny_actor_config(tmp_path_factory):
         # the actor's own masks folder, so runs in other experiments folders (run_config) find its masks
         "data": {"masks_dir": _rel(root / "masks")},
     }
+    for section, values in sections.items():
+        cfg_data.setdefault(section, {}).update(values)
     path = root / "tiny.yml"
     path.write_text(yaml.safe_dump(cfg_data))
     cfg = load_config(path)
@@ -63,6 +64,19 @@ def tiny_actor_config(tmp_path_factory):
                  log=lambda *a: None)
     fit_mesh_pca(cfg, log=lambda *a: None)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_actor_config(tmp_path_factory):
+    """Path of a config for the tiny actor (stage 1 done); runs write under the same folder."""
+    return build_tiny_actor(tmp_path_factory.mktemp("tiny_actor"))
+
+
+@pytest.fixture
+def tiny_actor_factory(tmp_path):
+    """``build_tiny_actor`` in this test's folder: another shape of the tiny actor, e.g.
+    ``tiny_actor_factory(synthetic={"n_cameras": 1})``. -> the config's path"""
+    return lambda **sections: build_tiny_actor(tmp_path, **sections)
 
 
 @pytest.fixture

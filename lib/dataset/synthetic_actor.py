@@ -20,6 +20,15 @@ What it holds (the layout of VHAP's ``export_as_nerf_dataset.py`` + ``combine_ne
                                        and eyes, jaw opened 0.3 rad
     sequences_{trainval,test}.txt, synthetic_actor.json (how it was made), contact_sheet.png
 
+The other shapes of export VHAP writes, for the tests to meet them (``synthetic.*``):
+    union: true        each sequence in its own folder ``<data_dir>_<sequence>`` (images, masks, FLAME files
+                       numbered from 0, transforms.json), relocated as VHAP's exporter does (translation
+                       minus the sequence's mean, cameras moved with it: same pixels, other poses), and at
+                       data_dir only the union's jsons (``../<folder>/...`` paths), canonical and lists
+    dynamic_offset     per-timestep rest-space offsets (``dynamic_offsets``), in the files and the images
+    teeth_rows: 120    offsets padded with rows for teeth vertices the model does not have, as VHAP's
+    n_cameras: 1       the frontal camera alone, index 0: train = test = that camera, val empty
+
 Rig (like NeRSemble's): ``n_cameras`` cameras about ``CAMERA_DISTANCE`` from the head on a frontal
 arc of +-``ARC_YAW_DEG`` yaw, alternating between two heights, camera 8 frontal; focal lengths a
 few percent apart, principal points tens of pixels off centre, a little roll. The rig depends only
@@ -97,11 +106,15 @@ class ActorSpec:
     sequences: tuple[str, ...]
     frames_per_sequence: int
     tracking_noise: float
+    dynamic_offset: float = 0.0  # m, size of the per-timestep offsets; 0: none written
+    teeth_rows: int = 0  # rows appended to the written offsets, as VHAP's teeth vertices (120)
+    union: bool = False  # each sequence its own relocated export + a union of them (VHAP's layout)
 
     @classmethod
     def from_config(cls, cfg) -> "ActorSpec":
         s = cfg.synthetic
-        return cls(s.seed, s.scale, s.n_cameras, tuple(s.sequences), s.frames_per_sequence, s.tracking_noise)
+        return cls(s.seed, s.scale, s.n_cameras, tuple(s.sequences), s.frames_per_sequence, s.tracking_noise,
+                   s.dynamic_offset, s.teeth_rows, s.union)
 
     def check(self) -> None:
         if len(self.sequences) < 2:
@@ -109,9 +122,13 @@ class ActorSpec:
                              "is held out as the test split)")
         if len(set(self.sequences)) != len(self.sequences):
             raise ConfigError(f"synthetic.sequences = {list(self.sequences)} repeats a name")
-        if self.n_cameras <= FRONTAL_CAMERA:
+        if 1 < self.n_cameras <= FRONTAL_CAMERA:
             raise ConfigError(f"synthetic.n_cameras = {self.n_cameras}: camera {FRONTAL_CAMERA} is the frontal "
-                             f"(validation) camera, as in NeRSemble; use at least {FRONTAL_CAMERA + 1}")
+                             f"(validation) camera, as in NeRSemble; use at least {FRONTAL_CAMERA + 1}, or 1 for "
+                             "a monocular export")
+        if self.union and any(not n or n in (".", "..") or "/" in n or os.sep in n for n in self.sequences):
+            raise ConfigError(f"synthetic.sequences = {list(self.sequences)}: with synthetic.union each name is "
+                              "a folder name (no '/', not '.' or '..')")
         if self.frames_per_sequence < 1:
             raise ConfigError(f"synthetic.frames_per_sequence = {self.frames_per_sequence}: must be >= 1")
         if not 0.05 <= self.scale <= 2.0:
@@ -133,7 +150,12 @@ def crown_and_chin(verts: Tensor, masks: dict[str, np.ndarray]) -> tuple[int, in
 
 
 def make_rig(template: Tensor, masks: dict[str, np.ndarray], n_cameras: int, scale: float) -> list[Camera]:
-    """The capture rig as OpenCV cameras at the actor's image size. template: [V, 3] rest mesh."""
+    """The capture rig as OpenCV cameras at the actor's image size. template: [V, 3] rest mesh.
+
+    One camera (a monocular export) is the rig's frontal camera, numbered 0 as a lone camera is."""
+    if n_cameras == 1:
+        frontal = make_rig(template, masks, FRONTAL_CAMERA + 1, scale)[FRONTAL_CAMERA]
+        return [Camera(frontal.viewmat, frontal.K, frontal.width, frontal.height, camera_index=0)]
     height, width = image_size(scale)
     crown, chin = crown_and_chin(template, masks)
     top, bottom = float(template[crown, 1]), float(template[chin, 1])
@@ -300,6 +322,8 @@ class ActorPlan:
         return [int(t) for t in np.flatnonzero(test if split == "test" else ~test)]
 
     def split_cameras(self, split: str) -> list[int]:
+        if self.spec.n_cameras == 1:  # VHAP's union: one camera trains, and the val split is empty
+            return [] if split == "val" else [0]
         if split == "train":
             return [c for c in range(self.spec.n_cameras) if c != FRONTAL_CAMERA]
         return [FRONTAL_CAMERA] if split == "val" else list(range(self.spec.n_cameras))
@@ -334,6 +358,9 @@ def plan_actor(spec: ActorSpec, model: FlameModel, masks: dict[str, np.ndarray])
     params = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in motion.items() if k != "sequence"}
     params["shape"] = torch.as_tensor(shape, dtype=torch.float32)[None]
     params["static_offset"] = static_offset[None].float()
+    if spec.dynamic_offset > 0:
+        params["dynamic_offset"] = dynamic_offsets(template, normals, skin, len(motion["sequence"]),
+                                                   spec.dynamic_offset, spec.seed)
     written = dict(params)
     if spec.tracking_noise > 0:
         noise_rng = np.random.default_rng([spec.seed, 1])
@@ -343,6 +370,20 @@ def plan_actor(spec: ActorSpec, model: FlameModel, masks: dict[str, np.ndarray])
             written[k] = params[k] + torch.as_tensor(noise, dtype=torch.float32)
     cameras = make_rig(template, masks, spec.n_cameras, spec.scale)
     return ActorPlan(cameras, params, written, motion["sequence"], spec, palette)
+
+
+def dynamic_offsets(template: Tensor, normals: Tensor, skin: Tensor, n_timesteps: int, size: float,
+                    seed: int) -> Tensor:
+    """Per-timestep rest-space offsets along the normals, as VHAP's dynamic_offset: three smooth fields on
+    the skin (values in [-1, 1]), each weighted by a slow wave over the timesteps, scaled to ``size``
+    metres at most. template, normals: [V, 3], skin: [V] -> [T, V, 3]"""
+    rng = np.random.default_rng([seed, 3])  # its own stream: the actor's other draws stay as they were
+    fields = torch.stack([2.0 * fbm(template, 6.0, 2, seed + 41 + k) - 1.0 for k in range(3)]) * skin  # [3, V]
+    fields = fields / fields.abs().amax(1, keepdim=True)  # each reaches +-1
+    tau = np.linspace(0.0, 1.0, n_timesteps)[:, None]
+    waves = np.sin(2 * np.pi * rng.uniform(1.0, 3.0, 3) * tau + rng.uniform(0, 2 * np.pi, 3)) / 3.0  # [T, 3]
+    along = torch.as_tensor(waves, dtype=torch.float32) @ fields  # [T, V] in [-1, 1]
+    return (size * along[..., None] * normals).float()
 
 
 @dataclass(frozen=True)
@@ -492,26 +533,63 @@ def _frame_entry(t: int, camera: Camera) -> dict:
             "flame_param_path": f"flame_param/{t:05d}.npz", **camera.to_vhap_fields()}
 
 
-def _write_split(folder: Path, split: str, frames: list[dict]) -> None:
-    last = frames[-1]
+def _write_split(path: Path, frames: list[dict], top: dict) -> None:
+    """A transforms json of ``frames``; the top-level intrinsics are the last frame's, or ``top``'s when the
+    split is empty (VHAP writes the val split of a one-camera export so)."""
+    last = frames[-1] if frames else top
     db = {"frames": frames}
     db.update({k: last[k] for k in ("cx", "cy", "fl_x", "fl_y", "h", "w", "camera_angle_x", "camera_angle_y")})
     db["timestep_indices"] = sorted({f["timestep_index"] for f in frames})
     db["camera_indices"] = sorted({f["camera_index"] for f in frames})
-    (folder / f"transforms_{split}.json").write_text(json.dumps(db, indent=4))
+    path.write_text(json.dumps(db, indent=4))
 
 
 def _tracked(params: dict[str, Tensor], kept: np.ndarray | None) -> dict[str, Tensor]:
-    """Parameters as the tracked model reads them: the static offset of its own vertices only."""
+    """Parameters as the tracked model reads them: the offsets of its own vertices only."""
     if kept is None:
         return params
-    return {**params, "static_offset": params["static_offset"][:, torch.as_tensor(kept)]}
+    rows = torch.as_tensor(kept)
+    return {**params, **{k: params[k][:, rows] for k in ("static_offset", "dynamic_offset") if k in params}}
 
 
-def _flame_npz(params: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    """VHAP's arrays: shape (S,), the others with a leading axis of 1, float32."""
-    out = {k: params[k].numpy().astype(np.float32) for k in PARAM_KEYS}
+def _flame_npz(params: dict[str, Tensor], teeth_rows: int = 0) -> dict[str, np.ndarray]:
+    """VHAP's arrays: shape (S,), the others with a leading axis of 1, float32; offsets padded with
+    ``teeth_rows`` rows, as VHAP's FLAME (with teeth vertices) writes them."""
+    out = {k: params[k].numpy().astype(np.float32) for k in PARAM_KEYS + ("dynamic_offset",) if k in params}
     out["shape"] = out["shape"][0]
+    for k, fill in (("static_offset", 0.01), ("dynamic_offset", -0.01)):  # teeth rows our model must not read
+        if k in out and teeth_rows:
+            out[k] = np.concatenate([out[k], np.full((1, teeth_rows, 3), fill, np.float32)], axis=1)
+    return out
+
+
+@dataclass
+class _Sequence:
+    """Where one sequence's files go: a folder of its own in a union export (relocated by ``shift``, with
+    timesteps counted from ``first``), else the dataset folder itself."""
+
+    folder: Path  # in the temporary build folder
+    prefix: str  # of its paths in the dataset's transforms jsons: "../<folder name>/" or ""
+    first: int  # its first timestep: file numbers are timestep - first
+    shift: Tensor  # [3] its mean head translation, subtracted from translation and from the camera centres
+    cameras: list  # [C] Camera as this sequence's export holds them
+    frames: list  # its transforms.json entries (union only)
+
+
+def _sequences(plan: ActorPlan, build: Path, name: str) -> list[_Sequence]:
+    """The sequences' folders; a union relocates each sequence as VHAP's export_as_nerf_dataset.py does:
+    the head to the origin by its mean translation, the cameras with it (c2w' = T(-mean) c2w)."""
+    if not plan.spec.union:
+        return [_Sequence(build, "", 0, torch.zeros(3), plan.cameras, [])] * len(plan.spec.sequences)
+    out = []
+    for k, seq in enumerate(plan.spec.sequences):
+        steps = np.flatnonzero(plan.sequence == k)
+        shift = plan.written["translation"][steps].double().mean(0).float()
+        move = torch.eye(4)
+        move[:3, 3] = shift  # world-to-camera of the moved camera = viewmat . T(+mean)
+        cameras = [Camera(c.viewmat @ move, c.K, c.width, c.height, c.camera_index) for c in plan.cameras]
+        folder = build / f"{name}_{seq}"
+        out.append(_Sequence(folder, f"../{folder.name}/", int(steps[0]), shift, cameras, []))
     return out
 
 
@@ -556,6 +634,11 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
     if data_dir.exists():
         raise DatasetError(f"{data_dir} exists but holds no transforms_test.json: it is not a finished "
                               "synthetic dataset; delete it (or point actor.data_dir elsewhere) and rerun")
+    for seq in spec.sequences if spec.union else ():
+        folder = data_dir.parent / f"{data_dir.name}_{seq}"
+        if folder.exists():
+            raise DatasetError(f"{folder} exists but {data_dir} is not a finished synthetic union export: it is "
+                               "left from an interrupted run or another dataset; delete it and rerun")
     start = time.time()
     truth, kept = head.ground_truth()
     model, uvs, faces_uv, masks = truth.load()
@@ -567,9 +650,14 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
         shutil.rmtree(stale, ignore_errors=True)  # an earlier run was interrupted
     tmp = data_dir.parent / f".{data_dir.name}.partial-{os.getpid()}"
     tmp.mkdir()  # not mkdtemp: the dataset keeps this folder's permissions (mkdtemp's are owner-only)
+    # a union is built as siblings inside tmp, so its "../<sequence>/" paths hold before and after the move
+    root = tmp / data_dir.name if spec.union else tmp
+    sequences = _sequences(plan, tmp, data_dir.name)
     try:
-        for sub in ("images", "fg_masks", "flame_param"):
-            (tmp / sub).mkdir()
+        for folder in {s.folder for s in sequences}:
+            for sub in ("images", "fg_masks", "flame_param"):
+                (folder / sub).mkdir(parents=True)
+        root.mkdir(exist_ok=True)
         contact_t = _contact_timesteps(plan)
         contact_c = [c for c in _CONTACT_CAMERAS if c < spec.n_cameras]
         tiles = {}
@@ -578,14 +666,20 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
         with ThreadPoolExecutor(2) as pool:
             pending = []
             for t in range(plan.n_timesteps):
-                np.savez(tmp / "flame_param" / f"{t:05d}.npz",
-                         **_flame_npz(_tracked(plan.timestep_params(t, written=True), kept)))
-                rgb, cover = renderer.render(t, plan.cameras)
+                seq = sequences[plan.sequence[t]]
+                params = _tracked(plan.timestep_params(t, written=True), kept)
+                params["translation"] = params["translation"] - seq.shift
+                np.savez(seq.folder / "flame_param" / f"{t - seq.first:05d}.npz", **_flame_npz(params, spec.teeth_rows))
+                rgb, cover = renderer.render(t, plan.cameras)  # relocating head and cameras together moves no pixel
                 rgb_u8, cover_u8 = _to_u8(rgb), _to_u8(cover)
-                for cam, image, mask in zip(plan.cameras, rgb_u8, cover_u8):
-                    entry = _frame_entry(t, cam)
-                    pending.append(pool.submit(_write_png, tmp / entry["file_path"], image[..., ::-1]))
-                    pending.append(pool.submit(_write_png, tmp / entry["fg_mask_path"], mask))
+                for cam, image, mask in zip(seq.cameras, rgb_u8, cover_u8):
+                    entry = _frame_entry(t - seq.first, cam)
+                    pending.append(pool.submit(_write_png, seq.folder / entry["file_path"], image[..., ::-1]))
+                    pending.append(pool.submit(_write_png, seq.folder / entry["fg_mask_path"], mask))
+                    if spec.union:  # the sequence's own export, and the union's entry renumbered into its files
+                        seq.frames.append(entry)
+                        entry = {**entry, "timestep_index": t,
+                                 **{k: seq.prefix + entry[k] for k in ("file_path", "fg_mask_path", "flame_param_path")}}
                     if t in contact_t and cam.camera_index in contact_c:
                         tiles[(t, cam.camera_index)] = image
                     for split, (ts, cs) in members.items():
@@ -594,26 +688,37 @@ def generate_actor(data_dir: str | Path, head: HeadFiles, spec: ActorSpec, log=p
             for job in pending:
                 job.result()
         for split, entries in frames.items():
-            _write_split(tmp, split, entries)
+            _write_split(root / f"transforms_{split}.json", entries, frames["train"][-1])
 
-        canonical = {k: v.clone() for k, v in plan.timestep_params(0).items()}
+        canonical = {k: v.clone() for k, v in plan.timestep_params(0).items() if k != "dynamic_offset"}
         for k in ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation"):
             canonical[k] = torch.zeros_like(canonical[k])
         canonical["jaw_pose"][0, 0] = CANONICAL_JAW
-        np.savez(tmp / "canonical_flame_param.npz", **_flame_npz(_tracked(canonical, kept)))
+        for folder in {root} | {s.folder for s in sequences}:
+            np.savez(folder / "canonical_flame_param.npz", **_flame_npz(_tracked(canonical, kept), spec.teeth_rows))
+        for seq in sequences if spec.union else ():
+            _write_split(seq.folder / "transforms.json", seq.frames, seq.frames[-1])
 
         names = list(spec.sequences)
-        (tmp / "sequences_trainval.txt").write_text("\n".join(names[:-1]) + "\n")
-        (tmp / "sequences_test.txt").write_text(names[-1] + "\n")
+        (root / "sequences_trainval.txt").write_text("\n".join(names[:-1]) + "\n")
+        (root / "sequences_test.txt").write_text(names[-1] + "\n")
         info = {"generator": "lib.dataset.synthetic_actor", "spec": {**vars(spec), "sequences": names},
                 "palette": vars(plan.palette),
                 "sequences": {n: [int(i) for i in np.flatnonzero(plan.sequence == k)[[0, -1]]]
                               for k, n in enumerate(names)},
                 "expression_names": list(EXPRESSION_NAMES)}
-        (tmp / "synthetic_actor.json").write_text(json.dumps(info, indent=2))
+        if spec.union:
+            info["sequence_folders"] = {n: s.folder.name for n, s in zip(names, sequences)}
+        (root / "synthetic_actor.json").write_text(json.dumps(info, indent=2))
         sheet = _contact_sheet(tiles, contact_t, contact_c, [names[plan.sequence[t]] for t in contact_t])
-        _write_png(tmp / "contact_sheet.png", sheet[..., ::-1])
-        os.replace(tmp, data_dir)
+        _write_png(root / "contact_sheet.png", sheet[..., ::-1])
+        if spec.union:  # the sequences first: a finished union (its transforms_test.json) means all are there
+            for seq in sequences:
+                os.replace(seq.folder, data_dir.parent / seq.folder.name)
+            os.replace(root, data_dir)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, data_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

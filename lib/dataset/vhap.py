@@ -7,7 +7,11 @@ parameters (``flame_param_path``), ``timestep_index``, ``camera_index`` and its 
 from a frame are taken from the json's top level. Paths are relative to the folder holding the
 json; a "union" export (VHAP's ``combine_nerf_datasets.py``) writes ``../<sequence>/...`` paths into
 sibling sequence folders and renumbers timesteps across sequences, so one timestep index names one
-FLAME file.
+FLAME file. VHAP exports every sequence on its own, moving the head to the origin by the sequence's
+mean translation and the cameras with it: in a union one camera index has a pose per sequence
+(``Frame.sequence``, ``VhapExport.camera_at``). The export of one camera (monocular video) has an
+empty val split (``VhapExport.split``). FLAME files may carry ``static_offset`` and ``dynamic_offset``
+with VHAP's 120 teeth vertices appended (``read_flame_params``).
 
 This is the only place that converts cameras: every ``Frame.camera`` is already OpenCV and already
 resized to ``ds_rate`` (see ``lib.dataset.cameras``). Images are RGB already composited on white
@@ -49,9 +53,13 @@ FLAME_PARAM_SHAPES = {
     "eyes_pose": (1, 6),
     "translation": (1, 3),
 }
-# Optional: absent when tracking ran without static offsets. Kept with all stored vertices: VHAP
-# appends 120 teeth vertices to FLAME's 5023, and the model takes the first V it knows.
-STATIC_OFFSET_SHAPE = (1, None, 3)
+# Optional rest-space vertex offsets: static_offset (the subject's, in every file) when VHAP tracked with
+# static offsets, dynamic_offset (this timestep's) when it tracked with dynamic offsets. VHAP's FLAME
+# has 120 teeth vertices appended to FLAME's 5023, so its offsets have V + 120 rows: they are kept as
+# stored and the model reads the first V (lib.flame.model); fewer rows than the model's V mean the
+# tracking used another head model, an error.
+OFFSET_KEYS = ("static_offset", "dynamic_offset")
+OFFSET_SHAPE = (1, None, 3)
 
 _REEXPORT_HINT = ("re-export the sequence with VHAP's export_as_nerf_dataset.py "
                   "(or regenerate the synthetic actor)")
@@ -72,6 +80,16 @@ class Frame:
     flame_param_path: Path
     camera: Camera  # OpenCV, already resized to the export's ds_rate
 
+    @property
+    def sequence(self) -> Path:
+        """The sequence folder this frame belongs to: the one holding its FLAME file (``<seq>/flame_param/``).
+
+        In a union export every sequence was exported on its own and then relocated (VHAP moves each
+        sequence's cameras by minus its mean head translation), so a camera index has one pose per
+        sequence; in a single export every frame has the export's root.
+        """
+        return self.flame_param_path.parent.parent
+
 
 def _shape_ok(shape: tuple, expected: tuple) -> bool:
     return len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected))
@@ -81,13 +99,15 @@ def _describe(expected: tuple) -> str:
     return "(" + ", ".join("N" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
 
 
-def read_flame_params(path: str | Path, n_shape: int = 0, n_expr: int = 0) -> dict[str, Tensor | None]:
+def read_flame_params(path: str | Path, n_shape: int = 0, n_expr: int = 0,
+                      n_verts: int = 0) -> dict[str, Tensor | None]:
     """One VHAP ``flame_param/*.npz`` (or ``canonical_flame_param.npz``) as float32 tensors; it must hold
-    at least ``n_shape`` shape and ``n_expr`` expression values (what the model uses) and only finite ones.
+    at least ``n_shape`` shape and ``n_expr`` expression values (what the model uses), offsets of at least
+    ``n_verts`` vertices (the model's; 0: not checked) and only finite values.
 
     -> shape [1, S], expr [1, E], rotation / neck_pose / jaw_pose / translation [1, 3],
-       eyes_pose [1, 6], static_offset [1, V, 3] or None. Other stored keys (e.g. dynamic_offset)
-       are ignored.
+       eyes_pose [1, 6], static_offset and dynamic_offset [1, V', 3] or None (not stored).
+       Other stored keys are ignored.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,9 +121,8 @@ def read_flame_params(path: str | Path, n_shape: int = 0, n_expr: int = 0) -> di
                            f"not an .npz; {_REEXPORT_HINT}") from None
 
     expected = dict(FLAME_PARAM_SHAPES)
-    if "static_offset" in arrays:
-        expected["static_offset"] = STATIC_OFFSET_SHAPE
-    params: dict[str, Tensor | None] = {"static_offset": None}
+    expected.update({key: OFFSET_SHAPE for key in OFFSET_KEYS if key in arrays})
+    params: dict[str, Tensor | None] = dict.fromkeys(OFFSET_KEYS)
     for key, shape in expected.items():
         if key not in arrays:
             raise DatasetError(f"{path} has no '{key}' array (it holds {sorted(arrays)}); {_REEXPORT_HINT}")
@@ -120,21 +139,31 @@ def read_flame_params(path: str | Path, n_shape: int = 0, n_expr: int = 0) -> di
         if params[key].shape[-1] < need:
             raise DatasetError(f"{path}: '{key}' holds {params[key].shape[-1]} values but {config_key} = {need}; "
                                f"set {config_key}: {params[key].shape[-1]} (what the tracking used) or re-track")
+    for key in OFFSET_KEYS:
+        if params[key] is not None and params[key].shape[1] < n_verts:
+            raise DatasetError(f"{path}: '{key}' has {params[key].shape[1]} vertex rows but the head model "
+                               f"(actor.flame_model) has {n_verts} vertices; the tracking used another head "
+                               "model: point actor.flame_model at the FLAME model VHAP tracked with")
     return params
 
 
-def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int = 0) -> dict[str, Tensor | None]:
+def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int = 0,
+                       n_verts: int = 0) -> dict[str, Tensor | None]:
     """The FLAME parameters of several files as one batch (``read_flame_params`` keys, [T, ...]).
 
     ``static_offset`` belongs to the subject, and VHAP writes the same one into every file: then it is
     kept once, [1, V, 3] (FLAME shares a batch-1 argument across the batch; ``take_timesteps`` keeps it
     shared), not T times (60 MB per 1,000 timesteps). Offsets that differ are stacked [T, V, 3].
+    ``dynamic_offset`` is per timestep, [T, V, 3], or None when no file has one (some files with and
+    some without is an error).
     """
     columns: dict[str, list[Tensor]] = {}
+    dynamic: list[Tensor | None] = []
     first, every = None, None  # the first file's offset; every file's, once one differs from it
     for i, path in enumerate(paths):
-        params = read_flame_params(path, n_shape, n_expr)
+        params = read_flame_params(path, n_shape, n_expr, n_verts)
         offset = params.pop("static_offset")
+        dynamic.append(params.pop("dynamic_offset"))
         for key, value in params.items():
             columns.setdefault(key, []).append(value)
         if i == 0:
@@ -147,8 +176,12 @@ def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int =
     if any(o is None for o in offsets) and not all(o is None for o in offsets):
         raise DatasetError(f"some FLAME parameter files of {Path(paths[0]).parent} have a 'static_offset' and "
                            f"others not; the files of one export come from one tracking run; {_REEXPORT_HINT}")
+    if any(d is None for d in dynamic) and not all(d is None for d in dynamic):
+        raise DatasetError(f"some FLAME parameter files of {Path(paths[0]).parent} have a 'dynamic_offset' and "
+                           f"others not; the files of one export come from one tracking run; {_REEXPORT_HINT}")
     stacked = {key: torch.cat(values).to(device) for key, values in columns.items()}
     stacked["static_offset"] = None if offsets[0] is None else torch.cat(offsets).to(device)
+    stacked["dynamic_offset"] = None if dynamic[0] is None else torch.cat(dynamic).to(device)
     return stacked
 
 
@@ -187,17 +220,33 @@ class VhapExport:
     # ---- index ----
 
     def split(self, name: str) -> list[Frame]:
-        """The frames of ``transforms_<name>.json``, in file order."""
+        """The frames of ``transforms_<name>.json``, in file order.
+
+        Only the val split may be empty: VHAP's union writes val = one camera left out of training
+        (camera 8, else the last one), so the export of a single camera (monocular video) has none;
+        what only scores val frames then says so and skips them (``empty_split``).
+        """
         if name not in SPLITS:
             raise ValueError(f"unknown split '{name}'; one of {SPLITS}")
         if name not in self._splits:
-            path = self.root / f"transforms_{name}.json"
+            path = self.split_path(name)
             frames = self._read_split(path)
-            if not frames:
+            if not frames and name != "val":
                 raise DatasetError(f"{path} lists no frames (an empty {name} split); re-export the sequence "
                                    "with frames in every split")
             self._splits[name] = frames
         return list(self._splits[name])
+
+    def split_path(self, name: str) -> Path:
+        """The json of a split: ``<root>/transforms_<name>.json``."""
+        return self.root / f"transforms_{name}.json"
+
+    def empty_split(self, name: str, skipped: str, log=print) -> bool:
+        """True (after one log line naming the file and what is ``skipped``) when a split has no frames."""
+        if self.split(name):
+            return False
+        log(f"{name} split is empty in {self.split_path(name)}: {skipped}")
+        return True
 
     def camera_frames(self, split: str, camera_index: int, key: str = "test.camera") -> list[Frame]:
         """The frames of ``split`` seen by one camera; none is an error naming the config ``key``."""
@@ -221,11 +270,42 @@ class VhapExport:
         return sorted(by_timestep.items())
 
     def cameras(self, split: str) -> list[Camera]:
-        """Unique cameras of a split (the first frame's, per camera index), sorted by index."""
+        """Unique cameras of a split (the first frame's, per camera index), sorted by index.
+
+        In a union export these are the first sequence's; a render of a given timestep takes its
+        camera from ``camera_at``.
+        """
         by_index: dict[int, Camera] = {}
         for frame in self.split(split):
             by_index.setdefault(frame.camera_index, frame.camera)
         return [by_index[i] for i in sorted(by_index)]
+
+    def camera_at(self, timestep: int, camera_index: int, key: str = "test.camera",
+                  timestep_key: str = "actor.identity_timestep") -> Camera:
+        """Camera ``camera_index`` where it stood when ``timestep`` was filmed: from the sequence of that
+        timestep (``Frame.sequence``), whichever split holds the camera's frames there.
+
+        For renders with no ground-truth frame (orbits, reenactment, sweeps): in a union export each
+        sequence's cameras are relocated with its FLAME translations, so another sequence's camera of
+        the same index sees the head a few pixels off. ``key`` / ``timestep_key`` name the config keys
+        that chose the camera and the timestep, for the error when the export has no such frame.
+        """
+        frames = [f for split in SPLITS for f in self.split(split)]
+        sequences = {f.sequence for f in frames if f.timestep_index == timestep}
+        if not sequences:
+            raise DatasetError(f"{timestep_key} = {timestep} is not a timestep of {self.root}; set it to one "
+                               "of the export's timestep_index values")
+        if len(sequences) > 1:
+            raise DatasetError(f"timestep {timestep} of {self.root} belongs to several sequences "
+                               f"({sorted(map(str, sequences))}); timestep indices must be unique across "
+                               "sequences (a union export renumbers them); re-create the union export")
+        sequence = sequences.pop()
+        seen = sorted({f.camera_index for f in frames if f.sequence == sequence})
+        for f in frames:
+            if f.sequence == sequence and f.camera_index == camera_index:
+                return f.camera
+        raise DatasetError(f"{key} = {camera_index} is not a camera of sequence {sequence} (timestep "
+                           f"{timestep}) of {self.root} (it has {seen}); set {key} to one of them")
 
     # ---- data ----
 

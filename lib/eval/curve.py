@@ -10,6 +10,15 @@ import numpy as np
 _W, _H, _MARGIN = 640, 400, 60
 
 
+def curve_frames(export, count: int, log=print) -> list:
+    """The val frames a training curve scores: ``count`` evenly spaced ones; [] (logged) when the export's
+    val split is empty (a one-camera export), and then the run has no curve."""
+    if export.empty_split("val", "no val curve", log):
+        return []
+    frames = export.split("val")
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
+
+
 def read_curve(path: str | Path) -> dict[str, np.ndarray]:
     """Columns of the curve CSV (minutes, step, val_psnr, val_psnr_masked) as float arrays."""
     with open(path, newline="") as f:

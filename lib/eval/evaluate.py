@@ -3,7 +3,10 @@
     val    the val split (the frontal camera on the training sequences: novel view)
     test   the test split seen from camera ``test.camera`` (held-out sequence: novel expression)
     spin   ``test.spin_views`` views orbiting the head over +- ``test.spin_yaw_deg`` of yaw about the
-           world's up axis through the head's centre, at the identity timestep (no ground truth)
+           world's up axis through the head's centre, at the identity timestep (no ground truth), from
+           camera ``test.camera`` as the identity timestep's sequence places it
+
+An empty val split (a one-camera export) is logged and recorded as skipped.
 
 Everything is rendered on white, as the exports are. Per split: ``<split>/<t>_<c>.png`` renders,
 ``<split>/compare/<t>_<c>.png`` (render | ground truth | 4x error), ``<split>.mp4`` (render |
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lib.atomic import write_json
-from lib.dataset.vhap import DatasetError, VhapExport
+from lib.dataset.vhap import VhapExport
 from lib.eval.lpips import load_lpips
 from lib.eval.render import WHITE, render_frame, render_gaussians
 from lib.eval.video import VideoWriter, to_uint8, write_png
@@ -86,6 +89,9 @@ def evaluate(cfg, log=print) -> dict:
             results["spin"] = _spin(cfg, avatar, data, export, out)
             log(f"spin: {cfg.test.spin_views} views -> {out / 'spin.mp4'}")
             continue
+        if split == "val" and export.empty_split("val", "no val metrics", log):
+            results["val"] = {"frames": 0, "skipped": f"the val split is empty ({export.split_path('val')})"}
+            continue
         frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
         frames = pick_frames(frames, cfg.test.max_frames)
         rows = []
@@ -113,11 +119,8 @@ def evaluate(cfg, log=print) -> dict:
 
 
 def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:
-    cams = {c.camera_index: c for split in ("val", "train") for c in export.cameras(split)}
-    if cfg.test.camera not in cams:
-        raise DatasetError(f"test.camera = {cfg.test.camera} is not a camera of {export.root} (it has {sorted(cams)})")
-    cam = cams[cfg.test.camera]
     timestep = cfg.actor.identity_timestep if cfg.actor.identity_timestep in data.timesteps else data.timesteps[0]
+    cam = export.camera_at(timestep, cfg.test.camera)  # where the camera stood for this timestep's sequence
     g = avatar(*data.driving(timestep))
     centre = g.means[0].mean(0)
     viewmats = orbit_viewmats(cam.viewmat, centre, cfg.test.spin_views, cfg.test.spin_yaw_deg).to(centre.device)

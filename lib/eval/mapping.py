@@ -29,7 +29,8 @@ applied to the target's identity pose:
 
     P(t) = P_src(t) o P_src(identity)^-1 o P_tgt(identity)      (GEM poses, x -> R x + t)
 
-rendered into the target's camera ``test.camera``. There is no ground truth; written to
+rendered into the target's camera ``test.camera`` as it stood in the sequence of the target's identity
+timestep (each sequence of a union export has its own camera poses). There is no ground truth; written to
 ``experiments/<target>/mapping/reenact/<source>/``: PNGs (source image | target render), source.mp4,
 target.mp4, side_by_side.mp4, and reenactment.json last.
 """
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from lib.atomic import write_json
-from lib.dataset.vhap import DatasetError, VhapExport
+from lib.dataset.vhap import VhapExport
 from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE
 from lib.eval.video import VideoWriter, to_uint8, write_png
@@ -162,11 +163,7 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     R = M @ R_i[0]
     t = (M @ (t_i[0] - t_s[0])[:, None])[..., 0] + t_s[1:]
 
-    cameras = [f for f in target.split("train") + target.split("val") + target.split("test")
-               if f.camera_index == cfg.test.camera]
-    if not cameras:
-        raise DatasetError(f"{target.root} has no frame of camera test.camera = {cfg.test.camera}")
-    cam = cameras[0].camera
+    cam = target.camera_at(tgt_id, cfg.test.camera)  # the target is shown at its identity frame's place
     viewmat, K = cam.viewmat[None].to(device), cam.K[None].to(device)
     white = torch.tensor(WHITE, device=device)
     out = paths.reenactment(source_cfg.actor.name)

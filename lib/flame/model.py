@@ -11,7 +11,7 @@ File format (FLAME 2020 / 2023 ``.pkl``, and our synthetic head model): a dict w
 with J = 5 joints, in the order of JOINT_NAMES.
 
 Posing follows VHAP (its parameter names are the arguments of ``forward``):
-    v = v_template + shapedirs·[shape, expr] + static_offset
+    v = v_template + shapedirs·[shape, expr] + static_offset + dynamic_offset
     full pose = [rotation, neck_pose, jaw_pose, eyes_pose]  (one axis-angle per joint)
     verts = LBS(v, full pose) + translation                 (no re-centring)
 ``rotation`` turns the head about the rest position of the root joint.
@@ -203,10 +203,14 @@ class FlameModel(torch.nn.Module):
         eyes_pose: Tensor | None = None,      # [B, 6] left eye, then right eye
         translation: Tensor | None = None,    # [B, 3]
         static_offset: Tensor | None = None,  # [B, V', 3], V' >= V (VHAP appends teeth)
+        dynamic_offset: Tensor | None = None,  # [B, V', 3], per timestep; added like static_offset
     ) -> tuple[Tensor, Tensor]:
         """Posed vertices and joint world frames.
 
-        An omitted argument is zero; an argument with batch 1 is shared by the batch.
+        An omitted argument is zero; an argument with batch 1 is shared by the batch. Offsets are
+        rest-space displacements added before the joints are regressed and the mesh is skinned, as in
+        VHAP's FLAME; rows past V (VHAP's 120 teeth vertices) belong to vertices this model does not
+        have and are not read.
         Inputs are cast to the model's dtype and must be on its device.
 
         returns: verts            [B, V, 3]
@@ -217,7 +221,7 @@ class FlameModel(torch.nn.Module):
         """
         args = {"shape": shape, "expr": expr, "rotation": rotation, "neck_pose": neck_pose,
                 "jaw_pose": jaw_pose, "eyes_pose": eyes_pose, "translation": translation,
-                "static_offset": static_offset}
+                "static_offset": static_offset, "dynamic_offset": dynamic_offset}
         sizes = [v.shape[0] for v in args.values() if v is not None and v.ndim > 0]
         batch = max(sizes, default=1)
         widths = {"shape": self.n_shape, "expr": self.n_expr, "rotation": 3, "neck_pose": 3,
@@ -225,29 +229,33 @@ class FlameModel(torch.nn.Module):
         p = {name: self._param(name, args[name], batch, width) for name, width in widths.items()}
 
         n_verts = self.v_template.shape[0]
-        if static_offset is not None and (static_offset.ndim != 3 or static_offset.shape[1] < n_verts
-                                          or static_offset.shape[2] != 3 or static_offset.shape[0] not in (1, batch)):
-            raise ValueError(f"static_offset must be [B, V', 3] with V' >= {n_verts} vertices, got "
-                             f"{tuple(static_offset.shape)}")
+        offsets = {}
+        for name in ("static_offset", "dynamic_offset"):
+            value = args[name]
+            if value is None:
+                continue
+            if value.ndim != 3 or value.shape[1] < n_verts or value.shape[2] != 3 or value.shape[0] not in (1, batch):
+                raise ValueError(f"{name} must be [B, V', 3] with V' >= {n_verts} vertices (B = {batch}, or 1 to "
+                                 f"share), got {tuple(value.shape)}")
+            offsets[name] = value
         if batch <= POSE_BATCH:
-            return self._pose(p, static_offset)
+            return self._pose(p, offsets)
         # in chunks: skinning holds [B, V, 4, 4] transforms, which would grow with a long sequence; the
         # results are written into place, so the peak is the outputs and one chunk's work
         verts = self.v_template.new_empty(batch, n_verts, 3)
         world = self.v_template.new_empty(batch, self.J_regressor.shape[0], 4, 4)
         for i in range(0, batch, POSE_BATCH):
-            offset = static_offset if static_offset is None or static_offset.shape[0] == 1 else \
-                static_offset[i:i + POSE_BATCH]
+            chunk = {k: v if v.shape[0] == 1 else v[i:i + POSE_BATCH] for k, v in offsets.items()}
             verts[i:i + POSE_BATCH], world[i:i + POSE_BATCH] = self._pose(
-                {k: v[i:i + POSE_BATCH] for k, v in p.items()}, offset)
+                {k: v[i:i + POSE_BATCH] for k, v in p.items()}, chunk)
         return verts, world
 
-    def _pose(self, p: dict[str, Tensor], static_offset: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``forward`` of checked parameters ([B, width] each) and static offsets ([1 or B, V', 3])."""
+    def _pose(self, p: dict[str, Tensor], offsets: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``forward`` of checked parameters ([B, width] each) and rest-space offsets ([1 or B, V', 3] each)."""
         batch, n_verts = p["shape"].shape[0], self.v_template.shape[0]
         v_rest = self.v_template + blend_shapes(torch.cat([p["shape"], p["expr"]], dim=-1), self.shapedirs)
-        if static_offset is not None:
-            v_rest = v_rest + static_offset[:, :n_verts].to(self.v_template.dtype)
+        for offset in offsets.values():
+            v_rest = v_rest + offset[:, :n_verts].to(self.v_template.dtype)
         pose = torch.cat([p["rotation"], p["neck_pose"], p["jaw_pose"], p["eyes_pose"]], -1)
         verts, world = lbs(v_rest, pose.reshape(batch, -1, 3), self.J_regressor,
                            self._parent_list, self.posedirs, self.lbs_weights)

@@ -126,7 +126,8 @@ class ActorData:
         self.timesteps = sorted(files)
         self._row = {t: i for i, t in enumerate(self.timesteps)}
         self.flame = flame
-        self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr)  # [T, ...] per key
+        self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr,
+                                         flame.v_template.shape[0])  # [T, ...] per key
         if refinement is not None:
             with torch.no_grad():
                 self.params = refinement.to(device).corrected(self.params, self.timesteps)

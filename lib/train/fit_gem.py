@@ -151,7 +151,8 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
     """PSNR (full / masked) of the regressor and of the GEM oracle (coefficients projected from the
     regressor's output, module docstring) on val and test frames, and a table of the oracle's PSNR and
     GEM's size against the number of components (the same count for every attribute); sizes: the full
-    model's, from ``_log_sizes``."""
+    model's, from ``_log_sizes``. An empty val split (a one-camera export) is logged and left out (its
+    table columns None)."""
     device = data.device
     white = torch.tensor(WHITE, device=device)
     full = max(b.n_components for blocks in model.blocks.values() for b in blocks)
@@ -161,7 +162,8 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
         variants[f"{ORACLE}_{n}"] = model.truncated({a: n for a in ATTRIBUTES}).to(device)
     results = {"coefficients": "oracle: the projection on GEM of the regressor's own Gaussians of each frame's "
                                "timestep, a best case for GEM, not a prediction"}
-    for split in ("val", "test"):
+    splits = [s for s in ("val", "test") if s != "val" or not export.empty_split("val", "no val PSNR", log)]
+    for split in splits:
         frames = _eval_frames(cfg, export, split)
         by_step: dict[int, list[Frame]] = {}
         for frame in frames:  # each timestep's regressor output is computed once, for all its cameras
@@ -199,11 +201,12 @@ def evaluate_renders(cfg, model: GaussianEigenModel, avatar: GaussianAvatar, dat
         fp32, fp16 = ((sizes["gem_fp32"], sizes["gem_fp16"]) if n == full  # measured once already
                       else (m.nbytes() / MB, m.nbytes(half=True) / MB))
         entry = {"components": n, "fp32_mb": fp32, "fp16_mb": fp16,
-                 **{f"oracle_{s}_{k}": results[s][name][k] for s in ("val", "test") for k in ("psnr", "psnr_masked")}}
+                 **{f"oracle_{s}_{k}": results[s][name][k] if s in results else None  # None: an empty val split
+                    for s in ("val", "test") for k in ("psnr", "psnr_masked")}}
         table.append(entry)
-        log(f"{n:10d}  {entry['fp32_mb']:8.2f} / {entry['fp16_mb']:6.2f}     {entry['oracle_val_psnr']:6.2f} / "
-            f"{entry['oracle_val_psnr_masked']:6.2f}          {entry['oracle_test_psnr']:6.2f} / "
-            f"{entry['oracle_test_psnr_masked']:6.2f}")
+        db = {k: "     -" if v is None else f"{v:6.2f}" for k, v in entry.items()}
+        log(f"{n:10d}  {entry['fp32_mb']:8.2f} / {entry['fp16_mb']:6.2f}     {db['oracle_val_psnr']} / "
+            f"{db['oracle_val_psnr_masked']}          {db['oracle_test_psnr']} / {db['oracle_test_psnr_masked']}")
     results["table"] = table
     return results
 

@@ -27,7 +27,7 @@ def fit_mesh_pca(cfg, log=print) -> MeshPCA:
     files = dict(export.timesteps("train"))
     files.update(export.timesteps("val"))
     steps = sorted(files)
-    batch = stack_flame_params([files[t] for t in steps], None, export.n_shape, export.n_expr)
+    batch = stack_flame_params([files[t] for t in steps], None, export.n_shape, export.n_expr, flame.v_template.shape[0])
     with torch.no_grad():
         verts, _, _ = split_global_pose(flame, batch)
         pca = MeshPCA.fit(verts, cfg.mesh_pca.n_components)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import csv
 import math
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lib.config import save_config
 from lib.dataset.vhap import VhapExport
-from lib.eval.curve import plot_curve
+from lib.eval.curve import curve_frames, plot_curve
 from lib.eval.render import render_gaussians, score_frames
 from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
@@ -109,12 +108,11 @@ def train(cfg, log=print) -> GaussianAvatar:
                                         forward_sync_buffers=False)
 
     frames = export.split("train")
-    val_frames = export.split("val")
-    val_frames = [val_frames[i] for i in np.linspace(0, len(val_frames) - 1, cfg.train.curve_views).round().astype(int)]
+    val_frames = curve_frames(export, cfg.train.curve_views, log if info.is_main else lambda *a: None)
     total, limit = cfg.train.iterations, cfg.train.time_limit_minutes
     learnt = avatar if refinement is None else torch.nn.ModuleList([avatar, refinement])  # what the guard clips and restores
     guard = NanGuard(learnt, opt, cfg.train.nan_snapshot_every, "lower train.lr or check the data")
-    curve = cfg.train.curve_every_minutes > 0 and info.is_main
+    curve = cfg.train.curve_every_minutes > 0 and info.is_main and bool(val_frames)  # no val frames: no curve
     curve_next = elapsed + 60.0 * cfg.train.curve_every_minutes if curve else math.inf
     if step == 0 and curve:
         _curve_point(paths, avatar, data, val_frames, step, 0.0, refinement, fresh=True)

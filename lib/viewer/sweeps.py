@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lib.dataset.cameras import Camera
-from lib.dataset.vhap import SPLITS, DatasetError, VhapExport
+from lib.dataset.vhap import SPLITS, VhapExport
 from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, gem_pose, render_gem
@@ -26,16 +26,10 @@ def identity_view(cfg) -> tuple[Camera, Tensor, Tensor]:
     """The identity camera and the identity timestep's GEM pose. -> (camera, R [1, 3, 3], t [1, 3])"""
     export = VhapExport.from_config(cfg)
     flame = FlameModel.from_config(cfg)
-    camera, params = None, None
-    for split in SPLITS:
-        for frame in export.split(split):
-            if camera is None and frame.camera_index == cfg.actor.identity_camera:
-                camera = frame.camera
-            if params is None and frame.timestep_index == cfg.actor.identity_timestep:
-                params = export.load_flame(frame)
-    if camera is None or params is None:
-        raise DatasetError(f"{export.root} has no frame of camera {cfg.actor.identity_camera} or of timestep "
-                         f"{cfg.actor.identity_timestep}; set actor.identity_camera / actor.identity_timestep")
+    # the camera where it stood in the identity timestep's sequence (each sequence of a union has its own)
+    camera = export.camera_at(cfg.actor.identity_timestep, cfg.actor.identity_camera, "actor.identity_camera")
+    params = next(export.load_flame(f) for split in SPLITS for f in export.split(split)
+                  if f.timestep_index == cfg.actor.identity_timestep)  # camera_at found one
     with torch.no_grad():
         R, t = gem_pose(flame, params)
     return camera, R, t

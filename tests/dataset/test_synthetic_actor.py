@@ -228,6 +228,73 @@ def test_spec_errors_name_the_key():
         replace(SPEC, sequences=("ONLY",)).check()
     with pytest.raises(ValueError, match="synthetic.n_cameras"):
         replace(SPEC, n_cameras=4).check()
+    replace(SPEC, n_cameras=1).check()  # a monocular export
+    with pytest.raises(ValueError, match="synthetic.union each name is a folder name"):
+        replace(SPEC, union=True, sequences=("A", "../B")).check()
+
+
+@pytest.fixture(scope="module")
+def union_actor(head, tmp_path_factory):
+    """VHAP's union layout, with per-timestep dynamic offsets and teeth-padded offsets."""
+    spec = replace(SPEC, n_cameras=10, union=True, dynamic_offset=0.004, teeth_rows=120)
+    folder = tmp_path_factory.mktemp("unions") / "actor_u"
+    generate_actor(folder, head[0], spec, log=lambda *_: None)
+    return folder, spec
+
+
+def test_union_export_relocates_each_sequence_and_is_posed_exactly(head, union_actor):
+    from lib.train.data import ActorData
+
+    folder, spec = union_actor
+    _, model, _, _, masks = head
+    plan = plan_actor(spec, model, masks)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["actor_u", "actor_u_EMO-1", "actor_u_EXP-1"]
+    assert not (folder / "images").exists()
+    for seq, first in (("EXP-1", 0), ("EMO-1", spec.frames_per_sequence)):  # each sequence a VHAP export of its own
+        own = json.loads((folder.parent / f"actor_u_{seq}" / "transforms.json").read_text())
+        assert own["timestep_indices"] == list(range(spec.frames_per_sequence))
+    test = json.loads((folder / "transforms_test.json").read_text())["frames"]
+    assert test[0]["file_path"] == "../actor_u_EMO-1/images/00000_00.png" and test[0]["timestep_index"] == 3
+
+    n_verts = model.v_template.shape[0]
+    with np.load(folder.parent / "actor_u_EXP-1" / "flame_param" / "00001.npz") as npz:
+        assert npz["static_offset"].shape == npz["dynamic_offset"].shape == (1, n_verts + 120, 3)
+    with np.load(folder / "canonical_flame_param.npz") as npz:
+        assert "dynamic_offset" not in npz.files and npz["static_offset"].shape == (1, n_verts + 120, 3)
+
+    export = VhapExport(folder)
+    data = ActorData(export, model, torch.device("cpu"))
+    dynamic = []
+    for t in range(plan.n_timesteps):
+        k = plan.sequence[t]
+        mean = plan.params["translation"][plan.sequence == k].double().mean(0).float()
+        truth = model(**plan.timestep_params(t))[0][0]  # the generator's mesh, in its own world
+        without = model(**{a: v for a, v in plan.timestep_params(t).items() if a != "dynamic_offset"})[0][0]
+        dynamic.append(float((truth - without).norm(dim=-1).max()))
+        head_verts, R, tr = data.driving(t)
+        posed = (head_verts @ R.transpose(-1, -2) + tr[:, None])[0]
+        torch.testing.assert_close(posed, truth - mean, rtol=0, atol=2e-5)  # relocated by the sequence's mean
+        for c in (0, FRONTAL_CAMERA):
+            seen = export.camera_at(t, c).project(posed)[0]
+            torch.testing.assert_close(seen, plan.cameras[c].project(truth)[0], rtol=0, atol=2e-3)
+    assert max(dynamic) > 1e-3 and min(dynamic) > 1e-4, dynamic  # the dynamic offsets matter: millimetres
+    last = plan.n_timesteps - 1
+    moved = export.camera_at(last, FRONTAL_CAMERA).viewmat[:3, 3] - export.camera_at(0, FRONTAL_CAMERA).viewmat[:3, 3]
+    assert float(moved.norm()) > 1e-3  # each sequence has its own camera poses
+
+
+def test_a_one_camera_export_is_the_frontal_camera_with_an_empty_val_split(head, tmp_path):
+    _, model, _, _, masks = head
+    spec = replace(SPEC, n_cameras=1)
+    generate_actor(tmp_path / "mono", head[0], spec, log=lambda *_: None)
+    dbs = {s: json.loads((tmp_path / "mono" / f"transforms_{s}.json").read_text()) for s in ("train", "val", "test")}
+    assert dbs["val"]["frames"] == [] and dbs["train"]["camera_indices"] == dbs["test"]["camera_indices"] == [0]
+    export = VhapExport(tmp_path / "mono")
+    assert export.split("val") == [] and len(export.split("train")) == len(export.split("test")) == 3
+    frontal = plan_actor(SPEC, model, masks).cameras[FRONTAL_CAMERA]
+    camera = export.split("train")[0].camera
+    torch.testing.assert_close(camera.viewmat, frontal.viewmat, rtol=0, atol=1e-5)
+    torch.testing.assert_close(camera.K, frontal.K, rtol=0, atol=1e-4)
 
 
 def test_a_flame_like_head_gets_the_same_images_and_parameters_for_its_own_vertices(head, actor, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.dataset.cameras import Camera
-from lib.dataset.vhap import DatasetError, VhapExport, stack_flame_params, take_timesteps
+from lib.dataset.vhap import DatasetError, VhapExport, read_flame_params, stack_flame_params, take_timesteps
 
 W, H = 64, 48
 K = torch.tensor([[80.0, 0.0, 30.5], [0.0, 82.0, 20.25], [0.0, 0.0, 1.0]])  # principal point off-centre
@@ -196,9 +196,10 @@ def test_flame_params_come_back_batched_with_teeth_offsets_kept(sequence):
     export = VhapExport(folder)
     params = export.load_flame(export.split("train")[0])
     expected = {"shape": (1, 300), "expr": (1, 100), "rotation": (1, 3), "neck_pose": (1, 3),
-                "jaw_pose": (1, 3), "eyes_pose": (1, 6), "translation": (1, 3), "static_offset": (1, N_VERTS, 3)}
-    assert {k: tuple(v.shape) for k, v in params.items()} == expected
-    assert all(v.dtype == torch.float32 for v in params.values())
+                "jaw_pose": (1, 3), "eyes_pose": (1, 6), "translation": (1, 3), "static_offset": (1, N_VERTS, 3),
+                "dynamic_offset": None}
+    assert {k: None if v is None else tuple(v.shape) for k, v in params.items()} == expected
+    assert all(v.dtype == torch.float32 for v in params.values() if v is not None)
     stored = np.load(folder / "flame_param" / "00000.npz")
     np.testing.assert_allclose(params["static_offset"].numpy(), stored["static_offset"], rtol=1e-6)
     np.testing.assert_allclose(params["shape"][0].numpy(), stored["shape"], rtol=1e-6)
@@ -239,6 +240,84 @@ def test_a_static_offset_every_file_shares_is_stacked_once(tmp_path, offsets):
     expected = [np.load(paths[t])["static_offset"] for t in (3, 1)]
     for i, offset in enumerate(expected):
         torch.testing.assert_close(rows["static_offset"][0 if offsets == "same" else i], torch.from_numpy(offset[0]).float())
+
+
+@pytest.mark.parametrize("dynamic", ["every file", "mixed"])
+def test_dynamic_offsets_are_read_per_timestep(tmp_path, dynamic):
+    rng = np.random.default_rng(4)
+    paths = []
+    for t in range(4):
+        arrays = _flame_arrays(rng)
+        if dynamic == "every file" or t != 2:
+            arrays["dynamic_offset"] = rng.normal(size=(1, N_VERTS, 3)) * 1e-3  # VHAP: [1, V + teeth, 3] per timestep
+        paths.append(tmp_path / f"{t}.npz")
+        np.savez(paths[-1], **arrays)
+    if dynamic == "mixed":
+        with pytest.raises(DatasetError, match="some FLAME parameter files .* have a 'dynamic_offset' and others not"):
+            stack_flame_params(paths)
+        return
+    assert read_flame_params(paths[0])["dynamic_offset"].shape == (1, N_VERTS, 3)
+    params = stack_flame_params(paths)
+    assert params["dynamic_offset"].shape == (4, N_VERTS, 3)
+    rows = take_timesteps(params, torch.tensor([3, 1]))
+    for i, t in enumerate((3, 1)):
+        torch.testing.assert_close(rows["dynamic_offset"][i], torch.from_numpy(np.load(paths[t])["dynamic_offset"][0]).float())
+
+
+@pytest.mark.parametrize("key", ["static_offset", "dynamic_offset"])
+def test_offsets_with_fewer_rows_than_the_model_has_vertices_name_the_file(tmp_path, key):
+    arrays = _flame_arrays(np.random.default_rng(5))
+    arrays[key] = np.zeros((1, 5000, 3))
+    np.savez(tmp_path / "p.npz", **arrays)
+    assert read_flame_params(tmp_path / "p.npz", n_verts=5000)[key].shape == (1, 5000, 3)
+    with pytest.raises(DatasetError, match=rf"p.npz: '{key}' has 5000 vertex rows but .*5023 vertices.*actor.flame_model"):
+        read_flame_params(tmp_path / "p.npz", n_verts=5023)
+
+
+def test_a_one_camera_export_has_an_empty_val_split_that_is_reported(tmp_path):
+    """VHAP's union leaves one camera out for val; with a single camera the val split has no frames."""
+    folder = tmp_path / "mono"
+    write_sequence(folder, cameras=_cameras()[1:2])
+    _write_json(folder / "transforms_train.json", json.loads((folder / "transforms_test.json").read_text())["frames"])
+    _write_json(folder / "transforms_val.json", [])
+    export = VhapExport(folder)
+    assert export.split("val") == [] and len(export.split("train")) == 2 and export.timesteps("val") == []
+    lines = []
+    assert export.empty_split("val", "no val curve", lines.append) and not export.empty_split("train", "-", lines.append)
+    assert lines == [f"val split is empty in {folder / 'transforms_val.json'}: no val curve"]
+    _write_json(folder / "transforms_train.json", [])
+    with pytest.raises(DatasetError, match="transforms_train.json lists no frames"):
+        VhapExport(folder).split("train")
+
+
+def test_camera_at_takes_the_camera_from_the_sequence_of_the_timestep(tmp_path):
+    """A union of two sequences whose cameras VHAP's export relocated differently (by each sequence's mean
+    head translation): a render of a timestep of B (no ground truth) must use B's camera, not A's."""
+    shifted = [Camera(c.viewmat @ torch.tensor([[1.0, 0, 0, 0.004], [0, 1, 0, -0.003], [0, 0, 1, 0.002], [0, 0, 0, 1]]),
+                      c.K, c.width, c.height, c.camera_index) for c in _cameras()]
+    write_sequence(tmp_path / "seqA", timesteps=(0, 1), seed=1)
+    write_sequence(tmp_path / "seqB", timesteps=(0, 1), seed=2, cameras=shifted)
+    union = tmp_path / "UNION"
+    union.mkdir()
+    for split, seqs in (("train", ("seqA",)), ("val", ("seqA",)), ("test", ("seqB",))):
+        frames = []
+        for seq in seqs:
+            for f in json.loads((tmp_path / seq / f"transforms_{split}.json").read_text())["frames"]:
+                for key in ("file_path", "fg_mask_path", "flame_param_path"):
+                    f[key] = f"../{seq}/{f[key]}"
+                frames.append({**f, "timestep_index": f["timestep_index"] + (2 if seq == "seqB" else 0)})
+        _write_json(union / f"transforms_{split}.json", frames)
+    export = VhapExport(union)
+    assert {f.sequence for f in export.split("train")} == {tmp_path / "seqA"}
+    assert {f.sequence for f in export.split("test")} == {tmp_path / "seqB"}
+    for t, cameras in ((1, _cameras()), (3, shifted)):
+        for c in (0, 2):  # camera 2: val in A, test in B
+            torch.testing.assert_close(export.camera_at(t, c).viewmat, cameras[c].viewmat)
+    assert not torch.allclose(export.camera_at(3, 0).viewmat, export.camera_at(1, 0).viewmat)
+    with pytest.raises(DatasetError, match="actor.identity_timestep = 7 is not a timestep"):
+        export.camera_at(7, 0)
+    with pytest.raises(DatasetError, match=r"test.camera = 5 is not a camera of sequence .*seqB.* \(it has \[0, 1, 2\]\)"):
+        export.camera_at(3, 5)
 
 
 def test_from_config_applies_ds_rate_and_names_the_masks_folder_outside_the_export(sequence, tmp_path):

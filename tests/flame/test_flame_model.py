@@ -121,7 +121,8 @@ def test_a_long_sequence_is_posed_in_chunks_with_the_same_result(write_flame, of
     params = {"shape": torch.randn(1, 300, generator=gen, dtype=torch.float64),
               "jaw_pose": 0.2 * torch.randn(B, 3, generator=gen, dtype=torch.float64),
               "translation": torch.randn(B, 3, generator=gen, dtype=torch.float64),
-              "static_offset": 0.01 * torch.randn(1 if offsets == 1 else B, 53, 3, generator=gen, dtype=torch.float64)}
+              "static_offset": 0.01 * torch.randn(1 if offsets == 1 else B, 53, 3, generator=gen, dtype=torch.float64),
+              "dynamic_offset": 0.01 * torch.randn(B, 53, 3, generator=gen, dtype=torch.float64)}
     verts, transforms = model(**params)
     assert verts.shape == (B, 50, 3) and transforms.shape == (B, 5, 4, 4)
     assert max(batches) == POSE_BATCH  # memory bounded by the chunk, not the sequence
@@ -138,6 +139,30 @@ def test_wrong_argument_shape_says_what_is_expected(write_flame):
         model(shape=torch.zeros(300))
     with pytest.raises(ValueError, match="static_offset"):
         model(static_offset=torch.zeros(1, 10, 3))
+    with pytest.raises(ValueError, match="dynamic_offset"):
+        model(dynamic_offset=torch.zeros(1, 10, 3))
+
+
+def test_dynamic_offset_is_a_rest_space_offset_added_like_the_static_one(write_flame):
+    """VHAP's FLAME adds static_offset and dynamic_offset to the shaped template before the joints are
+    regressed and the mesh is skinned; rows past the model's vertices (VHAP's teeth) are not read."""
+    model = FlameModel.from_file(write_flame(seed=7)[0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    B = 3
+    pose = {"shape": torch.randn(1, 300, generator=gen, dtype=torch.float64),
+            "expr": 0.5 * torch.randn(B, 100, generator=gen, dtype=torch.float64),
+            **{k: 0.2 * torch.randn(B, 3, generator=gen, dtype=torch.float64)
+               for k in ("rotation", "neck_pose", "jaw_pose", "translation")}}
+    static = 0.01 * torch.randn(1, 53, 3, generator=gen, dtype=torch.float64)  # 50 vertices + 3 "teeth"
+    dynamic = 0.01 * torch.randn(B, 53, 3, generator=gen, dtype=torch.float64)
+    verts, joints = model(**pose, static_offset=static, dynamic_offset=dynamic)
+    summed, summed_joints = model(**pose, static_offset=static + dynamic)
+    torch.testing.assert_close(verts, summed, rtol=0, atol=1e-12)
+    torch.testing.assert_close(joints, summed_joints, rtol=0, atol=1e-12)  # the joints move with the offsets
+    assert float((verts - model(**pose, static_offset=static)[0]).abs().amax()) > 1e-3
+    teeth = dynamic.clone()
+    teeth[:, 50:] = 100.0
+    torch.testing.assert_close(model(**pose, static_offset=static, dynamic_offset=teeth)[0], verts, rtol=0, atol=0)
 
 
 def test_extra_shape_and_expression_columns_are_ignored(write_flame):

@@ -18,7 +18,9 @@ from lib.paths import REPO_ROOT, ActorPaths, resolve
 from lib.train import trainer
 from lib.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
+from lib.train.fit_gem import fit_gem
 from lib.train.losses import photometric, regularisers
+from lib.viewer.sweeps import identity_view
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -154,6 +156,70 @@ def test_evaluation_writes_metrics_renders_and_videos(run_config, render_log):
     assert saved["lpips"].startswith("unavailable")
     assert len(list((out / "spin").glob("*.png"))) == 4 and (out / "spin.mp4").stat().st_size > 0
     assert results["test"]["per_frame"][0]["camera"] == cfg.test.camera
+
+
+def test_a_one_camera_export_trains_and_evaluates_reporting_its_empty_val_split(tiny_actor_factory):
+    """VHAP's union of a single camera has an empty val split: what only val feeds is said and skipped."""
+    config = tiny_actor_factory(synthetic={"n_cameras": 1}, actor={"identity_camera": 0}, test={"camera": 0},
+                                train={"iterations": 2, "curve_every_minutes": 1e-6})
+    cfg = load_config(config)
+    empty = f"val split is empty in {resolve(cfg.actor.data_dir) / 'transforms_val.json'}"
+    lines = []
+    trainer.train(cfg, log=lines.append)
+    assert f"{empty}: no val curve" in lines
+    paths = ActorPaths(cfg)
+    assert latest_checkpoint(paths.regressor_checkpoints) is not None and not paths.regressor_curve.exists()
+
+    lines.clear()
+    evaluate(cfg, log=lines.append)
+    assert f"{empty}: no val metrics" in lines
+    saved = json.loads((paths.regressor_eval / "metrics.json").read_text())
+    assert saved["val"]["frames"] == 0 and "val split is empty" in saved["val"]["skipped"]
+    assert saved["test"]["frames"] == 2 and 5.0 < saved["test"]["psnr"] < 60.0 and saved["spin"]["views"] == 4
+
+    lines.clear()
+    fit_gem(load_config(config, ["gem.table_components=[1]"]), log=lines.append)
+    assert f"{empty}: no val PSNR" in lines
+    renders = json.loads(paths.gem_report.read_text())["renders"]
+    assert "val" not in renders and 5.0 < renders["test"]["gem_oracle"]["psnr"] < 60.0
+    assert all(row["oracle_val_psnr"] is None and row["oracle_test_psnr"] > 5.0 for row in renders["table"])
+
+
+def test_renders_without_ground_truth_take_the_camera_of_the_sequence_they_show(tiny_actor_factory, monkeypatch):
+    """A union relocates each sequence's cameras; the orbit, the sweeps and a reenactment show the identity
+    timestep (here in the second sequence), so they must see it through that sequence's camera, not the
+    first sequence's."""
+    from lib.eval import mapping as mapping_eval
+    from lib.eval.mapping import reenact
+    from lib.train.fit_mapping import fit_mapping
+
+    config = tiny_actor_factory(synthetic={"union": True}, actor={"identity_timestep": 4},
+                                train={"iterations": 1}, test={"splits": ["spin"]})
+    cfg = load_config(config)
+    export = VhapExport.from_config(cfg)
+    mine, other = export.camera_at(4, cfg.test.camera), export.camera_at(0, cfg.test.camera)
+    assert float((mine.viewmat - other.viewmat).abs().max()) > 1e-4  # the sequences' cameras differ
+
+    trainer.train(cfg, log=lambda *a: None)
+    seen = []
+    real = evaluation.render_gaussians
+    monkeypatch.setattr(evaluation, "render_gaussians", lambda g, i, viewmats, *a: seen.append(viewmats[0]) or real(g, i, viewmats, *a))
+    evaluate(cfg, log=lambda *a: None)
+    assert len(seen) == cfg.test.spin_views
+    torch.testing.assert_close(seen[0].cpu(), mine.viewmat, rtol=0, atol=1e-6)  # view 0 of the orbit: yaw 0
+    camera, _, _ = identity_view(cfg)
+    assert torch.equal(camera.viewmat, export.camera_at(4, cfg.actor.identity_camera).viewmat)
+
+    small = ["gem.positions=1", "gem.rotations=1", "gem.scales=1", "gem.opacities=1", "gem.evaluate=false"]
+    fit_gem(load_config(config, small), log=lambda *a: None)
+    cfg = load_config(config, small + ["train.stage=mapping", "mapping.width=8", "mapping.warmup_iterations=2",
+                                       "mapping.iterations=1"])
+    fit_mapping(cfg, log=lambda *a: None)
+    seen.clear()
+    render = mapping_eval.render_gem
+    monkeypatch.setattr(mapping_eval, "render_gem", lambda gem, c, R, t, viewmat, *a: seen.append(viewmat[0]) or render(gem, c, R, t, viewmat, *a))
+    reenact(cfg, cfg, log=lambda *a: None)  # the actor drives itself: the target is shown at its identity place
+    assert seen and all(torch.equal(v.cpu(), mine.viewmat) for v in seen)
 
 
 def test_time_limit_ends_the_run_early_with_a_final_checkpoint_and_decayed_rate(run_config):
