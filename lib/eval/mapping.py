@@ -28,14 +28,15 @@ applied to the target's identity pose:
 
 rendered into the target's camera ``test.camera``. There is no ground truth; written to
 ``experiments/<target>/mapping/reenact/<source>/``: PNGs (source image | target render), source.mp4,
-target.mp4, side_by_side.mp4, and reenactment.json last.
+target.mp4, side_by_side.mp4, track.pt (the coefficients and GEM poses, for the web export) and
+reenactment.json last.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lib.atomic import write_json
+from lib.atomic import save_torch, write_json
 from lib.dataset.vhap import DatasetError, VhapExport
 from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE
@@ -47,6 +48,7 @@ from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
+from lib.train.checkpoint import latest_checkpoint
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
@@ -119,6 +121,38 @@ def evaluate_mapping(cfg, log=print) -> dict:
     return results
 
 
+def export_gem(cfg) -> GaussianEigenModel:
+    """The GEM an export shows (CPU): the mapping network's (its warm-up may fine-tune the bases) when a
+    mapping checkpoint exists, else stage 3's."""
+    paths = ActorPaths(cfg)
+    gem = GaussianEigenModel.load(paths.gem)
+    if latest_checkpoint(paths.mapping_checkpoints) is None:
+        return gem
+    _, state = load_mapping(cfg, gem, torch.device("cpu"))
+    return mapping_gem(state, gem, torch.device("cpu"))
+
+
+@torch.no_grad()
+def self_reenactment_track(cfg, log=print) -> dict | None:
+    """The mapping network's coefficients of the test timesteps that ``evaluate_mapping`` scores, with
+    their GEM poses, on the CPU; None without a mapping checkpoint.
+    -> {coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3], timesteps [T]}"""
+    paths = ActorPaths(cfg)
+    if latest_checkpoint(paths.mapping_checkpoints) is None:
+        return None
+    device = torch.device("cpu")
+    gem = GaussianEigenModel.load(paths.gem)
+    net, state = load_mapping(cfg, gem, device)
+    gem = mapping_gem(state, gem, device)
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, FlameModel.from_config(cfg), device, keep_meshes=False)
+    frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
+    steps = sorted({f.timestep_index for f in frames})
+    R, t = data.gem_pose(steps)
+    flat, _ = _held(cfg, gem, net(driving_signals(cfg, export, steps, data)), log)
+    return {"coefficients": split_coefficients(gem, flat), "R": R, "t": t, "timesteps": torch.tensor(steps)}
+
+
 def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> tuple[torch.Tensor, list[str]]:
     """Predicted coefficients with the mapping.hold_at_mean parts at their mean. -> (flat, parts held)"""
     if gem.parts == ["all"]:
@@ -182,6 +216,9 @@ def reenact(cfg, source_cfg, log=print) -> dict:
                "timesteps": steps, "coefficient_abs_mean_sigma": float(flat.abs().mean()),
                "coefficients_at_bound": float((flat.abs() > 0.99 * BOUND).float().mean()),
                "videos": ["source.mp4", "target.mp4", "side_by_side.mp4"]}
+    # the coefficients and poses, for pca_viewer.py --export-web
+    save_torch(out / "track.pt", {"coefficients": {a: c.cpu() for a, c in coeffs.items()}, "R": R.cpu(), "t": t.cpu(),
+                                  "timesteps": torch.tensor(steps)})
     write_json(out / "reenactment.json", summary)
     log(f"cross-identity reenactment: {source_cfg.actor.name} drives {cfg.actor.name} over {len(frames)} frames "
         f"(mean |c| {summary['coefficient_abs_mean_sigma']:.2f} sigma) -> {out}")
