@@ -5,7 +5,8 @@ Python, no server and nothing downloaded (``pca_viewer.py CONFIG --export-web OU
     OUT_DIR/gem_player.js   our WebGL2 player (lib/viewer/web_static/): evaluates the GEM on the GPU
                             every frame, sorts by depth, splats with the rasterizer's rules
     OUT_DIR/gem.js          the compressed GEM and its coefficient tracks (lib.viewer.compressed),
-                            base64 in a script: a page opened from file:// may run scripts but not fetch
+                            gzipped, base64 in a script: a page opened from file:// may run scripts but
+                            not fetch
 
 Why our own splatter and not a library: the page must evaluate GEM's bases per frame (a library takes
 fixed Gaussians) and match our rasterizer's rules exactly (0.3 px^2 low-pass, gsplat's tangent clamp,
@@ -35,7 +36,7 @@ from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, GemError
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
-from lib.viewer.compressed import encode_gem, kept_index, pack, write_js
+from lib.viewer.compressed import encode_gem, gzipped, kept_index, pack, write_js
 from lib.viewer.sweeps import identity_view
 
 STATIC = Path(__file__).parent / "web_static"
@@ -56,13 +57,14 @@ def write_web_export(out_dir: str | Path, model: GaussianEigenModel, tracks: lis
 
     tracks: [{name, label, coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3]}] (at least one);
     view: {viewmat [4, 4], K [3, 3], width, height, background [3], target [3]} (world, OpenCV);
-    viewer: {sliders, sigma, fps}. -> sizes in bytes {gem, total, ...}
+    viewer: {sliders, sigma, fps}. -> sizes in bytes {gem: the gzipped GEM alone, total: the folder, and
+    each file's}
     """
     if not tracks:
         raise GemError("a web export needs at least one coefficient track")
     out_dir = Path(out_dir)
     meta, arrays = encode_gem(model, energy, bits)
-    gem_bytes = len(pack(meta, arrays))
+    gem_bytes = len(gzipped(pack(meta, arrays)))
     keep = kept_index(model.to("cpu"), {a: [b["components"] for b in meta["attributes"][a]["blocks"]] for a in ATTRIBUTES})
     entries = []
     for i, tr in enumerate(tracks):
@@ -71,9 +73,10 @@ def write_web_export(out_dir: str | Path, model: GaussianEigenModel, tracks: lis
     meta.update(tracks=entries, viewer=viewer,
                 view={k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in view.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_js(out_dir / "gem.js", pack(meta, arrays))
+    write_js(out_dir / "gem.js", gzipped(pack(meta, arrays)))
     for name in ("index.html", "gem_player.js"):
         shutil.copyfile(STATIC / name, out_dir / name)
+    (out_dir / "gem.js").chmod(0o644)  # written atomically through a private temp file; others serve it
     sizes = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.name in ("index.html", "gem_player.js", "gem.js")}
     return {"gem": gem_bytes, "total": sum(sizes.values()), **sizes}
 

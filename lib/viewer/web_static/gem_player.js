@@ -1,18 +1,20 @@
 // GEM player: a Gaussian eigen model evaluated and splatted with WebGL2, no server, no downloads.
 //
-// Data: window.GEM_DATA (gem.js), base64 of the container that lib/viewer/compressed.py writes:
+// Data: window.GEM_DATA (gem.js), base64 of the gzipped container that lib/viewer/compressed.py writes:
 // "GEMW", uint32 header length, JSON header, little-endian arrays at 4-byte offsets.
 //
 // Each frame:
 //  1. evaluate: one fragment per Gaussian (texel i % TW, i / TW) sums mean + sum_k c_k sqrt(lambda_k) basis_k
-//     over the basis texture arrays (one layer per component) and writes position, the normalised
-//     quaternion (wxyz), scale (clamped at 0) and opacity (clamped to [0, 1]) to three float targets;
+//     over the basis texture arrays (one layer per component; scales and opacities share a texel) and
+//     writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped to
+//     [0, 1]) to three float targets;
 //  2. sort: the positions are read back and sorted by camera depth on the CPU (a stable radix sort of
 //     the float bits, so ties keep the lower index first, as the Python rasterizer does);
-//  3. splat: one instanced quad per Gaussian, with the rasterizer's rules (lib/gaussians/render_cpu.py,
-//     gsplat 1.5.3): EWA projection with the Jacobian's clamped tangents, + 0.3 px^2 low-pass, the
-//     3.33-sigma box of gsplat's radius, alpha = min(0.999, o exp(-sigma)) dropped below 1/255,
-//     front-to-back "under" blending into a float target, then the background times the transmittance.
+//  3. splat: one quad (two triangles; its Gaussian read from the sorted order texture) per Gaussian,
+//     with the rasterizer's rules (lib/gaussians/render_cpu.py, gsplat 1.5.3): EWA projection with the
+//     Jacobian's clamped tangents, + 0.3 px^2 low-pass, the 3.33-sigma box of gsplat's radius,
+//     alpha = min(0.999, o exp(-sigma)) dropped below 1/255, front-to-back "under" blending into a
+//     float target, then the background times the transmittance.
 // Conventions: OpenCV cameras (x right, y down, z forward), pixel (row i, col j) centred at
 // (j + 0.5, i + 0.5), matrices row-major in JS (uploaded transposed), quaternions wxyz, metres.
 "use strict";
@@ -20,6 +22,7 @@
 (function () {
   const ATTRS = ["positions", "rotations", "scales", "opacities"];
   const CHANNELS = { positions: 3, rotations: 4, scales: 3, opacities: 1 };
+  const SLOTS = [[["positions", 0]], [["rotations", 0]], [["scales", 0], ["opacities", 3]]]; // [attribute, first channel]
   const TW = 1024; // texels per row of the per-Gaussian textures
   const NEAR = 0.01, FAR = 100.0;
 
@@ -30,6 +33,14 @@
     const bytes = new Uint8Array(raw.length);
     for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
     return bytes.buffer;
+  }
+
+  // the container is gzipped (the browser's own DecompressionStream: no library)
+  async function inflate(buffer) {
+    const bytes = new Uint8Array(buffer);
+    if (bytes[0] !== 0x1f || bytes[1] !== 0x8b) return buffer;
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return await new Response(stream).arrayBuffer();
   }
 
   function unpack(buffer) {
@@ -44,6 +55,23 @@
       arrays[name] = new types[spec.dtype](buffer, 8 + length + spec.offset, count);
     }
     return { meta, arrays };
+  }
+
+  // float32 -> IEEE half bits, rounded to nearest (subnormals kept, overflow to infinity)
+  function toHalf(values) {
+    const f = new Float32Array(1), u = new Uint32Array(f.buffer), out = new Uint16Array(values.length);
+    for (let i = 0; i < values.length; i++) {
+      f[0] = values[i];
+      const x = u[0], sign = (x >>> 16) & 0x8000, e = (x >>> 23) & 0xff, m = x & 0x7fffff;
+      let h;
+      if (e === 0xff) h = 0x7c00 | (m ? 0x200 : 0);
+      else if (e > 142) h = 0x7c00;
+      else if (e > 112) h = ((e - 112) << 10) + ((m + 0x1000) >>> 13); // a carry into the exponent is right
+      else if (e > 101) { const mm = m | 0x800000, shift = 126 - e; h = (mm + (1 << (shift - 1))) >>> shift; }
+      else h = 0;
+      out[i] = sign | h;
+    }
+    return out;
   }
 
   // ------------------------------------------------------------ small matrix helpers (row-major)
@@ -83,25 +111,30 @@
   const FULLSCREEN_VS = `#version 300 es
 void main() { vec2 p = vec2(float((gl_VertexID << 1) & 2), float(gl_VertexID & 2)); gl_Position = vec4(p * 2.0 - 1.0, 0.0, 1.0); }`;
 
+  // Three slots of per-Gaussian texels: positions (xyz), rotations (wxyz), scales (xyz) + opacity (w).
+  // The coefficients come in a uniform block, one vec4 per basis layer (its channels' coefficients),
+  // so a layer costs one texture fetch: scales and opacities share theirs.
   const EVAL_FS = `#version 300 es
 precision highp float; precision highp int; precision highp sampler2DArray;
-uniform highp sampler2D uMean0, uMean1, uMean2, uMean3;
-uniform sampler2DArray uBasis0, uBasis1, uBasis2, uBasis3;
-uniform highp sampler2D uCoef; // [4, Kmax] R32F: row a holds attribute a's coefficients
-uniform ivec4 uK;
+uniform highp sampler2D uMean0, uMean1, uMean2;
+uniform sampler2DArray uBasis0, uBasis1, uBasis2;
+layout(std140) uniform Coefficients { vec4 uC[MAX_LAYERS]; };
+uniform ivec3 uLayers;
 layout(location = 0) out vec4 oPos;
 layout(location = 1) out vec4 oRot;
 layout(location = 2) out vec4 oScaleOpacity;
 void main() {
   ivec2 p = ivec2(gl_FragCoord.xy);
-  vec4 pos = texelFetch(uMean0, p, 0), rot = texelFetch(uMean1, p, 0), scl = texelFetch(uMean2, p, 0), opa = texelFetch(uMean3, p, 0);
-  for (int k = 0; k < uK.x; k++) pos += texelFetch(uCoef, ivec2(k, 0), 0).r * texelFetch(uBasis0, ivec3(p, k), 0);
-  for (int k = 0; k < uK.y; k++) rot += texelFetch(uCoef, ivec2(k, 1), 0).r * texelFetch(uBasis1, ivec3(p, k), 0);
-  for (int k = 0; k < uK.z; k++) scl += texelFetch(uCoef, ivec2(k, 2), 0).r * texelFetch(uBasis2, ivec3(p, k), 0);
-  for (int k = 0; k < uK.w; k++) opa += texelFetch(uCoef, ivec2(k, 3), 0).r * texelFetch(uBasis3, ivec3(p, k), 0);
+  vec4 pos = texelFetch(uMean0, p, 0), rot = texelFetch(uMean1, p, 0), so = texelFetch(uMean2, p, 0);
+  int at = 0;
+  for (int k = 0; k < uLayers.x; k++) pos += uC[at + k] * texelFetch(uBasis0, ivec3(p, k), 0);
+  at += uLayers.x;
+  for (int k = 0; k < uLayers.y; k++) rot += uC[at + k] * texelFetch(uBasis1, ivec3(p, k), 0);
+  at += uLayers.y;
+  for (int k = 0; k < uLayers.z; k++) so += uC[at + k] * texelFetch(uBasis2, ivec3(p, k), 0);
   oPos = vec4(pos.xyz, 1.0);
   oRot = rot / max(length(rot), 1e-12);
-  oScaleOpacity = vec4(max(scl.xyz, 0.0), clamp(opa.x, 0.0, 1.0));
+  oScaleOpacity = vec4(max(so.xyz, 0.0), clamp(so.w, 0.0, 1.0));
 }`;
 
   const SPLAT_VS = `#version 300 es
@@ -111,13 +144,16 @@ uniform highp sampler2D uColor;
 uniform mat4 uView;   // GEM space -> camera (the world camera composed with the frame's GEM pose)
 uniform vec4 uIntr;   // fx, fy, cx, cy in pixels
 uniform vec2 uSize;   // width, height in pixels
-in uint aIndex;
+uniform highp usampler2D uOrder; // [TW, TH] the Gaussian drawn in each depth-sorted slot
+const int CORNERS[6] = int[6](0, 1, 2, 2, 1, 3);
 flat out vec2 vMean;
 flat out vec3 vConic;
 flat out vec4 vColor;
 void main() {
   gl_Position = vec4(0.0, 0.0, 2.0, 1.0); // outside the clip volume: not drawn
-  ivec2 p = ivec2(int(aIndex) % ${TW}, int(aIndex) / ${TW});
+  int slot = gl_VertexID / 6, corner = CORNERS[gl_VertexID % 6];
+  int index = int(texelFetch(uOrder, ivec2(slot % ${TW}, slot / ${TW}), 0).r);
+  ivec2 p = ivec2(index % ${TW}, index / ${TW});
   vec3 m = texelFetch(uPos, p, 0).xyz;
   vec4 q = texelFetch(uRot, p, 0);
   vec4 so = texelFetch(uScaleOpacity, p, 0);
@@ -143,8 +179,7 @@ void main() {
   vec2 mean = vec2(fx * mc.x / tz + cx, fy * mc.y / tz + cy);
   vec2 r = ceil(3.33 * sqrt(vec2(a, c)));
   if (mean.x + r.x <= 0.0 || mean.x - r.x >= uSize.x || mean.y + r.y <= 0.0 || mean.y - r.y >= uSize.y) return;
-  vec2 corner = vec2(float(gl_VertexID & 1), float(gl_VertexID >> 1)) * 2.0 - 1.0;
-  vec2 px = mean + corner * r;
+  vec2 px = mean + (vec2(float(corner & 1), float(corner >> 1)) * 2.0 - 1.0) * r;
   gl_Position = vec4(px.x / uSize.x * 2.0 - 1.0, 1.0 - px.y / uSize.y * 2.0, 0.0, 1.0);
   vMean = mean;
   vConic = vec3(c / det, -b / det, a / det);
@@ -252,15 +287,15 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.pose = rigid([1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 0]);
 
       this._upload();
-      this.evalProgram = compile(gl, FULLSCREEN_VS, EVAL_FS);
+      this.evalProgram = compile(gl, FULLSCREEN_VS, EVAL_FS.replace("MAX_LAYERS", String(this.maxLayers)));
       this.splatProgram = compile(gl, SPLAT_VS, SPLAT_FS);
       this.backgroundProgram = compile(gl, FULLSCREEN_VS, BACKGROUND_FS);
       this.presentProgram = compile(gl, FULLSCREEN_VS, PRESENT_FS);
       this._targets();
       this.positions = new Float32Array(TW * this.TH * 4);
       this.keys = new Uint32Array(this.N);
-      this.order = new Uint32Array(this.N);
-      this.scratch = new Uint32Array(this.N);
+      this.order = new Uint32Array(TW * this.TH);
+      this.scratch = new Uint32Array(TW * this.TH);
       this.scratchKeys = new Uint32Array(this.N);
       this.depth32 = new Float32Array(1);
       this.depthBits = new Uint32Array(this.depth32.buffer);
@@ -268,51 +303,56 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.setFrame(0);
     }
 
-    // Dense per-attribute textures: mean [TW, TH] and sqrt(lambda) basis [TW, TH, K] (one layer per
-    // component, zero outside the component's part), dequantised as the Python loader does.
+    // Dense per-slot textures: mean [TW, TH] and sqrt(lambda) basis [TW, TH, layers] (layer k holds
+    // component k of each attribute of the slot, zero outside the component's part), dequantised as the
+    // Python loader does.
     _upload() {
       const gl = this.gl, size = TW * this.TH * 4;
-      this.meanTex = [];
-      this.basisTex = [];
-      for (const a of ATTRS) {
-        const C = CHANNELS[a], K = this.components[a];
-        const mean = new Float32Array(size), basis = new Float32Array(size * Math.max(K, 1));
+      this.layers = SLOTS.map((attrs) => Math.max(...attrs.map(([a]) => this.components[a])));
+      const means = SLOTS.map(() => new Float32Array(size));
+      const bases = this.layers.map((L) => new Float32Array(size * Math.max(L, 1)));
+      SLOTS.forEach((attrs, slot) => attrs.forEach(([a, first]) => {
+        const C = CHANNELS[a], mean = means[slot], basis = bases[slot];
         let layer = 0;
         this.meta.attributes[a].blocks.forEach((b, i) => {
           const key = `${a}.${i}`, index = this.arrays[key + ".index"];
           const mq = this.arrays[key + ".mean"], bq = this.arrays[key + ".basis"], lam = this.arrays[key + ".eigenvalues"];
           for (let g = 0; g < b.n; g++) {
-            const dst = 4 * (index ? index[g] : g);
+            const dst = 4 * (index ? index[g] : g) + first;
             for (let ch = 0; ch < C; ch++) mean[dst + ch] = Math.fround(b.mean_offset[ch] + b.mean_scale[ch] * mq[g * C + ch]);
           }
           for (let k = 0; k < b.components; k++, layer++) {
             const s = Math.fround(Math.sqrt(lam[k])), row = k * b.n * C;
             const off = b.basis_offset[k], sc = b.basis_scale[k];
             for (let g = 0; g < b.n; g++) {
-              const dst = layer * size + 4 * (index ? index[g] : g);
+              const dst = layer * size + 4 * (index ? index[g] : g) + first;
               for (let ch = 0; ch < C; ch++) basis[dst + ch] = Math.fround(s * Math.fround(off + sc * bq[row + g * C + ch]));
             }
           }
         });
-        this.meanTex.push(floatTexture(gl, TW, this.TH, mean));
+      }));
+      this.meanTex = means.map((m) => floatTexture(gl, TW, this.TH, m));
+      this.basisTex = bases.map((basis, slot) => {
         const tex = gl.createTexture();
         gl.bindTexture(gl.TEXTURE_2D_ARRAY, tex);
-        gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA32F, TW, this.TH, Math.max(K, 1), 0, gl.RGBA, gl.FLOAT, basis);
+        gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA16F, TW, this.TH, Math.max(this.layers[slot], 1), 0, gl.RGBA,
+                      gl.HALF_FLOAT, toHalf(basis));
         for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D_ARRAY, p, gl.NEAREST);
-        this.basisTex.push(tex);
-      }
+        return tex;
+      });
       const colors = new Uint8Array(TW * this.TH * 4), c = this.arrays.colors;
       for (let g = 0; g < this.N; g++) for (let ch = 0; ch < 3; ch++) colors[4 * g + ch] = c[3 * g + ch];
       this.colorTex = gl.createTexture();
       gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
       gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGBA8, TW, this.TH, 0, gl.RGBA, gl.UNSIGNED_BYTE, colors);
       for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
-      this.kMax = Math.max(1, ...ATTRS.map((a) => this.components[a]));
-      this.coefData = new Float32Array(this.kMax * 4);
-      this.coefTex = gl.createTexture();
-      gl.bindTexture(gl.TEXTURE_2D, this.coefTex);
-      gl.texImage2D(gl.TEXTURE_2D, 0, gl.R32F, this.kMax, 4, 0, gl.RED, gl.FLOAT, this.coefData);
-      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
+      this.maxLayers = Math.max(1, this.layers.reduce((a, b) => a + b, 0));
+      const limit = gl.getParameter(gl.MAX_UNIFORM_BLOCK_SIZE) / 16;
+      if (this.maxLayers > limit) throw new Error(`${this.maxLayers} basis layers exceed this browser's ${limit} uniform vec4s; export fewer components (viewer.export_energy)`);
+      this.coefData = new Float32Array(4 * this.maxLayers);
+      this.coefBuffer = gl.createBuffer();
+      gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
+      gl.bufferData(gl.UNIFORM_BUFFER, this.coefData.byteLength, gl.DYNAMIC_DRAW);
     }
 
     _targets() {
@@ -328,16 +368,11 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       gl.bindFramebuffer(gl.FRAMEBUFFER, this.imageFbo);
       gl.framebufferTexture2D(gl.FRAMEBUFFER, gl.COLOR_ATTACHMENT0, gl.TEXTURE_2D, this.imageTex, 0);
       if (gl.checkFramebufferStatus(gl.FRAMEBUFFER) !== gl.FRAMEBUFFER_COMPLETE) throw new Error("float render target unsupported");
-      this.indexBuffer = gl.createBuffer();
-      this.vao = gl.createVertexArray();
-      gl.bindVertexArray(this.vao);
-      gl.bindBuffer(gl.ARRAY_BUFFER, this.indexBuffer);
-      gl.bufferData(gl.ARRAY_BUFFER, this.N * 4, gl.DYNAMIC_DRAW);
-      const loc = gl.getAttribLocation(this.splatProgram.program, "aIndex");
-      gl.enableVertexAttribArray(loc);
-      gl.vertexAttribIPointer(loc, 1, gl.UNSIGNED_INT, 0, 0);
-      gl.vertexAttribDivisor(loc, 1);
-      gl.bindVertexArray(null);
+      // the sorted order as a texture, not an instanced attribute: SwiftShader pays per instance
+      this.orderTex = gl.createTexture();
+      gl.bindTexture(gl.TEXTURE_2D, this.orderTex);
+      gl.texImage2D(gl.TEXTURE_2D, 0, gl.R32UI, TW, this.TH, 0, gl.RED_INTEGER, gl.UNSIGNED_INT, null);
+      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
       this.emptyVao = gl.createVertexArray();
     }
 
@@ -375,28 +410,35 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
     // ---- the three passes
 
     evaluate() {
-      const gl = this.gl, p = this.evalProgram;
-      this.coefData.fill(0);
-      ATTRS.forEach((a, row) => this.coefData.set(
-        this.coefficients.subarray(this.offsets[a], this.offsets[a] + this.components[a]), row * this.kMax));
-      gl.bindTexture(gl.TEXTURE_2D, this.coefTex);
-      gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, this.kMax, 4, gl.RED, gl.FLOAT, this.coefData);
+      const gl = this.gl, p = this.evalProgram, c = this.coefData;
+      c.fill(0);
+      let at = 0;
+      SLOTS.forEach((attrs, slot) => {
+        for (const [a, first] of attrs) {
+          const o = this.offsets[a];
+          for (let k = 0; k < this.components[a]; k++) {
+            for (let ch = 0; ch < CHANNELS[a]; ch++) c[4 * (at + k) + first + ch] = this.coefficients[o + k];
+          }
+        }
+        at += this.layers[slot];
+      });
+      gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
+      gl.bufferSubData(gl.UNIFORM_BUFFER, 0, c);
+      gl.bindBufferBase(gl.UNIFORM_BUFFER, 0, this.coefBuffer);
+      gl.useProgram(p.program);
+      gl.uniformBlockBinding(p.program, gl.getUniformBlockIndex(p.program, "Coefficients"), 0);
       gl.bindFramebuffer(gl.FRAMEBUFFER, this.evalFbo);
       gl.viewport(0, 0, TW, this.TH);
       gl.disable(gl.BLEND);
-      gl.useProgram(p.program);
-      ATTRS.forEach((a, i) => {
+      SLOTS.forEach((_, i) => {
         gl.activeTexture(gl.TEXTURE0 + i);
         gl.bindTexture(gl.TEXTURE_2D, this.meanTex[i]);
         gl.uniform1i(p.uniforms[`uMean${i}`], i);
-        gl.activeTexture(gl.TEXTURE4 + i);
+        gl.activeTexture(gl.TEXTURE3 + i);
         gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex[i]);
-        gl.uniform1i(p.uniforms[`uBasis${i}`], 4 + i);
+        gl.uniform1i(p.uniforms[`uBasis${i}`], 3 + i);
       });
-      gl.activeTexture(gl.TEXTURE8);
-      gl.bindTexture(gl.TEXTURE_2D, this.coefTex);
-      gl.uniform1i(p.uniforms.uCoef, 8);
-      gl.uniform4i(p.uniforms.uK, ...ATTRS.map((a) => this.components[a]));
+      gl.uniform3i(p.uniforms.uLayers, ...this.layers);
       gl.bindVertexArray(this.emptyVao);
       gl.drawArrays(gl.TRIANGLES, 0, 3);
       gl.readBuffer(gl.COLOR_ATTACHMENT0);
@@ -416,7 +458,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
         this.order[i] = i;
       }
       let src = this.order, dst = this.scratch, srcKeys = keys, dstKeys = this.scratchKeys;
-      const counts = new Uint32Array(65536);
+      const counts = this.counts || (this.counts = new Uint32Array(65536));
       for (const shift of [0, 16]) {
         counts.fill(0);
         for (let i = 0; i < N; i++) counts[(srcKeys[i] >>> shift) & 0xffff]++;
@@ -430,8 +472,8 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
         [src, dst, srcKeys, dstKeys] = [dst, src, dstKeys, srcKeys];
       }
       const gl = this.gl;
-      gl.bindBuffer(gl.ARRAY_BUFFER, this.indexBuffer);
-      gl.bufferSubData(gl.ARRAY_BUFFER, 0, src);
+      gl.bindTexture(gl.TEXTURE_2D, this.orderTex);
+      gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, TW, this.TH, gl.RED_INTEGER, gl.UNSIGNED_INT, src);
     }
 
     splat(view) {
@@ -452,12 +494,15 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       gl.activeTexture(gl.TEXTURE3);
       gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
       gl.uniform1i(p.uniforms.uColor, 3);
+      gl.activeTexture(gl.TEXTURE4);
+      gl.bindTexture(gl.TEXTURE_2D, this.orderTex);
+      gl.uniform1i(p.uniforms.uOrder, 4);
       gl.uniformMatrix4fv(p.uniforms.uView, true, Float32Array.from(view));
       gl.uniform4f(p.uniforms.uIntr, ...this.K);
       gl.uniform2f(p.uniforms.uSize, this.width, this.height);
       gl.uniform1f(p.uniforms.uHeight, this.height);
-      gl.bindVertexArray(this.vao);
-      gl.drawArraysInstanced(gl.TRIANGLE_STRIP, 0, 4, this.N);
+      gl.bindVertexArray(this.emptyVao);
+      gl.drawArrays(gl.TRIANGLES, 0, 6 * this.N);
       gl.useProgram(this.backgroundProgram.program); // + T_final * background
       gl.uniform3f(this.backgroundProgram.uniforms.uBackground, ...this.background);
       gl.bindVertexArray(this.emptyVao);
@@ -531,13 +576,15 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
     return { input, set: (v) => { input.value = v; show(); } };
   }
 
-  function start() {
+  async function start() {
     const params = new URLSearchParams(location.search);
     const canvas = document.getElementById("canvas");
-    const meta = unpack(decodeBase64(window.GEM_DATA)).meta;
-    const fit = Math.min(1, (window.innerHeight - 10) / meta.view.height, (window.innerWidth - 320) / meta.view.width);
+    const buffer = await inflate(decodeBase64(window.GEM_DATA));
+    const meta = unpack(buffer).meta;
+    // rendered at the window's size (K scaled), not stretched: a 200-pixel training camera still looks sharp
+    const fit = Math.min((window.innerHeight - 10) / meta.view.height, (window.innerWidth - 320) / meta.view.width);
     const scale = Number(params.get("scale")) || fit;
-    const player = new Player(canvas, decodeBase64(window.GEM_DATA), scale);
+    const player = new Player(canvas, buffer, scale);
     window.GEM = player;
     const v = meta.viewer;
     document.getElementById("info").innerHTML =
@@ -616,11 +663,9 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
     document.body.dataset.ready = "true";
   }
 
-  try {
-    start();
-  } catch (e) {
+  start().catch((e) => {
     document.getElementById("error").textContent = String(e && e.stack || e);
     document.body.dataset.ready = "error";
     throw e;
-  }
+  });
 })();
