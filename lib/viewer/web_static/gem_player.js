@@ -8,8 +8,9 @@
 //     over the basis texture arrays (one layer per component; scales and opacities share a texel) and
 //     writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped to
 //     [0, 1]) to three float targets;
-//  2. sort: the positions are read back and sorted by camera depth on the CPU (a stable radix sort of
-//     the float bits, so ties keep the lower index first, as the Python rasterizer does);
+//  2. sort: the positions, evaluated again on the CPU (cheaper than a read-back, which stalls), are
+//     sorted by camera depth (a stable radix sort of the float bits, so ties keep the lower index
+//     first, as the Python rasterizer does);
 //  3. splat: one quad (two triangles; its Gaussian read from the sorted order texture) per Gaussian,
 //     with the rasterizer's rules (lib/gaussians/render_cpu.py, gsplat 1.5.3): EWA projection with the
 //     Jacobian's clamped tangents, + 0.3 px^2 low-pass, the 3.33-sigma box of gsplat's radius,
@@ -292,7 +293,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.backgroundProgram = compile(gl, FULLSCREEN_VS, BACKGROUND_FS);
       this.presentProgram = compile(gl, FULLSCREEN_VS, PRESENT_FS);
       this._targets();
-      this.positions = new Float32Array(TW * this.TH * 4);
+      this.positions = new Float32Array(3 * this.N);
       this.keys = new Uint32Array(this.N);
       this.order = new Uint32Array(TW * this.TH);
       this.scratch = new Uint32Array(TW * this.TH);
@@ -331,6 +332,16 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
           }
         });
       }));
+      // positions again on the CPU, [N, 3] and [K, N, 3]: the depth sort needs them every frame, and
+      // computing them here (K N 3 multiply-adds, ~1 ms) is cheaper than reading them back from the GPU
+      // (a round trip that stalls the pipeline)
+      const N = this.N, Kp = this.components.positions;
+      this.posMean = new Float32Array(3 * N);
+      this.posBasis = new Float32Array(3 * N * Kp);
+      for (let g = 0; g < N; g++) for (let ch = 0; ch < 3; ch++) {
+        this.posMean[3 * g + ch] = means[0][4 * g + ch];
+        for (let k = 0; k < Kp; k++) this.posBasis[(k * N + g) * 3 + ch] = bases[0][k * size + 4 * g + ch];
+      }
       this.meanTex = means.map((m) => floatTexture(gl, TW, this.TH, m));
       this.basisTex = bases.map((basis, slot) => {
         const tex = gl.createTexture();
@@ -441,8 +452,14 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       gl.uniform3i(p.uniforms.uLayers, ...this.layers);
       gl.bindVertexArray(this.emptyVao);
       gl.drawArrays(gl.TRIANGLES, 0, 3);
-      gl.readBuffer(gl.COLOR_ATTACHMENT0);
-      gl.readPixels(0, 0, TW, this.TH, gl.RGBA, gl.FLOAT, this.positions); // for the depth sort
+      // the same positions on the CPU, for the depth sort (see _upload)
+      const pos = this.positions, basis = this.posBasis, n3 = 3 * this.N, o = this.offsets.positions;
+      pos.set(this.posMean);
+      for (let k = 0; k < this.components.positions; k++) {
+        const ck = this.coefficients[o + k];
+        if (ck === 0) continue;
+        for (let i = 0, j = k * n3; i < n3; i++, j++) pos[i] += ck * basis[j];
+      }
       this.dirty = false;
     }
 
@@ -452,7 +469,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       const N = this.N, pos = this.positions, keys = this.keys;
       const m0 = view[8], m1 = view[9], m2 = view[10], m3 = view[11];
       for (let i = 0; i < N; i++) {
-        const z = m0 * pos[4 * i] + m1 * pos[4 * i + 1] + m2 * pos[4 * i + 2] + m3;
+        const z = m0 * pos[3 * i] + m1 * pos[3 * i + 1] + m2 * pos[3 * i + 2] + m3;
         this.depth32[0] = z;
         keys[i] = z > 0 ? this.depthBits[0] : 0xffffffff;
         this.order[i] = i;
