@@ -32,6 +32,7 @@ import torch
 
 from lib.atomic import load_torch
 from lib.dataset.vhap import VhapExport
+from lib.eval.mapping import export_gem, self_reenactment_track
 from lib.flame.model import FlameModel
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, GemError
 from lib.paths import ActorPaths
@@ -90,8 +91,6 @@ def actor_tracks(cfg, model: GaussianEigenModel, log=print) -> list[dict]:
     with torch.no_grad():
         R, t = data.gem_pose(steps)
     tracks = [{"name": "fitted", "label": "fitted frames", "coefficients": model.coefficients, "R": R, "t": t}]
-    from lib.eval.mapping import self_reenactment_track  # the mapping stage only when asked for
-
     predicted = self_reenactment_track(cfg, log)
     if predicted is not None:
         tracks.append({"name": "self_reenactment", "label": "self-reenactment (test)", **predicted})
@@ -110,8 +109,6 @@ def actor_tracks(cfg, model: GaussianEigenModel, log=print) -> list[dict]:
 def export_web(cfg, out_dir: str | Path, log=print) -> dict:
     """pca_viewer.py --export-web: the actor's GEM (the mapping network's, if one fine-tuned it) and its
     tracks, compressed with viewer.export_energy / viewer.export_bits. -> sizes in bytes"""
-    from lib.eval.mapping import export_gem
-
     model = export_gem(cfg)
     camera, R, t = identity_view(cfg)
     centre = model.reconstruct(model.zero_coefficients()).means[0].mean(0).cpu()

@@ -5,10 +5,14 @@ with the Python CPU render of the same compressed GEM, coefficients, pose and ca
 The browser tests are skipped only where /usr/bin/chromium is missing (CI installs it in .ci/run).
 """
 import base64
+import contextlib
+import functools
+import http.server
 import io
 import math
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -108,11 +112,28 @@ def test_export_writes_a_static_folder_python_reads_back(tiny_gem_config, tiny_e
 
 # ---------------------------------------------------------------- the page in headless Chromium
 
-def open_page(browser, folder, scale: float):
+@contextlib.contextmanager
+def static_server(folder):
+    """A plain static HTTP server of folder on a free local port. -> its URL"""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def open_page(browser, location, scale: float):
+    """The export at location: a folder (opened from disk, file://: no server at all) or a URL."""
     page = browser.new_page(viewport={"width": 1000, "height": 760})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"file://{folder}/index.html?scale={scale}")  # from disk: no server at all
+    url = location if str(location).startswith("http") else f"file://{location}"
+    page.goto(f"{url}/index.html?scale={scale}")
     page.wait_for_function("document.body.dataset.ready", timeout=30_000)
     assert page.evaluate("document.body.dataset.ready") == "true", (errors, page.text_content("#error"))
     return page
@@ -173,21 +194,52 @@ def test_page_renders_the_frame_as_the_python_renderer_does(tiny_gem_config, tin
     assert psnr >= 35.0
 
 
+def tiny_view(width: int = 200, height: int = 300) -> dict:
+    """A camera 0.6 m in front of the ellipsoid head (GEM space = world: the tracks' poses are identity)."""
+    return {"viewmat": torch.tensor([[1.0, 0, 0, 0], [0, -1, 0, 0.02], [0, 0, -1, 0.6], [0, 0, 0, 1]]),
+            "K": torch.tensor([[500.0, 0, width / 2], [0, 500, height / 2], [0, 0, 1]]), "width": width,
+            "height": height, "background": [1.0, 1.0, 1.0], "target": [0.0, 0.02, 0.0]}
+
+
+def identity_track(model) -> dict:
+    T = model.coefficients["positions"].shape[0]
+    return {"name": "fitted", "label": "fitted", "coefficients": model.coefficients,
+            "R": torch.eye(3).expand(T, 3, 3), "t": torch.zeros(T, 3)}
+
+
+@needs_chromium
+def test_a_gem_with_parts_renders_as_in_python(parts_gem, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    model = parts_gem
+    assert model.parts == ["lower", "upper"]
+    write_web_export(tmp_path, model, [identity_track(model)], tiny_view(), {"sliders": 2, "sigma": 3.0, "fps": 25},
+                     1.0, 8)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = open_page(browser, tmp_path, scale=1)
+            page.evaluate("GEM_UI.showFrame(5)")
+            image, state = capture(page)
+        finally:
+            browser.close()
+    rgb, alpha = cpu_render(load_compressed(tmp_path), state, [1.0, 1.0, 1.0])
+    mask = alpha > 0.5
+    assert mask.sum() > 2000
+    assert -10 * math.log10(float(((image - rgb)[mask] ** 2).mean()) + 1e-20) >= 35.0
+
+
 @needs_chromium
 def test_a_slider_and_the_timeline_change_the_image(head_gem, tmp_path):
     from playwright.sync_api import sync_playwright
 
     T = head_gem.coefficients["positions"].shape[0]
-    view = {"viewmat": torch.tensor([[1.0, 0, 0, 0], [0, -1, 0, 0.02], [0, 0, -1, 0.6], [0, 0, 0, 1]]),
-            "K": torch.tensor([[500.0, 0, 100], [0, 500, 150], [0, 0, 1]]), "width": 200, "height": 300,
-            "background": [1.0, 1.0, 1.0], "target": [0.0, 0.02, 0.0]}
-    track = {"name": "fitted", "label": "fitted", "coefficients": head_gem.coefficients,
-             "R": torch.eye(3).expand(T, 3, 3), "t": torch.zeros(T, 3)}
-    write_web_export(tmp_path, head_gem, [track], view, {"sliders": 3, "sigma": 3.0, "fps": 25}, 1.0, 8)
-    with sync_playwright() as p:
+    write_web_export(tmp_path, head_gem, [identity_track(head_gem)], tiny_view(),
+                     {"sliders": 3, "sigma": 3.0, "fps": 25}, 1.0, 8)
+    with static_server(tmp_path) as url, sync_playwright() as p:  # from a plain static server this time
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = open_page(browser, tmp_path, scale=1)
+            page = open_page(browser, url, scale=1)
             first, _ = capture(page)
             page.locator("#frame").fill(str(T - 1))  # the timeline's last frame
             last, state = capture(page)
