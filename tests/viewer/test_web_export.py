@@ -12,6 +12,8 @@ import io
 import math
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -64,7 +66,8 @@ def test_components_are_dropped_by_explained_energy(head_gem):
 
 @pytest.fixture(scope="module")
 def tiny_gem_config(tiny_actor_config, tmp_path_factory):
-    """The tiny actor's regressor and GEM (a few steps), in this module's experiments folder."""
+    """The tiny actor's regressor and GEM (a few steps), in this module's experiments folder.
+    -> (config path, overrides)"""
     from lib.train import trainer
     from lib.train.fit_gem import fit_gem
 
@@ -75,7 +78,7 @@ def tiny_gem_config(tiny_actor_config, tmp_path_factory):
     cfg = load_config(tiny_actor_config, overrides + ["train.stage=regressor"])
     trainer.train(cfg, log=QUIET)
     fit_gem(cfg, log=QUIET)
-    return load_config(tiny_actor_config, overrides)
+    return str(tiny_actor_config), overrides
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +88,17 @@ def tiny_export(tiny_gem_config, tmp_path_factory):
     from lib.atomic import save_torch
     from lib.models.gem import GaussianEigenModel
 
-    model = GaussianEigenModel.load(ActorPaths(tiny_gem_config).gem)
+    cfg = load_config(*tiny_gem_config)
+    model = GaussianEigenModel.load(ActorPaths(cfg).gem)
     T = model.coefficients["positions"].shape[0]
-    save_torch(ActorPaths(tiny_gem_config).reenactment("other") / "track.pt",
+    save_torch(ActorPaths(cfg).reenactment("other") / "track.pt",
                {"coefficients": {a: -c for a, c in model.coefficients.items()}, "R": torch.eye(3).expand(T, 3, 3),
                 "t": torch.zeros(T, 3), "timesteps": torch.arange(T)})
-    sizes = export_web(tiny_gem_config, out, log=QUIET)
+    sizes = export_web(cfg, out, log=QUIET)
     return out, sizes
 
 
-def test_export_writes_a_static_folder_python_reads_back(tiny_gem_config, tiny_export):
+def test_export_writes_a_static_folder_python_reads_back(tiny_export):
     out, sizes = tiny_export
     assert sorted(p.name for p in out.iterdir()) == ["gem.js", "gem_player.js", "index.html"]
     html = (out / "index.html").read_text() + (out / "gem_player.js").read_text()
@@ -108,6 +112,19 @@ def test_export_writes_a_static_folder_python_reads_back(tiny_gem_config, tiny_e
     assert np.allclose(flat[:, :model.n_components("positions")], model.coefficients["positions"].numpy())
     assert np.allclose(arrays["track.1.coefficients"], -flat)
     assert arrays["track.0.R"].shape == (T, 3, 3) and sizes["total"] == sum(p.stat().st_size for p in out.iterdir())
+
+
+def test_the_command_line_writes_the_export(tiny_gem_config, tmp_path):
+    from lib.models.gem import GaussianEigenModel
+
+    config, overrides = tiny_gem_config
+    out = tmp_path / "web"
+    done = subprocess.run([sys.executable, "pca_viewer.py", config, "--export-web", str(out), *overrides],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "web export ->" in done.stdout
+    gem = GaussianEigenModel.load(ActorPaths(load_config(config, overrides)).gem)
+    assert load_compressed(out).n_gaussians == gem.n_gaussians
 
 
 # ---------------------------------------------------------------- the page in headless Chromium
@@ -168,7 +185,7 @@ def screenshot(page) -> np.ndarray:
 
 
 @needs_chromium
-def test_page_renders_the_frame_as_the_python_renderer_does(tiny_gem_config, tiny_export):
+def test_page_renders_the_frame_as_the_python_renderer_does(tiny_export):
     from playwright.sync_api import sync_playwright
 
     out, _ = tiny_export
