@@ -131,7 +131,7 @@ def main():
     args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(1)
-    model = export_gem(cfg)
+    model = export_gem(cfg, log=print)
     gem_file = ActorPaths(cfg).gem
     print(f"GEM {gem_file}: {model.n_gaussians} Gaussians, file {gem_file.stat().st_size / 1e6:.3f} MB; "
           f"fp32 {model.nbytes() / 1e6:.3f} MB, fp16 bases {model.nbytes(half=True) / 1e6:.3f} MB")

@@ -48,7 +48,7 @@ from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
-from lib.train.checkpoint import latest_checkpoint
+from lib.train.checkpoint import CheckpointError, latest_checkpoint
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
@@ -121,31 +121,38 @@ def evaluate_mapping(cfg, log=print) -> dict:
     return results
 
 
-def export_gem(cfg) -> GaussianEigenModel:
-    """The GEM an export shows (CPU): the mapping network's (its warm-up may fine-tune the bases) when a
-    mapping checkpoint exists, else stage 3's."""
-    paths = ActorPaths(cfg)
+def _export_mapping(cfg, log) -> tuple[GaussianEigenModel, object, dict | None]:
+    """(GEM, network, checkpoint state) for a web export on the CPU: the newest mapping checkpoint's when
+    it exists and fits this config, else stage 3's GEM and no network (saying why)."""
+    paths, device = ActorPaths(cfg), torch.device("cpu")
     gem = GaussianEigenModel.load(paths.gem)
     if latest_checkpoint(paths.mapping_checkpoints) is None:
-        return gem
-    _, state = load_mapping(cfg, gem, torch.device("cpu"))
-    return mapping_gem(state, gem, torch.device("cpu"))
+        return gem, None, None
+    try:
+        net, state = load_mapping(cfg, gem, device)
+    except CheckpointError as e:
+        log(f"no self-reenactment track: {e} (export with the mapping's config, e.g. configs/mapping.yml, to "
+            "include it)")
+        return gem, None, None
+    return mapping_gem(state, gem, device), net, state
+
+
+def export_gem(cfg, log=print) -> GaussianEigenModel:
+    """The GEM a web export shows (CPU): the mapping network's (its warm-up may fine-tune the bases) when
+    a mapping checkpoint of this config exists, else stage 3's."""
+    return _export_mapping(cfg, log)[0]
 
 
 @torch.no_grad()
 def self_reenactment_track(cfg, log=print) -> dict | None:
     """The mapping network's coefficients of the test timesteps that ``evaluate_mapping`` scores, with
-    their GEM poses, on the CPU; None without a mapping checkpoint.
+    their GEM poses, on the CPU; None without a mapping checkpoint of this config.
     -> {coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3], timesteps [T]}"""
-    paths = ActorPaths(cfg)
-    if latest_checkpoint(paths.mapping_checkpoints) is None:
+    gem, net, _ = _export_mapping(cfg, lambda *a: None)  # export_gem has said why there is none
+    if net is None:
         return None
-    device = torch.device("cpu")
-    gem = GaussianEigenModel.load(paths.gem)
-    net, state = load_mapping(cfg, gem, device)
-    gem = mapping_gem(state, gem, device)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, FlameModel.from_config(cfg), device, keep_meshes=False)
+    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
     R, t = data.gem_pose(steps)

@@ -109,7 +109,7 @@ def actor_tracks(cfg, model: GaussianEigenModel, log=print) -> list[dict]:
 def export_web(cfg, out_dir: str | Path, log=print) -> dict:
     """pca_viewer.py --export-web: the actor's GEM (the mapping network's, if one fine-tuned it) and its
     tracks, compressed with viewer.export_energy / viewer.export_bits. -> sizes in bytes"""
-    model = export_gem(cfg)
+    model = export_gem(cfg, log)
     camera, R, t = identity_view(cfg)
     centre = model.reconstruct(model.zero_coefficients()).means[0].mean(0).cpu()
     view = {"viewmat": camera.viewmat.numpy(), "K": camera.K.numpy(), "width": camera.width, "height": camera.height,

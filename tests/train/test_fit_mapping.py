@@ -165,6 +165,12 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
     expected = torch.cat([c[:, :kept[a]] for a, c in track["coefficients"].items()], 1)
     assert torch.allclose(torch.from_numpy(arrays["track.2.coefficients"].copy()), expected)
     assert torch.allclose(torch.from_numpy(arrays["track.2.R"].copy()), track["R"])
+    # a config the checkpoint does not fit (run.sh trains the mapping with configs/mapping.yml, one exports
+    # with default.yml): the export still works, without the network's track, and says why
+    messages = []
+    export_web(load_config(config, overrides + ["mapping.architecture=attention"]), tmp_path / "web2", log=messages.append)
+    assert [t["name"] for t in read_container(tmp_path / "web2")[0]["tracks"]] == ["fitted", "reenact_tiny_source"]
+    assert any("no self-reenactment track" in m for m in messages)
 
 
 class _TinyEncoder(torch.nn.Module):
