@@ -66,7 +66,7 @@ def write_web_export(out_dir: str | Path, model: GaussianEigenModel, tracks: lis
     out_dir = Path(out_dir)
     meta, arrays = encode_gem(model, energy, bits)
     gem_bytes = len(gzipped(pack(meta, arrays)))
-    keep = kept_index(model.to("cpu"), {a: [b["components"] for b in meta["attributes"][a]["blocks"]] for a in ATTRIBUTES})
+    keep = kept_index(model, {a: [b["components"] for b in meta["attributes"][a]["blocks"]] for a in ATTRIBUTES})
     entries = []
     for i, tr in enumerate(tracks):
         arrays.update(track_arrays(i, tr["coefficients"], tr["R"], tr["t"], keep))
