@@ -1,10 +1,12 @@
-"""pca_viewer.py CONFIG [--serve] [section.key=value ...] — stage 3, inspecting GEM.
+"""pca_viewer.py CONFIG [--serve | --export-web OUT_DIR] [section.key=value ...] — stage 3, inspecting GEM.
 
 Without --serve: sweeps of the first viewer.components components of every attribute from
 -viewer.sigma to +viewer.sigma, as PNG strips and MP4 videos in experiments/<actor>/<run>/gem/sweeps/.
 With --serve: the interactive web viewer on http://viewer.host:viewer.port (a slider per
-component, orbit camera, playback of the fitted frames, export to PLY). Overrides may come before
-or after --serve.
+component, orbit camera, playback of the fitted frames, export to PLY). With --export-web: a static
+folder (index.html + our WebGL2 player + the compressed GEM and its coefficient tracks) that plays the
+avatar in any browser, with no Python and no server (lib/viewer/web_export.py). Overrides may come
+before or after the flags.
 """
 import math
 
@@ -20,10 +22,16 @@ from lib.viewer.sweeps import identity_view, write_sweeps
 
 def options(parser):
     parser.add_argument("--serve", action="store_true", help="start the interactive web viewer")
+    parser.add_argument("--export-web", metavar="OUT_DIR", help="write a static web player of the GEM to OUT_DIR")
 
 
 def view(cfg, args):
     paths, v = ActorPaths(cfg), cfg.viewer
+    if args.export_web:
+        from lib.viewer.web_export import export_web
+
+        export_web(cfg, args.export_web)
+        return
     model = GaussianEigenModel.load(paths.gem, device=evaluation_device(cfg.train.device, cfg.train.threads))
     camera, R, t = identity_view(cfg)
     if args.serve:

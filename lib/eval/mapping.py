@@ -32,14 +32,15 @@ applied to the target's identity pose:
 rendered into the target's camera ``test.camera`` as it stood in the sequence of the target's identity
 timestep (each sequence of a union export has its own camera poses). There is no ground truth; written to
 ``experiments/<target>/mapping/reenact/<source>/``: PNGs (source image | target render), source.mp4,
-target.mp4, side_by_side.mp4, and reenactment.json last.
+target.mp4, side_by_side.mp4, track.pt (the coefficients and GEM poses, for the web export) and
+reenactment.json last.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lib.atomic import write_json
+from lib.atomic import save_torch, write_json
 from lib.dataset.vhap import VhapExport
 from lib.eval.evaluate import pick_frames
 from lib.eval.render import WHITE
@@ -51,7 +52,7 @@ from lib.models.flame_refinement import load_refinement
 from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
-from lib.train.checkpoint import latest_checkpoint
+from lib.train.checkpoint import CheckpointError, latest_checkpoint
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
@@ -127,6 +128,45 @@ def evaluate_mapping(cfg, log=print) -> dict:
     return results
 
 
+def _export_mapping(cfg, log) -> tuple[GaussianEigenModel, object, dict | None]:
+    """(GEM, network, checkpoint state) for a web export on the CPU: the newest mapping checkpoint's when
+    it exists and fits this config, else stage 3's GEM and no network (saying why)."""
+    paths, device = ActorPaths(cfg), torch.device("cpu")
+    gem = GaussianEigenModel.load(paths.gem)
+    if latest_checkpoint(paths.mapping_checkpoints) is None:
+        return gem, None, None
+    try:
+        net, state = load_mapping(cfg, gem, device)
+    except CheckpointError as e:
+        log(f"no self-reenactment track: {e} (export with the mapping's config, e.g. configs/mapping.yml, to "
+            "include it)")
+        return gem, None, None
+    return mapping_gem(state, gem, device), net, state
+
+
+def export_gem(cfg, log=print) -> GaussianEigenModel:
+    """The GEM a web export shows (CPU): the mapping network's (its warm-up may fine-tune the bases) when
+    a mapping checkpoint of this config exists, else stage 3's."""
+    return _export_mapping(cfg, log)[0]
+
+
+@torch.no_grad()
+def self_reenactment_track(cfg, log=print) -> dict | None:
+    """The mapping network's coefficients of the test timesteps that ``evaluate_mapping`` scores, with
+    their GEM poses, on the CPU; None without a mapping checkpoint of this config.
+    -> {coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3], timesteps [T]}"""
+    gem, net, _ = _export_mapping(cfg, lambda *a: None)  # export_gem has said why there is none
+    if net is None:
+        return None
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
+    frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
+    steps = sorted({f.timestep_index for f in frames})
+    R, t = data.gem_pose(steps)
+    flat, _ = _held(cfg, gem, net(driving_signals(cfg, export, steps, data)), log)
+    return {"coefficients": split_coefficients(gem, flat), "R": R, "t": t, "timesteps": torch.tensor(steps)}
+
+
 def _held(cfg, gem: GaussianEigenModel, flat: torch.Tensor, log) -> tuple[torch.Tensor, list[str]]:
     """Predicted coefficients with the mapping.hold_at_mean parts at their mean. -> (flat, parts held)"""
     if gem.parts == ["all"]:
@@ -187,6 +227,9 @@ def reenact(cfg, source_cfg, log=print) -> dict:
                "timesteps": steps, "coefficient_abs_mean_sigma": float(flat.abs().mean()),
                "coefficients_at_bound": float((flat.abs() > 0.99 * BOUND).float().mean()),
                "videos": ["source.mp4", "target.mp4", "side_by_side.mp4"]}
+    # the coefficients and poses, for pca_viewer.py --export-web
+    save_torch(out / "track.pt", {"coefficients": {a: c.cpu() for a, c in coeffs.items()}, "R": R.cpu(), "t": t.cpu(),
+                                  "timesteps": torch.tensor(steps)})
     write_json(out / "reenactment.json", summary)
     log(f"cross-identity reenactment: {source_cfg.actor.name} drives {cfg.actor.name} over {len(frames)} frames "
         f"(mean |c| {summary['coefficient_abs_mean_sigma']:.2f} sigma) -> {out}")

@@ -24,6 +24,8 @@ from lib.train.checkpoint import latest_checkpoint, load_checkpoint
 from lib.train.data import ActorData
 from lib.train.fit_gem import fit_gem
 from lib.train.fit_mapping import driving_signals, fit_mapping, load_mapping
+from lib.viewer.compressed import load_compressed, read_container
+from lib.viewer.web_export import export_web
 
 QUIET = lambda *a, **k: None  # noqa: E731
 MAPPING = ["train.stage=mapping", "mapping.width=16", "mapping.warmup_iterations=30", "mapping.iterations=3",
@@ -119,7 +121,7 @@ def test_photometric_steps_lower_the_image_loss_and_a_rerun_resumes(run):
     assert any((ActorPaths(cfg).mapping_tensorboard).iterdir())
 
 
-def test_self_and_cross_identity_reenactment_write_their_results(run, source_config, render_log):
+def test_self_and_cross_identity_reenactment_write_their_results(run, source_config, render_log, tmp_path):
     config, overrides = run
     cfg = load_config(config, overrides)
     fit_mapping(cfg, log=QUIET)
@@ -150,6 +152,24 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
     src_export = VhapExport.from_config(source)
     zero = driving_signals(cfg, src_export, [source.actor.identity_timestep], source_cfg=source)
     assert torch.equal(zero, torch.zeros_like(zero))
+
+    # the web export carries both reenactments as coefficient tracks, with their GEM poses
+    sizes = export_web(cfg, tmp_path / "web", log=QUIET)
+    meta, arrays = read_container(tmp_path / "web")
+    assert [t["name"] for t in meta["tracks"]] == ["fitted", "self_reenactment", "reenact_tiny_source"]
+    assert [t["frames"] for t in meta["tracks"][1:]] == [2, 2] and sizes["total"] > sizes["gem"]
+    track = torch.load(out / "track.pt", weights_only=True)
+    model = load_compressed(tmp_path / "web")
+    kept = {a: model.n_components(a) for a in track["coefficients"]}  # leading components of one block each
+    expected = torch.cat([c[:, :kept[a]] for a, c in track["coefficients"].items()], 1)
+    assert torch.allclose(torch.from_numpy(arrays["track.2.coefficients"].copy()), expected)
+    assert torch.allclose(torch.from_numpy(arrays["track.2.R"].copy()), track["R"])
+    # a config the checkpoint does not fit (run.sh trains the mapping with configs/mapping.yml, one exports
+    # with default.yml): the export still works, without the network's track, and says why
+    messages = []
+    export_web(load_config(config, overrides + ["mapping.architecture=attention"]), tmp_path / "web2", log=messages.append)
+    assert [t["name"] for t in read_container(tmp_path / "web2")[0]["tracks"]] == ["fitted", "reenact_tiny_source"]
+    assert any("no self-reenactment track" in m for m in messages)
 
 
 class _TinyEncoder(torch.nn.Module):

@@ -1,0 +1,149 @@
+"""Benchmark the static web export (pca_viewer.py --export-web) of a trained GEM.
+
+Sizes: the fp32 / fp16 GEM file against the compressed GEM at several (viewer.export_energy,
+viewer.export_bits) settings, and the whole exported folder at the config's settings.
+Quality: PSNR against the images (on white; full frame and inside the head mask) of frames of camera
+test.camera whose timesteps the GEM was fitted to, rendered by render_gem with the fitted coefficients
+and GEM pose, with the fp32 GEM and with each compressed one: the loss is the difference. Also the PSNR
+of each compressed render against the fp32 render (fidelity).
+Browser (headless Chromium, SwiftShader, only where /usr/bin/chromium exists): ms per frame of the
+exported page, animated (GEM evaluated on the GPU every frame, next fitted frame) against static (the same
+Gaussians, evaluated once; still sorted and splatted every frame, the camera turning). Software WebGL:
+only the ratio means anything. Timed at the camera's own size and at a window's (--height pixels high).
+
+    .venv/bin/python bench/web_export.py CONFIG [overrides] [--frames 8] [--browser-frames 20] [--height 800]
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.config import load_config  # noqa: E402
+from lib.dataset.vhap import VhapExport  # noqa: E402
+from lib.eval.evaluate import pick_frames  # noqa: E402
+from lib.eval.mapping import export_gem  # noqa: E402
+from lib.flame.model import FlameModel  # noqa: E402
+from lib.models.gem import render_gem  # noqa: E402
+from lib.paths import ActorPaths  # noqa: E402
+from lib.train.data import ActorData  # noqa: E402
+from lib.train.losses import composite_gt  # noqa: E402
+from lib.train.metrics import psnr  # noqa: E402
+from lib.viewer.compressed import compress, encode_gem, gzipped, pack, read_container  # noqa: E402
+from lib.viewer.web_export import export_web  # noqa: E402
+
+SETTINGS = [(1.0, 16), (1.0, 8), (0.9999, 8), (0.999, 8), (0.995, 8), (0.99, 8)]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@torch.no_grad()
+def quality(cfg, model, settings, n_frames: int) -> None:
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
+    rows = {int(t): i for i, t in enumerate(model.timesteps)}
+    frames = [f for split in cfg.gem.splits for f in export.split(split)
+              if f.camera_index == cfg.test.camera and f.timestep_index in rows]
+    frames = pick_frames(frames, n_frames)
+    R, t = data.gem_pose([f.timestep_index for f in frames])
+    white = torch.ones(3)
+    samples = [data.sample(f) for f in frames]
+    gts = [composite_gt(s.image[None], s.alpha[None], white[None])[0] for s in samples]
+
+    def renders(m):
+        out = []
+        for i, (f, s) in enumerate(zip(frames, samples)):
+            c = {a: v[rows[f.timestep_index]:rows[f.timestep_index] + 1] for a, v in m.coefficients.items()}
+            out.append(render_gem(m, c, R[i:i + 1], t[i:i + 1], s.viewmat[None], s.K[None], f.camera.width,
+                                  f.camera.height, white).rgb[0].clamp(0, 1))
+        return out
+
+    def scores(images):
+        full = np.mean([psnr(x, g) for x, g in zip(images, gts)])
+        masked = np.mean([psnr(x, g, s.alpha) for x, g, s in zip(images, gts, samples)])
+        return full, masked
+
+    reference = renders(model)
+    ref_full, ref_masked = scores(reference)
+    print(f"\nquality over {len(frames)} fitted frames of camera {cfg.test.camera} (render_gem, white; bytes: the fp32 "
+          "file, the compressed GEMs gzipped as gem.js holds them):")
+    print(f"  {'GEM':<24} {'components':>16} {'bytes':>10} {'PSNR full':>9} {'masked':>7} {'loss':>6} "
+          f"{'vs fp32 render':>14}")
+    comps = "/".join(str(model.n_components(a)) for a in model.blocks)
+    print(f"  {'fp32':<24} {comps:>16} {model.nbytes():>10} {ref_full:>9.3f} {ref_masked:>7.3f} {0:>6.3f} {'-':>14}")
+    for energy, bits in settings:
+        small = compress(model, energy, bits)
+        size = len(gzipped(pack(*encode_gem(model, energy, bits))))
+        images = renders(small)
+        full, masked = scores(images)
+        fidelity = np.mean([psnr(x, r) for x, r in zip(images, reference)])
+        comps = "/".join(str(small.n_components(a)) for a in small.blocks)
+        print(f"  {f'energy {energy:g}, {bits} bits':<24} {comps:>16} {size:>10} {full:>9.3f} {masked:>7.3f} "
+              f"{ref_full - full:>6.3f} {fidelity:>11.1f} dB")
+
+
+def browser(folder: Path, frames: int, height: int, repeats: int) -> None:
+    if not os.path.exists(CHROMIUM):
+        print("\nbrowser: /usr/bin/chromium not installed, skipped")
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            print(f"\nbrowser (headless Chromium, SwiftShader), median of {repeats} interleaved runs of {frames} frames:")
+            camera_height = read_container(folder)[0]["view"]["height"]
+            for scale in (1.0, height / camera_height):
+                page = b.new_page(viewport={"width": 1000, "height": 900})
+                page.goto(f"file://{folder}/index.html?scale={scale}")
+                page.wait_for_function("document.body.dataset.ready", timeout=60_000)
+                info = page.evaluate("({n: GEM.N, w: GEM.width, h: GEM.height, k: GEM.nCoefficients, fp: GEM.floatBlend})")
+                times = {"animated": [], "static": []}
+                for _ in range(repeats):  # interleaved: the machine's load drifts
+                    for mode in times:
+                        times[mode].append(page.evaluate(f"GEM.benchmark({frames}, {str(mode == 'animated').lower()})"))
+                page.close()
+                a, s = np.median(times["animated"]), np.median(times["static"])
+                print(f"  {info['n']} Gaussians, {info['k']} coefficients, {info['w']}x{info['h']}, "
+                      f"{'fp32' if info['fp'] else 'fp16'} compositing: animated (GEM evaluated every frame) "
+                      f"{a:.1f} ms/frame, static {s:.1f} ms/frame, ratio {a / s:.2f}")
+        finally:
+            b.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--frames", type=int, default=8, help="frames scored for the quality table")
+    parser.add_argument("--browser-frames", type=int, default=20, help="frames per browser timing")
+    parser.add_argument("--browser-repeats", type=int, default=5, help="interleaved timings per mode")
+    parser.add_argument("--height", type=int, default=800, help="canvas height of the second browser timing (a window)")
+    args = parser.parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(1)
+    model = export_gem(cfg, log=print)
+    gem_file = ActorPaths(cfg).gem
+    print(f"GEM {gem_file}: {model.n_gaussians} Gaussians, file {gem_file.stat().st_size / 1e6:.3f} MB; "
+          f"fp32 {model.nbytes() / 1e6:.3f} MB, fp16 bases {model.nbytes(half=True) / 1e6:.3f} MB")
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = export_web(cfg, tmp, log=lambda *a: None)
+        print(f"export (viewer.export_energy {cfg.viewer.export_energy:g}, viewer.export_bits "
+              f"{cfg.viewer.export_bits}): folder {sizes['total'] / 1e6:.3f} MB = gem.js {sizes['gem.js'] / 1e6:.3f} MB "
+              f"(compressed GEM {sizes['gem'] / 1e6:.3f} MB + tracks, base64) + player "
+              f"{(sizes['gem_player.js'] + sizes['index.html']) / 1e3:.1f} kB")
+        quality(cfg, model, SETTINGS, args.frames)
+        browser(Path(tmp), args.browser_frames, args.height, args.browser_repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,688 @@
+// GEM player: a Gaussian eigen model evaluated and splatted with WebGL2, no server, no downloads.
+//
+// Data: window.GEM_DATA (gem.js), base64 of the gzipped container that lib/viewer/compressed.py writes:
+// "GEMW", uint32 header length, JSON header, little-endian arrays at 4-byte offsets.
+//
+// Each frame:
+//  1. evaluate: one fragment per Gaussian (texel i % TW, i / TW) sums mean + sum_k c_k sqrt(lambda_k) basis_k
+//     over the basis texture arrays (one layer per component; scales and opacities share a texel) and
+//     writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped to
+//     [0, 1]) to three float targets;
+//  2. sort: the positions, evaluated again on the CPU (cheaper than a read-back, which stalls), are
+//     sorted by camera depth (a stable radix sort of the float bits, so ties keep the lower index
+//     first, as the Python rasterizer does);
+//  3. splat: one quad (two triangles; its Gaussian read from the sorted order texture) per Gaussian,
+//     with the rasterizer's rules (lib/gaussians/render_cpu.py, gsplat 1.5.3): EWA projection with the
+//     Jacobian's clamped tangents, + 0.3 px^2 low-pass, the 3.33-sigma box of gsplat's radius,
+//     alpha = min(0.999, o exp(-sigma)) dropped below 1/255, front-to-back "under" blending into a
+//     float target, then the background times the transmittance.
+// Conventions: OpenCV cameras (x right, y down, z forward), pixel (row i, col j) centred at
+// (j + 0.5, i + 0.5), matrices row-major in JS (uploaded transposed), quaternions wxyz, metres.
+"use strict";
+
+(function () {
+  const ATTRS = ["positions", "rotations", "scales", "opacities"];
+  const CHANNELS = { positions: 3, rotations: 4, scales: 3, opacities: 1 };
+  const SLOTS = [[["positions", 0]], [["rotations", 0]], [["scales", 0], ["opacities", 3]]]; // [attribute, first channel]
+  const TW = 1024; // texels per row of the per-Gaussian textures
+  const NEAR = 0.01, FAR = 100.0;
+
+  // ------------------------------------------------------------ container
+
+  function decodeBase64(text) {
+    const raw = atob(text);
+    const bytes = new Uint8Array(raw.length);
+    for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+    return bytes.buffer;
+  }
+
+  // the container is gzipped (the browser's own DecompressionStream: no library)
+  async function inflate(buffer) {
+    const bytes = new Uint8Array(buffer);
+    if (bytes[0] !== 0x1f || bytes[1] !== 0x8b) return buffer;
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return await new Response(stream).arrayBuffer();
+  }
+
+  function unpack(buffer) {
+    const magic = String.fromCharCode(...new Uint8Array(buffer, 0, 4));
+    if (magic !== "GEMW") throw new Error("gem.js does not hold a compressed GEM (export it again)");
+    const length = new DataView(buffer).getUint32(4, true);
+    const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 8, length)));
+    const types = { float32: Float32Array, uint8: Uint8Array, uint16: Uint16Array, uint32: Uint32Array, int32: Int32Array };
+    const arrays = {};
+    for (const [name, spec] of Object.entries(meta.arrays)) {
+      const count = spec.shape.reduce((a, b) => a * b, 1);
+      arrays[name] = new types[spec.dtype](buffer, 8 + length + spec.offset, count);
+    }
+    return { meta, arrays };
+  }
+
+  // float32 -> IEEE half bits, rounded to nearest (subnormals kept, overflow to infinity)
+  function toHalf(values) {
+    const f = new Float32Array(1), u = new Uint32Array(f.buffer), out = new Uint16Array(values.length);
+    for (let i = 0; i < values.length; i++) {
+      f[0] = values[i];
+      const x = u[0], sign = (x >>> 16) & 0x8000, e = (x >>> 23) & 0xff, m = x & 0x7fffff;
+      let h;
+      if (e === 0xff) h = 0x7c00 | (m ? 0x200 : 0);
+      else if (e > 142) h = 0x7c00;
+      else if (e > 112) h = ((e - 112) << 10) + ((m + 0x1000) >>> 13); // a carry into the exponent is right
+      else if (e > 101) { const mm = m | 0x800000, shift = 126 - e; h = (mm + (1 << (shift - 1))) >>> shift; }
+      else h = 0;
+      out[i] = sign | h;
+    }
+    return out;
+  }
+
+  // ------------------------------------------------------------ small matrix helpers (row-major)
+
+  function mul4(a, b) {
+    const o = new Float64Array(16);
+    for (let i = 0; i < 4; i++) for (let j = 0; j < 4; j++) {
+      let s = 0;
+      for (let k = 0; k < 4; k++) s += a[4 * i + k] * b[4 * k + j];
+      o[4 * i + j] = s;
+    }
+    return o;
+  }
+
+  function rigid(R, t) { // R [9] row-major, t [3] -> 4x4
+    return Float64Array.from([R[0], R[1], R[2], t[0], R[3], R[4], R[5], t[1], R[6], R[7], R[8], t[2], 0, 0, 0, 1]);
+  }
+
+  function rotation(axis, angle) { // Rodrigues, row-major 3x3
+    const n = Math.hypot(axis[0], axis[1], axis[2]) || 1;
+    const [x, y, z] = axis.map((v) => v / n), c = Math.cos(angle), s = Math.sin(angle), C = 1 - c;
+    return [c + x * x * C, x * y * C - z * s, x * z * C + y * s,
+            y * x * C + z * s, c + y * y * C, y * z * C - x * s,
+            z * x * C - y * s, z * y * C + x * s, c + z * z * C];
+  }
+
+  function mul3(a, b) {
+    const o = new Array(9).fill(0);
+    for (let i = 0; i < 3; i++) for (let j = 0; j < 3; j++) for (let k = 0; k < 3; k++) o[3 * i + j] += a[3 * i + k] * b[3 * k + j];
+    return o;
+  }
+
+  function apply3(R, v) { return [0, 1, 2].map((i) => R[3 * i] * v[0] + R[3 * i + 1] * v[1] + R[3 * i + 2] * v[2]); }
+
+  // ------------------------------------------------------------ shaders
+
+  const FULLSCREEN_VS = `#version 300 es
+void main() { vec2 p = vec2(float((gl_VertexID << 1) & 2), float(gl_VertexID & 2)); gl_Position = vec4(p * 2.0 - 1.0, 0.0, 1.0); }`;
+
+  // Three slots of per-Gaussian texels: positions (xyz), rotations (wxyz), scales (xyz) + opacity (w).
+  // The coefficients come in a uniform block, one vec4 per basis layer (its channels' coefficients),
+  // so a layer costs one texture fetch: scales and opacities share theirs.
+  const EVAL_FS = `#version 300 es
+precision highp float; precision highp int; precision highp sampler2DArray;
+uniform highp sampler2D uMean0, uMean1, uMean2;
+uniform sampler2DArray uBasis0, uBasis1, uBasis2;
+layout(std140) uniform Coefficients { vec4 uC[MAX_LAYERS]; };
+uniform ivec3 uLayers;
+layout(location = 0) out vec4 oPos;
+layout(location = 1) out vec4 oRot;
+layout(location = 2) out vec4 oScaleOpacity;
+void main() {
+  ivec2 p = ivec2(gl_FragCoord.xy);
+  vec4 pos = texelFetch(uMean0, p, 0), rot = texelFetch(uMean1, p, 0), so = texelFetch(uMean2, p, 0);
+  int at = 0;
+  for (int k = 0; k < uLayers.x; k++) pos += uC[at + k] * texelFetch(uBasis0, ivec3(p, k), 0);
+  at += uLayers.x;
+  for (int k = 0; k < uLayers.y; k++) rot += uC[at + k] * texelFetch(uBasis1, ivec3(p, k), 0);
+  at += uLayers.y;
+  for (int k = 0; k < uLayers.z; k++) so += uC[at + k] * texelFetch(uBasis2, ivec3(p, k), 0);
+  oPos = vec4(pos.xyz, 1.0);
+  oRot = rot / max(length(rot), 1e-12);
+  oScaleOpacity = vec4(max(so.xyz, 0.0), clamp(so.w, 0.0, 1.0));
+}`;
+
+  const SPLAT_VS = `#version 300 es
+precision highp float; precision highp int;
+uniform highp sampler2D uPos, uRot, uScaleOpacity;
+uniform highp sampler2D uColor;
+uniform mat4 uView;   // GEM space -> camera (the world camera composed with the frame's GEM pose)
+uniform vec4 uIntr;   // fx, fy, cx, cy in pixels
+uniform vec2 uSize;   // width, height in pixels
+uniform highp usampler2D uOrder; // [TW, TH] the Gaussian drawn in each depth-sorted slot
+const int CORNERS[6] = int[6](0, 1, 2, 2, 1, 3);
+flat out vec2 vMean;
+flat out vec3 vConic;
+flat out vec4 vColor;
+void main() {
+  gl_Position = vec4(0.0, 0.0, 2.0, 1.0); // outside the clip volume: not drawn
+  int slot = gl_VertexID / 6, corner = CORNERS[gl_VertexID % 6];
+  int index = int(texelFetch(uOrder, ivec2(slot % ${TW}, slot / ${TW}), 0).r);
+  ivec2 p = ivec2(index % ${TW}, index / ${TW});
+  vec3 m = texelFetch(uPos, p, 0).xyz;
+  vec4 q = texelFetch(uRot, p, 0);
+  vec4 so = texelFetch(uScaleOpacity, p, 0);
+  vec4 mc = uView * vec4(m, 1.0);
+  if (!(mc.z > ${NEAR} && mc.z < ${FAR.toFixed(1)}) || so.w < 1.0 / 255.0) return;
+  q = q / max(length(q), 1e-12);
+  float w = q.x, x = q.y, y = q.z, z = q.w;
+  mat3 R = mat3(1.0 - 2.0 * (y * y + z * z), 2.0 * (x * y + w * z), 2.0 * (x * z - w * y),
+                2.0 * (x * y - w * z), 1.0 - 2.0 * (x * x + z * z), 2.0 * (y * z + w * x),
+                2.0 * (x * z + w * y), 2.0 * (y * z - w * x), 1.0 - 2.0 * (x * x + y * y));
+  mat3 M = R * mat3(so.x, 0.0, 0.0, 0.0, so.y, 0.0, 0.0, 0.0, so.z);
+  mat3 W = mat3(uView);
+  mat3 S = W * (M * transpose(M)) * transpose(W);
+  float fx = uIntr.x, fy = uIntr.y, cx = uIntr.z, cy = uIntr.w;
+  float limXPos = (uSize.x - cx) / fx + 0.3 * (0.5 * uSize.x / fx), limXNeg = cx / fx + 0.3 * (0.5 * uSize.x / fx);
+  float limYPos = (uSize.y - cy) / fy + 0.3 * (0.5 * uSize.y / fy), limYNeg = cy / fy + 0.3 * (0.5 * uSize.y / fy);
+  float tz = mc.z;
+  float tx = tz * clamp(mc.x / tz, -limXNeg, limXPos), ty = tz * clamp(mc.y / tz, -limYNeg, limYPos);
+  vec3 j0 = vec3(fx / tz, 0.0, -fx * tx / (tz * tz)), j1 = vec3(0.0, fy / tz, -fy * ty / (tz * tz));
+  float a = dot(j0, S * j0) + 0.3, b = dot(j0, S * j1), c = dot(j1, S * j1) + 0.3;
+  float det = a * c - b * b;
+  if (!(det > 0.0)) return;
+  vec2 mean = vec2(fx * mc.x / tz + cx, fy * mc.y / tz + cy);
+  vec2 r = ceil(3.33 * sqrt(vec2(a, c)));
+  if (mean.x + r.x <= 0.0 || mean.x - r.x >= uSize.x || mean.y + r.y <= 0.0 || mean.y - r.y >= uSize.y) return;
+  vec2 px = mean + (vec2(float(corner & 1), float(corner >> 1)) * 2.0 - 1.0) * r;
+  gl_Position = vec4(px.x / uSize.x * 2.0 - 1.0, 1.0 - px.y / uSize.y * 2.0, 0.0, 1.0);
+  vMean = mean;
+  vConic = vec3(c / det, -b / det, a / det);
+  vColor = vec4(texelFetch(uColor, p, 0).rgb, so.w);
+}`;
+
+  const SPLAT_FS = `#version 300 es
+precision highp float;
+uniform float uHeight;
+flat in vec2 vMean;
+flat in vec3 vConic;
+flat in vec4 vColor;
+out vec4 o;
+void main() {
+  vec2 d = vMean - vec2(gl_FragCoord.x, uHeight - gl_FragCoord.y);
+  float sigma = 0.5 * (vConic.x * d.x * d.x + vConic.z * d.y * d.y) + vConic.y * d.x * d.y;
+  float alpha = min(0.999, vColor.a * exp(-sigma));
+  if (sigma < 0.0 || alpha < 1.0 / 255.0) discard;
+  o = vec4(vColor.rgb * alpha, alpha);
+}`;
+
+  const BACKGROUND_FS = `#version 300 es
+precision highp float;
+uniform vec3 uBackground;
+out vec4 o;
+void main() { o = vec4(uBackground, 1.0); }`;
+
+  const PRESENT_FS = `#version 300 es
+precision highp float;
+uniform highp sampler2D uImage;
+out vec4 o;
+void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 0.0, 1.0), 1.0); }`;
+
+  function compile(gl, vs, fs) {
+    const program = gl.createProgram();
+    for (const [type, source] of [[gl.VERTEX_SHADER, vs], [gl.FRAGMENT_SHADER, fs]]) {
+      const shader = gl.createShader(type);
+      gl.shaderSource(shader, source);
+      gl.compileShader(shader);
+      if (!gl.getShaderParameter(shader, gl.COMPILE_STATUS)) throw new Error(gl.getShaderInfoLog(shader));
+      gl.attachShader(program, shader);
+    }
+    gl.linkProgram(program);
+    if (!gl.getProgramParameter(program, gl.LINK_STATUS)) throw new Error(gl.getProgramInfoLog(program));
+    const uniforms = {};
+    const n = gl.getProgramParameter(program, gl.ACTIVE_UNIFORMS);
+    for (let i = 0; i < n; i++) {
+      const name = gl.getActiveUniform(program, i).name;
+      uniforms[name] = gl.getUniformLocation(program, name);
+    }
+    return { program, uniforms };
+  }
+
+  function floatTexture(gl, width, height, data, internal = gl.RGBA32F) {
+    const tex = gl.createTexture();
+    gl.bindTexture(gl.TEXTURE_2D, tex);
+    gl.texImage2D(gl.TEXTURE_2D, 0, internal, width, height, 0, gl.RGBA,
+                  internal === gl.RGBA16F ? gl.HALF_FLOAT : gl.FLOAT, data);
+    for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
+    return tex;
+  }
+
+  // ------------------------------------------------------------ the model on the GPU
+
+  class Player {
+    constructor(canvas, buffer, scale) {
+      const { meta, arrays } = unpack(buffer);
+      this.meta = meta;
+      this.arrays = arrays;
+      this.N = meta.n_gaussians;
+      this.TH = Math.max(1, Math.ceil(this.N / TW));
+      const gl = canvas.getContext("webgl2", { antialias: false, alpha: false, preserveDrawingBuffer: true });
+      if (!gl) throw new Error("this browser has no WebGL2");
+      if (!gl.getExtension("EXT_color_buffer_float")) throw new Error("WebGL2 without EXT_color_buffer_float");
+      this.gl = gl;
+      this.floatBlend = !!gl.getExtension("EXT_float_blend");
+
+      const v = meta.view;
+      this.width = Math.round(v.width * scale);
+      this.height = Math.round(v.height * scale);
+      canvas.width = this.width;
+      canvas.height = this.height;
+      this.K = [v.K[0][0] * scale, v.K[1][1] * scale, v.K[0][2] * scale, v.K[1][2] * scale];
+      this.V0 = Float64Array.from(v.viewmat.flat());
+      this.target = v.target;
+      this.background = v.background;
+      this.orbit = { yaw: 0, pitch: 0, zoom: 1 };
+
+      this.components = {};
+      this.offsets = {};
+      let start = 0;
+      for (const a of ATTRS) {
+        this.components[a] = meta.attributes[a].blocks.reduce((s, b) => s + b.components, 0);
+        this.offsets[a] = start;
+        start += this.components[a];
+      }
+      this.nCoefficients = start;
+      this.coefficients = new Float32Array(start);
+      this.tracks = meta.tracks.map((t, i) => ({
+        ...t,
+        coefficients: arrays[`track.${i}.coefficients`], R: arrays[`track.${i}.R`], t: arrays[`track.${i}.t`],
+      }));
+      this.track = 0;
+      this.frame = 0;
+      this.pose = rigid([1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 0]);
+
+      this._upload();
+      this.evalProgram = compile(gl, FULLSCREEN_VS, EVAL_FS.replace("MAX_LAYERS", String(this.maxLayers)));
+      this.splatProgram = compile(gl, SPLAT_VS, SPLAT_FS);
+      this.backgroundProgram = compile(gl, FULLSCREEN_VS, BACKGROUND_FS);
+      this.presentProgram = compile(gl, FULLSCREEN_VS, PRESENT_FS);
+      this._targets();
+      this.positions = new Float32Array(3 * this.N);
+      this.keys = new Uint32Array(this.N);
+      this.order = new Uint32Array(TW * this.TH);
+      this.scratch = new Uint32Array(TW * this.TH);
+      this.scratchKeys = new Uint32Array(this.N);
+      this.depth32 = new Float32Array(1);
+      this.depthBits = new Uint32Array(this.depth32.buffer);
+      this.dirty = true;
+      this.setFrame(0);
+    }
+
+    // Dense per-slot textures: mean [TW, TH] and sqrt(lambda) basis [TW, TH, layers] (layer k holds
+    // component k of each attribute of the slot, zero outside the component's part), dequantised as the
+    // Python loader does.
+    _upload() {
+      const gl = this.gl, size = TW * this.TH * 4;
+      this.layers = SLOTS.map((attrs) => Math.max(...attrs.map(([a]) => this.components[a])));
+      const means = SLOTS.map(() => new Float32Array(size));
+      const bases = this.layers.map((L) => new Float32Array(size * Math.max(L, 1)));
+      SLOTS.forEach((attrs, slot) => attrs.forEach(([a, first]) => {
+        const C = CHANNELS[a], mean = means[slot], basis = bases[slot];
+        let layer = 0;
+        this.meta.attributes[a].blocks.forEach((b, i) => {
+          const key = `${a}.${i}`, index = this.arrays[key + ".index"];
+          const mq = this.arrays[key + ".mean"], bq = this.arrays[key + ".basis"], lam = this.arrays[key + ".eigenvalues"];
+          for (let g = 0; g < b.n; g++) {
+            const dst = 4 * (index ? index[g] : g) + first;
+            for (let ch = 0; ch < C; ch++) mean[dst + ch] = Math.fround(b.mean_offset[ch] + b.mean_scale[ch] * mq[g * C + ch]);
+          }
+          for (let k = 0; k < b.components; k++, layer++) {
+            const s = Math.fround(Math.sqrt(lam[k])), row = k * b.n * C;
+            const off = b.basis_offset[k], sc = b.basis_scale[k];
+            for (let g = 0; g < b.n; g++) {
+              const dst = layer * size + 4 * (index ? index[g] : g) + first;
+              for (let ch = 0; ch < C; ch++) basis[dst + ch] = Math.fround(s * Math.fround(off + sc * bq[row + g * C + ch]));
+            }
+          }
+        });
+      }));
+      // positions again on the CPU, [N, 3] and [K, N, 3]: the depth sort needs them every frame, and
+      // computing them here (K N 3 multiply-adds, ~1 ms) is cheaper than reading them back from the GPU
+      // (a round trip that stalls the pipeline)
+      const N = this.N, Kp = this.components.positions;
+      this.posMean = new Float32Array(3 * N);
+      this.posBasis = new Float32Array(3 * N * Kp);
+      for (let g = 0; g < N; g++) for (let ch = 0; ch < 3; ch++) {
+        this.posMean[3 * g + ch] = means[0][4 * g + ch];
+        for (let k = 0; k < Kp; k++) this.posBasis[(k * N + g) * 3 + ch] = bases[0][k * size + 4 * g + ch];
+      }
+      this.meanTex = means.map((m) => floatTexture(gl, TW, this.TH, m));
+      this.basisTex = bases.map((basis, slot) => {
+        const tex = gl.createTexture();
+        gl.bindTexture(gl.TEXTURE_2D_ARRAY, tex);
+        gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA16F, TW, this.TH, Math.max(this.layers[slot], 1), 0, gl.RGBA,
+                      gl.HALF_FLOAT, toHalf(basis));
+        for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D_ARRAY, p, gl.NEAREST);
+        return tex;
+      });
+      const colors = new Uint8Array(TW * this.TH * 4), c = this.arrays.colors;
+      for (let g = 0; g < this.N; g++) for (let ch = 0; ch < 3; ch++) colors[4 * g + ch] = c[3 * g + ch];
+      this.colorTex = gl.createTexture();
+      gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
+      gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGBA8, TW, this.TH, 0, gl.RGBA, gl.UNSIGNED_BYTE, colors);
+      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
+      this.maxLayers = Math.max(1, this.layers.reduce((a, b) => a + b, 0));
+      const limit = gl.getParameter(gl.MAX_UNIFORM_BLOCK_SIZE) / 16;
+      if (this.maxLayers > limit) throw new Error(`${this.maxLayers} basis layers exceed this browser's ${limit} uniform vec4s; export fewer components (viewer.export_energy)`);
+      this.coefData = new Float32Array(4 * this.maxLayers);
+      this.coefBuffer = gl.createBuffer();
+      gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
+      gl.bufferData(gl.UNIFORM_BUFFER, this.coefData.byteLength, gl.DYNAMIC_DRAW);
+    }
+
+    _targets() {
+      const gl = this.gl;
+      this.gaussTex = [0, 1, 2].map(() => floatTexture(gl, TW, this.TH, null));
+      this.evalFbo = gl.createFramebuffer();
+      gl.bindFramebuffer(gl.FRAMEBUFFER, this.evalFbo);
+      this.gaussTex.forEach((t, i) => gl.framebufferTexture2D(gl.FRAMEBUFFER, gl.COLOR_ATTACHMENT0 + i, gl.TEXTURE_2D, t, 0));
+      gl.drawBuffers([gl.COLOR_ATTACHMENT0, gl.COLOR_ATTACHMENT1, gl.COLOR_ATTACHMENT2]);
+      // the image accumulates in float: 8-bit blending would round at every one of a pixel's splats
+      this.imageTex = floatTexture(gl, this.width, this.height, null, this.floatBlend ? gl.RGBA32F : gl.RGBA16F);
+      this.imageFbo = gl.createFramebuffer();
+      gl.bindFramebuffer(gl.FRAMEBUFFER, this.imageFbo);
+      gl.framebufferTexture2D(gl.FRAMEBUFFER, gl.COLOR_ATTACHMENT0, gl.TEXTURE_2D, this.imageTex, 0);
+      if (gl.checkFramebufferStatus(gl.FRAMEBUFFER) !== gl.FRAMEBUFFER_COMPLETE) throw new Error("float render target unsupported");
+      // the sorted order as a texture, not an instanced attribute: SwiftShader pays per instance
+      this.orderTex = gl.createTexture();
+      gl.bindTexture(gl.TEXTURE_2D, this.orderTex);
+      gl.texImage2D(gl.TEXTURE_2D, 0, gl.R32UI, TW, this.TH, 0, gl.RED_INTEGER, gl.UNSIGNED_INT, null);
+      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
+      this.emptyVao = gl.createVertexArray();
+    }
+
+    // ---- state
+
+    setTrack(i) { this.track = i; this.setFrame(0); }
+
+    setFrame(f) {
+      const tr = this.tracks[this.track];
+      this.frame = Math.max(0, Math.min(f, tr.frames - 1));
+      this.coefficients.set(tr.coefficients.subarray(this.frame * this.nCoefficients, (this.frame + 1) * this.nCoefficients));
+      this.pose = rigid(tr.R.subarray(9 * this.frame, 9 * this.frame + 9), tr.t.subarray(3 * this.frame, 3 * this.frame + 3));
+      this.dirty = true;
+    }
+
+    setCoefficient(attr, k, value) { this.coefficients[this.offsets[attr] + k] = value; this.dirty = true; }
+
+    mean() { this.coefficients.fill(0); this.dirty = true; }
+
+    // world-to-camera of the orbit camera (row-major 4x4): the dataset camera turned about the head
+    viewmat() {
+      const V0 = this.V0, o = this.orbit;
+      const Rc2w = [V0[0], V0[4], V0[8], V0[1], V0[5], V0[9], V0[2], V0[6], V0[10]]; // transpose of V0's rotation
+      const eye = apply3(Rc2w, [-V0[3], -V0[7], -V0[11]]);
+      const up = [-Rc2w[1], -Rc2w[4], -Rc2w[7]], right = [Rc2w[0], Rc2w[3], Rc2w[6]];
+      const Rot = mul3(rotation(up, o.yaw), rotation(right, o.pitch));
+      const rel = apply3(Rot, [0, 1, 2].map((i) => (eye[i] - this.target[i]) * o.zoom));
+      const e = [0, 1, 2].map((i) => this.target[i] + rel[i]);
+      const R = mul3(Rot, Rc2w);
+      const Rw2c = [R[0], R[3], R[6], R[1], R[4], R[7], R[2], R[5], R[8]];
+      const t = apply3(Rw2c, e).map((x) => -x);
+      return rigid(Rw2c, t);
+    }
+
+    // ---- the three passes
+
+    evaluate() {
+      const gl = this.gl, p = this.evalProgram, c = this.coefData;
+      c.fill(0);
+      let at = 0;
+      SLOTS.forEach((attrs, slot) => {
+        for (const [a, first] of attrs) {
+          const o = this.offsets[a];
+          for (let k = 0; k < this.components[a]; k++) {
+            for (let ch = 0; ch < CHANNELS[a]; ch++) c[4 * (at + k) + first + ch] = this.coefficients[o + k];
+          }
+        }
+        at += this.layers[slot];
+      });
+      gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
+      gl.bufferSubData(gl.UNIFORM_BUFFER, 0, c);
+      gl.bindBufferBase(gl.UNIFORM_BUFFER, 0, this.coefBuffer);
+      gl.useProgram(p.program);
+      gl.uniformBlockBinding(p.program, gl.getUniformBlockIndex(p.program, "Coefficients"), 0);
+      gl.bindFramebuffer(gl.FRAMEBUFFER, this.evalFbo);
+      gl.viewport(0, 0, TW, this.TH);
+      gl.disable(gl.BLEND);
+      SLOTS.forEach((_, i) => {
+        gl.activeTexture(gl.TEXTURE0 + i);
+        gl.bindTexture(gl.TEXTURE_2D, this.meanTex[i]);
+        gl.uniform1i(p.uniforms[`uMean${i}`], i);
+        gl.activeTexture(gl.TEXTURE3 + i);
+        gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex[i]);
+        gl.uniform1i(p.uniforms[`uBasis${i}`], 3 + i);
+      });
+      gl.uniform3i(p.uniforms.uLayers, ...this.layers);
+      gl.bindVertexArray(this.emptyVao);
+      gl.drawArrays(gl.TRIANGLES, 0, 3);
+      // the same positions on the CPU, for the depth sort (see _upload)
+      const pos = this.positions, basis = this.posBasis, n3 = 3 * this.N, o = this.offsets.positions;
+      pos.set(this.posMean);
+      for (let k = 0; k < this.components.positions; k++) {
+        const ck = this.coefficients[o + k];
+        if (ck === 0) continue;
+        for (let i = 0, j = k * n3; i < n3; i++, j++) pos[i] += ck * basis[j];
+      }
+      this.dirty = false;
+    }
+
+    // front to back in camera depth; a stable LSD radix sort of the float's bits (positive floats
+    // order as their bits; Gaussians behind the camera go last, the splat shader drops them)
+    sort(view) {
+      const N = this.N, pos = this.positions, keys = this.keys;
+      const m0 = view[8], m1 = view[9], m2 = view[10], m3 = view[11];
+      for (let i = 0; i < N; i++) {
+        const z = m0 * pos[3 * i] + m1 * pos[3 * i + 1] + m2 * pos[3 * i + 2] + m3;
+        this.depth32[0] = z;
+        keys[i] = z > 0 ? this.depthBits[0] : 0xffffffff;
+        this.order[i] = i;
+      }
+      let src = this.order, dst = this.scratch, srcKeys = keys, dstKeys = this.scratchKeys;
+      const counts = this.counts || (this.counts = new Uint32Array(65536));
+      for (const shift of [0, 16]) {
+        counts.fill(0);
+        for (let i = 0; i < N; i++) counts[(srcKeys[i] >>> shift) & 0xffff]++;
+        let sum = 0;
+        for (let b = 0; b < 65536; b++) { const c = counts[b]; counts[b] = sum; sum += c; }
+        for (let i = 0; i < N; i++) {
+          const at = counts[(srcKeys[i] >>> shift) & 0xffff]++;
+          dst[at] = src[i];
+          dstKeys[at] = srcKeys[i];
+        }
+        [src, dst, srcKeys, dstKeys] = [dst, src, dstKeys, srcKeys];
+      }
+      const gl = this.gl;
+      gl.bindTexture(gl.TEXTURE_2D, this.orderTex);
+      gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, TW, this.TH, gl.RED_INTEGER, gl.UNSIGNED_INT, src);
+    }
+
+    splat(view) {
+      const gl = this.gl, p = this.splatProgram;
+      gl.bindFramebuffer(gl.FRAMEBUFFER, this.imageFbo);
+      gl.viewport(0, 0, this.width, this.height);
+      gl.clearColor(0, 0, 0, 0);
+      gl.clear(gl.COLOR_BUFFER_BIT);
+      gl.enable(gl.BLEND);
+      // front to back ("under"): C += (1 - A) c alpha, A += (1 - A) alpha
+      gl.blendFuncSeparate(gl.ONE_MINUS_DST_ALPHA, gl.ONE, gl.ONE_MINUS_DST_ALPHA, gl.ONE);
+      gl.useProgram(p.program);
+      ["uPos", "uRot", "uScaleOpacity"].forEach((name, i) => {
+        gl.activeTexture(gl.TEXTURE0 + i);
+        gl.bindTexture(gl.TEXTURE_2D, this.gaussTex[i]);
+        gl.uniform1i(p.uniforms[name], i);
+      });
+      gl.activeTexture(gl.TEXTURE3);
+      gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
+      gl.uniform1i(p.uniforms.uColor, 3);
+      gl.activeTexture(gl.TEXTURE4);
+      gl.bindTexture(gl.TEXTURE_2D, this.orderTex);
+      gl.uniform1i(p.uniforms.uOrder, 4);
+      gl.uniformMatrix4fv(p.uniforms.uView, true, Float32Array.from(view));
+      gl.uniform4f(p.uniforms.uIntr, ...this.K);
+      gl.uniform2f(p.uniforms.uSize, this.width, this.height);
+      gl.uniform1f(p.uniforms.uHeight, this.height);
+      gl.bindVertexArray(this.emptyVao);
+      gl.drawArrays(gl.TRIANGLES, 0, 6 * this.N);
+      gl.useProgram(this.backgroundProgram.program); // + T_final * background
+      gl.uniform3f(this.backgroundProgram.uniforms.uBackground, ...this.background);
+      gl.bindVertexArray(this.emptyVao);
+      gl.drawArrays(gl.TRIANGLES, 0, 3);
+      gl.disable(gl.BLEND);
+      gl.bindFramebuffer(gl.FRAMEBUFFER, null);
+      gl.useProgram(this.presentProgram.program);
+      gl.activeTexture(gl.TEXTURE0);
+      gl.bindTexture(gl.TEXTURE_2D, this.imageTex);
+      gl.uniform1i(this.presentProgram.uniforms.uImage, 0);
+      gl.drawArrays(gl.TRIANGLES, 0, 3);
+    }
+
+    // GEM space -> camera of the current frame: the orbit camera composed with the frame's GEM pose
+    gemView() { return mul4(this.viewmat(), this.pose); }
+
+    render() {
+      if (this.dirty) this.evaluate();
+      const view = this.gemView();
+      this.sort(view);
+      this.splat(view);
+    }
+
+    // the float image [H, W, 4] as it was composited, rows from the top
+    capture() {
+      const gl = this.gl, data = new Float32Array(this.width * this.height * 4);
+      gl.bindFramebuffer(gl.FRAMEBUFFER, this.imageFbo);
+      gl.readBuffer(gl.COLOR_ATTACHMENT0);
+      gl.readPixels(0, 0, this.width, this.height, gl.RGBA, gl.FLOAT, data);
+      const out = new Float32Array(data.length), row = this.width * 4;
+      for (let i = 0; i < this.height; i++) out.set(data.subarray((this.height - 1 - i) * row, (this.height - i) * row), i * row);
+      return out;
+    }
+
+    // capture() as base64 of its float32 bytes (for tests: playwright carries strings well)
+    captureBase64() {
+      const bytes = new Uint8Array(this.capture().buffer);
+      let text = "";
+      for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+      return btoa(text);
+    }
+
+    // ms per frame over n frames, the camera turning: animated re-evaluates the GEM every frame
+    // (next frame of the track), static draws the Gaussians already evaluated
+    benchmark(n, animated) {
+      const tr = this.tracks[this.track], pixel = new Float32Array(4), gl = this.gl;
+      this.render();
+      const start = performance.now();
+      for (let i = 0; i < n; i++) {
+        if (animated) this.setFrame((this.frame + 1) % tr.frames);
+        this.orbit.yaw += 0.002;
+        this.render();
+        gl.bindFramebuffer(gl.FRAMEBUFFER, this.imageFbo);
+        gl.readPixels(0, 0, 1, 1, gl.RGBA, gl.FLOAT, pixel); // waits for the frame
+      }
+      return (performance.now() - start) / n;
+    }
+  }
+
+  // ------------------------------------------------------------ page
+
+  function slider(parent, label, min, max, step, value, oninput) {
+    const row = document.createElement("div");
+    row.className = "row";
+    row.innerHTML = `<label title="${label}">${label}</label><input type="range" min="${min}" max="${max}" step="${step}" value="${value}"><span></span>`;
+    const input = row.querySelector("input"), out = row.querySelector("span");
+    const show = () => { out.textContent = Number(input.value).toFixed(2); };
+    input.addEventListener("input", () => { show(); oninput(Number(input.value)); });
+    show();
+    parent.appendChild(row);
+    return { input, set: (v) => { input.value = v; show(); } };
+  }
+
+  async function start() {
+    const params = new URLSearchParams(location.search);
+    const canvas = document.getElementById("canvas");
+    const buffer = await inflate(decodeBase64(window.GEM_DATA));
+    const meta = unpack(buffer).meta;
+    // rendered at the window's size (K scaled), not stretched: a 200-pixel training camera still looks sharp
+    const fit = Math.min((window.innerHeight - 10) / meta.view.height, (window.innerWidth - 320) / meta.view.width);
+    const scale = Number(params.get("scale")) || fit;
+    const player = new Player(canvas, buffer, scale);
+    window.GEM = player;
+    const v = meta.viewer;
+    document.getElementById("info").innerHTML =
+      `<b>GEM</b> · ${player.N} Gaussians · components ${ATTRS.map((a) => player.components[a]).join("/")} · ` +
+      `${player.floatBlend ? "fp32" : "fp16"} compositing`;
+
+    const trackSelect = document.getElementById("track"), frame = document.getElementById("frame");
+    const frameValue = document.getElementById("frame-value"), play = document.getElementById("play");
+    player.tracks.forEach((t, i) => trackSelect.add(new Option(`${t.label} (${t.frames})`, i)));
+    const sliders = [];
+    const container = document.getElementById("sliders");
+    for (const a of ATTRS) {
+      const h = document.createElement("h3");
+      h.textContent = a[0].toUpperCase() + a.slice(1);
+      container.appendChild(h);
+      let index = 0;
+      meta.attributes[a].blocks.forEach((b) => {
+        for (let k = 0; k < b.components; k++, index++) {
+          if (k >= v.sliders) continue;
+          const i = index;
+          const s = slider(container, b.part === "all" ? `${k}` : `${b.part} ${k}`, -v.sigma, v.sigma, 0.01, 0,
+                           (value) => { playing = false; play.textContent = "Play"; player.setCoefficient(a, i, value); });
+          s.attr = a;
+          s.index = i;
+          sliders.push(s);
+        }
+      });
+    }
+    const syncSliders = () => sliders.forEach((s) => s.set(player.coefficients[player.offsets[s.attr] + s.index]));
+    const showFrame = (f) => { player.setFrame(f); frame.value = player.frame; frameValue.textContent = player.frame; syncSliders(); };
+    const showTrack = (i) => { player.setTrack(i); frame.max = player.tracks[i].frames - 1; showFrame(0); };
+
+    let playing = false, playStart = 0, playFrom = 0;
+    trackSelect.addEventListener("change", () => showTrack(Number(trackSelect.value)));
+    frame.addEventListener("input", () => showFrame(Number(frame.value)));
+    play.addEventListener("click", () => {
+      playing = !playing;
+      play.textContent = playing ? "Pause" : "Play";
+      playStart = performance.now();
+      playFrom = player.frame;
+    });
+    document.getElementById("mean").addEventListener("click", () => { player.mean(); syncSliders(); });
+    document.getElementById("reset-view").addEventListener("click", () => { player.orbit = { yaw: 0, pitch: 0, zoom: 1 }; });
+
+    let drag = null;
+    canvas.addEventListener("pointerdown", (e) => { drag = [e.clientX, e.clientY]; canvas.setPointerCapture(e.pointerId); });
+    canvas.addEventListener("pointerup", () => { drag = null; });
+    canvas.addEventListener("pointermove", (e) => {
+      if (!drag) return;
+      player.orbit.yaw -= (e.clientX - drag[0]) * 0.01;
+      player.orbit.pitch = Math.max(-1.4, Math.min(1.4, player.orbit.pitch + (e.clientY - drag[1]) * 0.01));
+      drag = [e.clientX, e.clientY];
+    });
+    canvas.addEventListener("wheel", (e) => { e.preventDefault(); player.orbit.zoom *= Math.exp(e.deltaY * 0.001); }, { passive: false });
+
+    showTrack(0);
+    const fpsLabel = document.getElementById("fps");
+    let frames = 0, since = performance.now();
+    function loop(now) {
+      if (playing) {
+        const T = player.tracks[player.track].frames;
+        const f = (playFrom + Math.floor((now - playStart) / 1000 * v.fps)) % T;
+        if (f !== player.frame) showFrame(f);
+      }
+      player.render();
+      frames++;
+      if (now - since > 500) {
+        fpsLabel.textContent = `${(1000 * frames / (now - since)).toFixed(1)} FPS`;
+        frames = 0;
+        since = now;
+      }
+      requestAnimationFrame(loop);
+    }
+    requestAnimationFrame(loop);
+    window.GEM_UI = { showFrame, showTrack, play: () => play.click() };
+    document.body.dataset.ready = "true";
+  }
+
+  start().catch((e) => {
+    document.getElementById("error").textContent = String(e && e.stack || e);
+    document.body.dataset.ready = "error";
+    throw e;
+  });
+})();
