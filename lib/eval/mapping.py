@@ -197,8 +197,8 @@ def reenact(cfg, source_cfg, log=print) -> dict:
     # the source's motion relative to its identity frame, applied to the target's identity pose
     src_id, tgt_id = source_cfg.actor.identity_timestep, cfg.actor.identity_timestep
     R_s, t_s = src_data.gem_pose([src_id, *steps])
-    refinement = load_refinement(latest_checkpoint(paths.regressor_checkpoints))  # the poses GEM was fitted at
-    R_i, t_i = ActorData(target, flame, device, keep_meshes=False, refinement=refinement).gem_pose([tgt_id])
+    refined = ActorData(target, flame, device, keep_meshes=False, refinement=load_refinement(paths))  # as GEM saw it
+    R_i, t_i = refined.gem_pose([tgt_id])
     M = R_s[1:] @ R_s[0].T
     R = M @ R_i[0]
     t = (M @ (t_i[0] - t_s[0])[:, None])[..., 0] + t_s[1:]

@@ -17,8 +17,6 @@ pose those timesteps refined.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
@@ -82,10 +80,12 @@ def refinement_from_state(state: dict | None) -> FlameRefinement | None:
     return refinement.requires_grad_(False)
 
 
-def load_refinement(checkpoint: str | Path | None) -> FlameRefinement | None:
-    """The FLAME refinement stored with a regressor checkpoint (None without one, or trained without it)."""
+def load_refinement(paths) -> FlameRefinement | None:
+    """The FLAME refinement of a run's regressor (``paths``: its ``ActorPaths``), from its newest checkpoint:
+    what GEM and the mapping network's poses were made with. None without a checkpoint, or trained without."""
+    from lib.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    checkpoint = latest_checkpoint(paths.regressor_checkpoints)
     if checkpoint is None:
         return None
-    from lib.train.checkpoint import load_checkpoint
-
     return refinement_from_state(load_checkpoint(checkpoint, map_location="cpu").get("flame_refinement"))

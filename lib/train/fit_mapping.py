@@ -163,7 +163,7 @@ def fit_mapping(cfg, log=print) -> MappingNetwork:
     flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
     # the GEM poses of the train timesteps as the regressor (and so GEM) saw them: refined if it refined them
-    data = ActorData(export, flame, device, refinement=load_refinement(latest_checkpoint(paths.regressor_checkpoints)))
+    data = ActorData(export, flame, device, refinement=load_refinement(paths))
     gem_rows = {int(t): i for i, t in enumerate(gem.timesteps)}
     train_steps = [t for t, _ in export.timesteps("train") if t in gem_rows]
     if not train_steps:

@@ -34,6 +34,7 @@ from lib.atomic import load_torch
 from lib.dataset.vhap import VhapExport
 from lib.eval.mapping import export_gem, self_reenactment_track
 from lib.flame.model import FlameModel
+from lib.models.flame_refinement import load_refinement
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, GemError
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
@@ -86,7 +87,9 @@ def actor_tracks(cfg, model: GaussianEigenModel, log=print) -> list[dict]:
     """The tracks of an actor's run that exist (module docstring)."""
     paths = ActorPaths(cfg)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
+    # the fitted frames' poses as GEM was fitted at them: refined where the regressor refined them
+    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False,
+                     refinement=load_refinement(paths))
     steps = [int(s) for s in model.timesteps]
     with torch.no_grad():
         R, t = data.gem_pose(steps)

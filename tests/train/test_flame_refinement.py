@@ -9,7 +9,6 @@ from lib.models.avatar import build_avatar, load_regressor
 from lib.models.flame_refinement import UNITS, FlameRefinement, load_refinement
 from lib.paths import ActorPaths, resolve
 from lib.train import trainer
-from lib.train.checkpoint import latest_checkpoint
 from lib.train.data import ActorData
 from lib.train.fit_gem import fit_gem
 
@@ -68,8 +67,7 @@ def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run
     cfg = load_config(config, overrides + ["train.refine_flame=true", "train.iterations=6", "gem.evaluate=false",
                                            "gem.positions=2", "gem.rotations=2", "gem.scales=2", "gem.opacities=2"])
     trainer.train(cfg, log=QUIET)
-    ckpt = latest_checkpoint(ActorPaths(cfg).regressor_checkpoints)
-    refinement = load_refinement(ckpt)
+    refinement = load_refinement(ActorPaths(cfg))
     export = VhapExport.from_config(cfg)
     train_steps = sorted(t for t, _ in export.timesteps("train"))
     test_steps = sorted(t for t, _ in export.timesteps("test"))
@@ -86,6 +84,6 @@ def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run
     # resuming keeps the corrections; GEM is fitted on the refined poses
     before = refinement.state_dict()
     trainer.train(load_config(config, overrides + ["train.refine_flame=true", "train.iterations=6"]), log=QUIET)
-    assert all(torch.equal(v, load_refinement(latest_checkpoint(ActorPaths(cfg).regressor_checkpoints)).state_dict()[k])
+    assert all(torch.equal(v, load_refinement(ActorPaths(cfg)).state_dict()[k])
                for k, v in before.items())
     fit_gem(cfg, log=QUIET)
