@@ -2,10 +2,12 @@
 
 Sizes: the fp32 / fp16 GEM file against the compressed GEM at several (viewer.export_energy,
 viewer.export_bits) settings, and the whole exported folder at the config's settings.
-Quality: PSNR against the images (on white; full frame and inside the head mask) of frames of camera
-test.camera whose timesteps the GEM was fitted to, rendered by render_gem with the fitted coefficients
-and GEM pose, with the fp32 GEM and with each compressed one: the loss is the difference. Also the PSNR
-of each compressed render against the fp32 render (fidelity).
+Quality: PSNR against the images (on white; full frame and inside the head mask), rendered by render_gem
+with the fp32 GEM and with each compressed one (the loss is the difference, full / masked), on 'val':
+frames of camera test.camera whose timesteps the GEM was fitted to, with the fitted coefficients; and
+'test': the held-out sequence's frames of that camera with the mapping network's predicted coefficients
+(with the mapping's config, e.g. configs/mapping.yml). Also the PSNR of each compressed render against
+the fp32 render (fidelity).
 Browser (headless Chromium, SwiftShader, only where /usr/bin/chromium exists): ms per frame of the
 exported page, animated (GEM evaluated on the GPU every frame, next fitted frame) against static (the same
 Gaussians, evaluated once; still sorted and splatted every frame, the camera turning). Software WebGL:
@@ -30,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.config import load_config  # noqa: E402
 from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.eval.evaluate import pick_frames  # noqa: E402
-from lib.eval.mapping import export_gem  # noqa: E402
+from lib.eval.mapping import export_gem, self_reenactment_track  # noqa: E402
 from lib.flame.model import FlameModel  # noqa: E402
+from lib.models.flame_refinement import load_refinement  # noqa: E402
 from lib.models.gem import render_gem  # noqa: E402
 from lib.paths import ActorPaths  # noqa: E402
 from lib.train.data import ActorData  # noqa: E402
-from lib.train.losses import composite_gt  # noqa: E402
 from lib.train.metrics import psnr  # noqa: E402
-from lib.viewer.compressed import compress, encode_gem, gzipped, pack, read_container  # noqa: E402
+from lib.viewer.compressed import compress, encode_gem, gzipped, kept_index, pack, read_container  # noqa: E402
 from lib.viewer.web_export import export_web  # noqa: E402
 
 SETTINGS = [(1.0, 16), (1.0, 8), (0.9999, 8), (0.999, 8), (0.995, 8), (0.99, 8)]
@@ -47,48 +49,75 @@ ARGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsaf
 
 
 @torch.no_grad()
-def quality(cfg, model, settings, n_frames: int) -> None:
+def split_frames(cfg, model, n_frames: int):
+    """The frames each quality table scores, with their coefficients and GEM poses: 'val' (frames of
+    test.camera at timesteps the GEM was fitted to, with the fitted coefficients) and 'test' (the
+    held-out sequence's frames that test.py scores, with the mapping network's predicted coefficients,
+    when the config has a mapping checkpoint). -> {split: (frames, coefficients attr -> [F, K], R, t)}"""
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
+    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False,
+                     refinement=load_refinement(ActorPaths(cfg)))
     rows = {int(t): i for i, t in enumerate(model.timesteps)}
-    frames = [f for split in cfg.gem.splits for f in export.split(split)
-              if f.camera_index == cfg.test.camera and f.timestep_index in rows]
-    frames = pick_frames(frames, n_frames)
+    frames = pick_frames([f for split in cfg.gem.splits for f in export.split(split)
+                          if f.camera_index == cfg.test.camera and f.timestep_index in rows], n_frames)
     R, t = data.gem_pose([f.timestep_index for f in frames])
+    pick = [rows[f.timestep_index] for f in frames]
+    out = {"val": (frames, {a: v[pick] for a, v in model.coefficients.items()}, R, t), "test": None}
+    track = self_reenactment_track(cfg, log=lambda *a: None)
+    if track is not None:
+        steps = track["timesteps"].tolist()
+        frames = pick_frames([f for f in export.camera_frames("test", cfg.test.camera) if f.timestep_index in steps],
+                             n_frames)
+        pick = [steps.index(f.timestep_index) for f in frames]
+        out["test"] = (frames, {a: v[pick] for a, v in track["coefficients"].items()}, track["R"][pick], track["t"][pick])
+    return out, data
+
+
+@torch.no_grad()
+def quality(cfg, model, settings, n_frames: int) -> None:
     white = torch.ones(3)
-    samples = [data.sample(f) for f in frames]
-    gts = [composite_gt(s.image[None], s.alpha[None], white[None])[0] for s in samples]
+    splits, data = split_frames(cfg, model, n_frames)
+    for split, chosen in splits.items():
+        if chosen is None:
+            print(f"\n{split}: no mapping checkpoint fits this config, so no predicted coefficients: run the bench "
+                  "with the mapping's config (e.g. configs/mapping.yml)")
+            continue
+        frames, coefficients, R, t = chosen
+        samples = [data.sample(f) for f in frames]
+        gts = [s.ground_truth(white)[0] for s in samples]
 
-    def renders(m):
-        out = []
-        for i, (f, s) in enumerate(zip(frames, samples)):
-            c = {a: v[rows[f.timestep_index]:rows[f.timestep_index] + 1] for a, v in m.coefficients.items()}
-            out.append(render_gem(m, c, R[i:i + 1], t[i:i + 1], s.viewmat[None], s.K[None], f.camera.width,
-                                  f.camera.height, white).rgb[0].clamp(0, 1))
-        return out
+        def renders(m, index=None):
+            out = []
+            for i, (f, s) in enumerate(zip(frames, samples)):
+                c = {a: (v if index is None else v[:, index[a]])[i:i + 1] for a, v in coefficients.items()}
+                out.append(render_gem(m, c, R[i:i + 1], t[i:i + 1], s.viewmat[None], s.K[None], f.camera.width,
+                                      f.camera.height, white).rgb[0].clamp(0, 1))
+            return out
 
-    def scores(images):
-        full = np.mean([psnr(x, g) for x, g in zip(images, gts)])
-        masked = np.mean([psnr(x, g, s.alpha) for x, g, s in zip(images, gts, samples)])
-        return full, masked
+        def scores(images):
+            full = np.mean([psnr(x, g) for x, g in zip(images, gts)])
+            masked = np.mean([psnr(x, g, s.alpha) for x, g, s in zip(images, gts, samples)])
+            return full, masked
 
-    reference = renders(model)
-    ref_full, ref_masked = scores(reference)
-    print(f"\nquality over {len(frames)} fitted frames of camera {cfg.test.camera} (render_gem, white; bytes: the fp32 "
-          "file, the compressed GEMs gzipped as gem.js holds them):")
-    print(f"  {'GEM':<24} {'components':>16} {'bytes':>10} {'PSNR full':>9} {'masked':>7} {'loss':>6} "
-          f"{'vs fp32 render':>14}")
-    comps = "/".join(str(model.n_components(a)) for a in model.blocks)
-    print(f"  {'fp32':<24} {comps:>16} {model.nbytes():>10} {ref_full:>9.3f} {ref_masked:>7.3f} {0:>6.3f} {'-':>14}")
-    for energy, bits in settings:
-        small = compress(model, energy, bits)
-        size = len(gzipped(pack(*encode_gem(model, energy, bits))))
-        images = renders(small)
-        full, masked = scores(images)
-        fidelity = np.mean([psnr(x, r) for x, r in zip(images, reference)])
-        comps = "/".join(str(small.n_components(a)) for a in small.blocks)
-        print(f"  {f'energy {energy:g}, {bits} bits':<24} {comps:>16} {size:>10} {full:>9.3f} {masked:>7.3f} "
-              f"{ref_full - full:>6.3f} {fidelity:>11.1f} dB")
+        reference = renders(model)
+        ref_full, ref_masked = scores(reference)
+        what = "fitted" if split == "val" else "predicted (mapping network)"
+        print(f"\n{split}: {len(frames)} frames of camera {cfg.test.camera}, {what} coefficients (render_gem, white; "
+              "bytes: the fp32 file, the compressed GEMs gzipped as gem.js holds them):")
+        print(f"  {'GEM':<24} {'components':>16} {'bytes':>10} {'PSNR full':>9} {'masked':>7} {'loss':>13} "
+              f"{'vs fp32 render':>14}")
+        comps = "/".join(str(model.n_components(a)) for a in model.blocks)
+        print(f"  {'fp32':<24} {comps:>16} {model.nbytes():>10} {ref_full:>9.3f} {ref_masked:>7.3f} {'-':>13} {'-':>14}")
+        for energy, bits in settings:
+            small = compress(model, energy, bits)
+            size = len(gzipped(pack(*encode_gem(model, energy, bits))))
+            index = kept_index(model, {a: [b.n_components for b in small.blocks[a]] for a in small.blocks})
+            images = renders(small, index)
+            full, masked = scores(images)
+            fidelity = np.mean([psnr(x, r) for x, r in zip(images, reference)])
+            comps = "/".join(str(small.n_components(a)) for a in small.blocks)
+            print(f"  {f'energy {energy:g}, {bits} bits':<24} {comps:>16} {size:>10} {full:>9.3f} {masked:>7.3f} "
+                  f"{ref_full - full:>6.3f}/{ref_masked - masked:>6.3f} {fidelity:>11.1f} dB")
 
 
 def browser(folder: Path, frames: int, height: int, repeats: int) -> None:
