@@ -97,7 +97,7 @@ def mouth_loop(faces: np.ndarray, regions: dict[str, np.ndarray], region: str = 
     scored = [s for s in scored if s[0] >= 0.5]
     if not scored:
         raise MouthError(f"the mesh has no hole between the lips (no boundary loop lies mostly in the '{region}' "
-                         "region): its mouth is closed already (e.g. by a mouth cavity); set actor.close_mouth: false")
+                         "region): its lips are closed already; set actor.close_mouth: false")
     return max(scored, key=lambda s: (s[0], s[1]))[2]
 
 
