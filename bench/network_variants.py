@@ -1,0 +1,75 @@
+"""The regressor's network half of a CPU step under the usual speed-ups, against plain fp32, in one run.
+
+    .venv/bin/python bench/network_variants.py [CONFIG] [--steps 15] [--threads 1] [--compile]
+
+Times forward + backward of the avatar (generator, colour head, assembly of the Gaussians; the renderer
+left out) for the regressor of CONFIG (default: configs/default.yml), built as bench/train_step.py builds
+it: fp32; the generator in channels-last memory format; bf16 autocast on the generator (the CPU must
+support bf16, e.g. AVX512-BF16); and with --compile, the generator through torch.compile (needs a C++
+compiler; its compile time is printed). Variants are timed interleaved, step by step, and the medians
+compared, so the machine's drifting load hits them alike. A variant is worth keeping at >= 1.3x.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lib.config import load_config  # noqa: E402
+from train_step import build  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="configs/default.yml")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the generator")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        avatar, (verts, R, t), _ = build(load_config(args.config), False, torch.device("cpu"), Path(folder))
+
+    def step(av, i: int) -> None:
+        i %= verts.shape[0]
+        g = av(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
+        (g.means.square().mean() + g.colors.mean() + g.scales.mean() + g.quats.mean() + g.opacities.mean()).backward()
+
+    variants = {"fp32": avatar}
+    variants["channels-last"] = copy.deepcopy(avatar)
+    variants["channels-last"].generator.to(memory_format=torch.channels_last)
+    variants["bf16 autocast"] = copy.deepcopy(avatar)
+    variants["bf16 autocast"].bf16 = True  # GaussianAvatar.forward: autocast on the generator only
+    if args.compile:
+        variants["torch.compile"] = copy.deepcopy(avatar)
+        variants["torch.compile"].generator = torch.compile(variants["torch.compile"].generator)
+    for name, av in variants.items():
+        t0 = time.perf_counter()
+        for i in range(3):  # warm-up (and compilation)
+            step(av, i)
+        print(f"{name}: first three steps {time.perf_counter() - t0:.1f} s")
+    times = {name: [] for name in variants}
+    for k in range(args.steps):
+        for name, av in variants.items():
+            t0 = time.perf_counter()
+            step(av, k)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["fp32"])
+    print(f"network forward + backward, {args.threads} thread(s), median of {args.steps} interleaved steps:")
+    for name, values in times.items():
+        m = statistics.median(values)
+        print(f"  {name:<14} {1e3 * m:7.1f} ms   {base / m:.2f}x fp32")
+
+
+if __name__ == "__main__":
+    main()
