@@ -30,17 +30,13 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.config import load_config  # noqa: E402
-from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.eval.evaluate import pick_frames  # noqa: E402
-from lib.eval.mapping import export_gem, self_reenactment_track  # noqa: E402
-from lib.flame.model import FlameModel  # noqa: E402
-from lib.models.flame_refinement import load_refinement  # noqa: E402
+from lib.eval.mapping import export_mapping, self_reenactment_track  # noqa: E402
 from lib.models.gem import render_gem  # noqa: E402
 from lib.paths import ActorPaths  # noqa: E402
-from lib.train.data import ActorData  # noqa: E402
 from lib.train.metrics import psnr  # noqa: E402
 from lib.viewer.compressed import compress, encode_gem, gzipped, kept_index, pack, read_container  # noqa: E402
-from lib.viewer.web_export import export_web  # noqa: E402
+from lib.viewer.web_export import actor_data, export_web  # noqa: E402
 
 SETTINGS = [(1.0, 16), (1.0, 8), (0.9999, 8), (0.999, 8), (0.995, 8), (0.99, 8)]
 CHROMIUM = "/usr/bin/chromium"
@@ -49,22 +45,20 @@ ARGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsaf
 
 
 @torch.no_grad()
-def split_frames(cfg, model, n_frames: int):
+def split_frames(cfg, model, net, n_frames: int):
     """The frames each quality table scores, with their coefficients and GEM poses: 'val' (frames of
     test.camera at timesteps the GEM was fitted to, with the fitted coefficients) and 'test' (the
     held-out sequence's frames that test.py scores, with the mapping network's predicted coefficients,
     when the config has a mapping checkpoint). -> {split: (frames, coefficients attr -> [F, K], R, t)}"""
-    export = VhapExport.from_config(cfg)
-    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False,
-                     refinement=load_refinement(ActorPaths(cfg)))
+    export, data = actor_data(cfg)
     rows = {int(t): i for i, t in enumerate(model.timesteps)}
     frames = pick_frames([f for split in cfg.gem.splits for f in export.split(split)
                           if f.camera_index == cfg.test.camera and f.timestep_index in rows], n_frames)
     R, t = data.gem_pose([f.timestep_index for f in frames])
     pick = [rows[f.timestep_index] for f in frames]
     out = {"val": (frames, {a: v[pick] for a, v in model.coefficients.items()}, R, t), "test": None}
-    track = self_reenactment_track(cfg, log=lambda *a: None)
-    if track is not None:
+    if net is not None:
+        track = self_reenactment_track(cfg, model, net, export, data, log=lambda *a: None)
         steps = track["timesteps"].tolist()
         frames = pick_frames([f for f in export.camera_frames("test", cfg.test.camera) if f.timestep_index in steps],
                              n_frames)
@@ -74,9 +68,9 @@ def split_frames(cfg, model, n_frames: int):
 
 
 @torch.no_grad()
-def quality(cfg, model, settings, n_frames: int) -> None:
+def quality(cfg, model, net, settings, n_frames: int) -> None:
     white = torch.ones(3)
-    splits, data = split_frames(cfg, model, n_frames)
+    splits, data = split_frames(cfg, model, net, n_frames)
     for split, chosen in splits.items():
         if chosen is None:
             print(f"\n{split}: no mapping checkpoint fits this config, so no predicted coefficients: run the bench "
@@ -160,7 +154,7 @@ def main():
     args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(1)
-    model = export_gem(cfg, log=print)
+    model, net = export_mapping(cfg, log=print)
     gem_file = ActorPaths(cfg).gem
     print(f"GEM {gem_file}: {model.n_gaussians} Gaussians, file {gem_file.stat().st_size / 1e6:.3f} MB; "
           f"fp32 {model.nbytes() / 1e6:.3f} MB, fp16 bases {model.nbytes(half=True) / 1e6:.3f} MB")
@@ -170,7 +164,7 @@ def main():
               f"{cfg.viewer.export_bits}): folder {sizes['total'] / 1e6:.3f} MB = gem.js {sizes['gem.js'] / 1e6:.3f} MB "
               f"(compressed GEM {sizes['gem'] / 1e6:.3f} MB + tracks, base64) + player "
               f"{(sizes['gem_player.js'] + sizes['index.html']) / 1e3:.1f} kB")
-        quality(cfg, model, SETTINGS, args.frames)
+        quality(cfg, model, net, SETTINGS, args.frames)
         browser(Path(tmp), args.browser_frames, args.height, args.browser_repeats)
 
 

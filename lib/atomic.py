@@ -84,16 +84,17 @@ def save_torch(path: str | Path, obj: Any) -> None:
     write_bytes(path, buffer.getbuffer())
 
 
-def load_torch(path: str | Path, error: type[Exception], hint: str, map_location="cpu") -> Any:
+def load_torch(path: str | Path, error: type[Exception], hint: str, map_location="cpu", mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, never code. A
-    truncated, corrupt or foreign file raises ``error`` naming it, with ``hint`` (what to do)."""
+    truncated, corrupt or foreign file raises ``error`` naming it, with ``hint`` (what to do). mmap: the
+    tensors are mapped, not read, so only those used cost I/O."""
     import pickle
     import zipfile
 
     import torch
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         if "weights only load failed" in str(e).lower():
             # torch's own message suggests weights_only=False: never for a file that may come from elsewhere.

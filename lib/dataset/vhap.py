@@ -173,12 +173,10 @@ def stack_flame_params(paths: list, device=None, n_shape: int = 0, n_expr: int =
         elif (offset is None) != (first is None) or (offset is not None and not torch.equal(offset, first)):
             every = [first] * i + [offset]
     offsets = every or [first]
-    if any(o is None for o in offsets) and not all(o is None for o in offsets):
-        raise DatasetError(f"some FLAME parameter files of {Path(paths[0]).parent} have a 'static_offset' and "
-                           f"others not; the files of one export come from one tracking run; {_REEXPORT_HINT}")
-    if any(d is None for d in dynamic) and not all(d is None for d in dynamic):
-        raise DatasetError(f"some FLAME parameter files of {Path(paths[0]).parent} have a 'dynamic_offset' and "
-                           f"others not; the files of one export come from one tracking run; {_REEXPORT_HINT}")
+    for key, values in (("static_offset", offsets), ("dynamic_offset", dynamic)):
+        if any(v is None for v in values) and not all(v is None for v in values):
+            raise DatasetError(f"some FLAME parameter files of {Path(paths[0]).parent} have a '{key}' and others "
+                               f"not; the files of one export come from one tracking run; {_REEXPORT_HINT}")
     stacked = {key: torch.cat(values).to(device) for key, values in columns.items()}
     stacked["static_offset"] = None if offsets[0] is None else torch.cat(offsets).to(device)
     stacked["dynamic_offset"] = None if dynamic[0] is None else torch.cat(dynamic).to(device)

@@ -50,7 +50,7 @@ from lib.lock import locks_run_folder
 from lib.models.avatar import load_regressor
 from lib.models.flame_refinement import load_refinement
 from lib.models.gem import GaussianEigenModel, render_gem
-from lib.models.mapping import BOUND, flatten_coefficients, hold_at_mean, split_coefficients
+from lib.models.mapping import BOUND, MappingNetwork, flatten_coefficients, hold_at_mean, split_coefficients
 from lib.paths import ActorPaths
 from lib.train.checkpoint import CheckpointError, latest_checkpoint
 from lib.train.data import ActorData
@@ -128,38 +128,29 @@ def evaluate_mapping(cfg, log=print) -> dict:
     return results
 
 
-def _export_mapping(cfg, log) -> tuple[GaussianEigenModel, object, dict | None]:
-    """(GEM, network, checkpoint state) for a web export on the CPU: the newest mapping checkpoint's when
-    it exists and fits this config, else stage 3's GEM and no network (saying why)."""
+def export_mapping(cfg, log=print) -> tuple[GaussianEigenModel, MappingNetwork | None]:
+    """The GEM and mapping network a web export shows, on the CPU: the newest mapping checkpoint's (its
+    warm-up may fine-tune the bases) when it exists and fits this config, else stage 3's GEM and no
+    network (saying why). -> (GEM, network or None)"""
     paths, device = ActorPaths(cfg), torch.device("cpu")
     gem = GaussianEigenModel.load(paths.gem)
     if latest_checkpoint(paths.mapping_checkpoints) is None:
-        return gem, None, None
+        return gem, None
     try:
         net, state = load_mapping(cfg, gem, device)
     except CheckpointError as e:
         log(f"no self-reenactment track: {e} (export with the mapping's config, e.g. configs/mapping.yml, to "
             "include it)")
-        return gem, None, None
-    return mapping_gem(state, gem, device), net, state
-
-
-def export_gem(cfg, log=print) -> GaussianEigenModel:
-    """The GEM a web export shows (CPU): the mapping network's (its warm-up may fine-tune the bases) when
-    a mapping checkpoint of this config exists, else stage 3's."""
-    return _export_mapping(cfg, log)[0]
+        return gem, None
+    return mapping_gem(state, gem, device), net
 
 
 @torch.no_grad()
-def self_reenactment_track(cfg, log=print) -> dict | None:
+def self_reenactment_track(cfg, gem: GaussianEigenModel, net: MappingNetwork, export: VhapExport, data: ActorData,
+                           log=print) -> dict:
     """The mapping network's coefficients of the test timesteps that ``evaluate_mapping`` scores, with
-    their GEM poses, on the CPU; None without a mapping checkpoint of this config.
+    their GEM poses (``export_mapping``'s GEM and network; the actor's export and data, on the CPU).
     -> {coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3], timesteps [T]}"""
-    gem, net, _ = _export_mapping(cfg, lambda *a: None)  # export_gem has said why there is none
-    if net is None:
-        return None
-    export = VhapExport.from_config(cfg)
-    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
     R, t = data.gem_pose(steps)

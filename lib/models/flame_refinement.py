@@ -83,9 +83,17 @@ def refinement_from_state(state: dict | None) -> FlameRefinement | None:
 def load_refinement(paths) -> FlameRefinement | None:
     """The FLAME refinement of a run's regressor (``paths``: its ``ActorPaths``), from its newest checkpoint:
     what GEM and the mapping network's poses were made with. None without a checkpoint, or trained without."""
-    from lib.train.checkpoint import latest_checkpoint, load_checkpoint
+    from lib.atomic import load_torch
+    from lib.errors import check_finite
+    from lib.train.checkpoint import CheckpointError, latest_checkpoint
 
     checkpoint = latest_checkpoint(paths.regressor_checkpoints)
     if checkpoint is None:
         return None
-    return refinement_from_state(load_checkpoint(checkpoint, map_location="cpu").get("flame_refinement"))
+    # mapped, not read: only the corrections are touched, not the regressor's weights and optimiser state
+    state = load_torch(checkpoint, CheckpointError, "delete it to fall back to the previous checkpoint, or retrain",
+                       mmap=True).get("flame_refinement")
+    if state:
+        for name, value in state.items():
+            check_finite(value, f"flame_refinement.{name}", f"checkpoint {checkpoint}", CheckpointError)
+    return refinement_from_state(state)

@@ -78,7 +78,8 @@ def train(cfg, log=print) -> GaussianAvatar:
 
     flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
-    data = ActorData(export, flame, device)
+    # every step poses its timestep anew when the tracked parameters are being refined: nothing to keep
+    data = ActorData(export, flame, device, keep_meshes=not cfg.train.refine_flame)
     avatar = build_avatar(cfg, paths, flame).to(device)
     avatar.bf16 = cfg.train.bf16 and device.type == "cuda"
     refinement = None

@@ -32,10 +32,11 @@ import torch
 
 from lib.atomic import load_torch
 from lib.dataset.vhap import VhapExport
-from lib.eval.mapping import export_gem, self_reenactment_track
+from lib.eval.mapping import export_mapping, self_reenactment_track
 from lib.flame.model import FlameModel
 from lib.models.flame_refinement import load_refinement
 from lib.models.gem import ATTRIBUTES, GaussianEigenModel, GemError
+from lib.models.mapping import MappingNetwork
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
 from lib.viewer.compressed import encode_gem, gzipped, kept_index, pack, write_js
@@ -83,19 +84,24 @@ def write_web_export(out_dir: str | Path, model: GaussianEigenModel, tracks: lis
     return {"gem": gem_bytes, "total": sum(sizes.values()), **sizes}
 
 
-def actor_tracks(cfg, model: GaussianEigenModel, log=print) -> list[dict]:
-    """The tracks of an actor's run that exist (module docstring)."""
-    paths = ActorPaths(cfg)
+def actor_data(cfg) -> tuple[VhapExport, ActorData]:
+    """The actor's export and its posed parameters on the CPU, as GEM was fitted: the timesteps the
+    regressor refined with its corrections (the held-out ones are never refined)."""
     export = VhapExport.from_config(cfg)
-    # the fitted frames' poses as GEM was fitted at them: refined where the regressor refined them
-    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False,
-                     refinement=load_refinement(paths))
+    return export, ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False,
+                             refinement=load_refinement(ActorPaths(cfg)))
+
+
+def actor_tracks(cfg, model: GaussianEigenModel, net: MappingNetwork | None, log=print) -> list[dict]:
+    """The tracks of an actor's run that exist (module docstring); net: the mapping network or None."""
+    paths = ActorPaths(cfg)
+    export, data = actor_data(cfg)
     steps = [int(s) for s in model.timesteps]
     with torch.no_grad():
         R, t = data.gem_pose(steps)
     tracks = [{"name": "fitted", "label": "fitted frames", "coefficients": model.coefficients, "R": R, "t": t}]
-    predicted = self_reenactment_track(cfg, log)
-    if predicted is not None:
+    if net is not None:
+        predicted = self_reenactment_track(cfg, model, net, export, data, log)
         tracks.append({"name": "self_reenactment", "label": "self-reenactment (test)", **predicted})
     for track_file in sorted((paths.mapping / "reenact").glob("*/track.pt")):
         state = load_torch(track_file, GemError, "rerun test.py TARGET SOURCE")
@@ -112,13 +118,13 @@ def actor_tracks(cfg, model: GaussianEigenModel, log=print) -> list[dict]:
 def export_web(cfg, out_dir: str | Path, log=print) -> dict:
     """pca_viewer.py --export-web: the actor's GEM (the mapping network's, if one fine-tuned it) and its
     tracks, compressed with viewer.export_energy / viewer.export_bits. -> sizes in bytes"""
-    model = export_gem(cfg, log)
+    model, net = export_mapping(cfg, log)
     camera, R, t = identity_view(cfg)
     centre = model.reconstruct(model.zero_coefficients()).means[0].mean(0).cpu()
     view = {"viewmat": camera.viewmat.numpy(), "K": camera.K.numpy(), "width": camera.width, "height": camera.height,
             "background": list(cfg.data.background), "target": (R[0] @ centre + t[0]).numpy()}
     v = cfg.viewer
-    tracks = actor_tracks(cfg, model, log)
+    tracks = actor_tracks(cfg, model, net, log)
     sizes = write_web_export(out_dir, model, tracks, view, {"sliders": v.sliders, "sigma": v.sigma, "fps": v.fps},
                              v.export_energy, v.export_bits)
     log(f"web export -> {out_dir}: {sizes['total'] / 1e6:.2f} MB ({', '.join(tr['label'] for tr in tracks)}); "
