@@ -73,7 +73,8 @@ from lib.dataset.synthetic_appearance import (
     Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
 )
 from lib.flame.model import FlameModel, load_regions
-from lib.flame.synthetic import EXPRESSION_NAMES, GROUND_TRUTH_DIR, KEPT_FILE, ensure_head_model, model_paths
+from lib.flame.synthetic import (EXPRESSION_NAMES, GROUND_TRUTH_DIR, KEPT_FILE, ensure_head_model, head_model_complete,
+                                 model_paths)
 from lib.geometry.obj_io import read_obj
 from lib.geometry.rasterize import rasterize_camera
 from lib.geometry.uv import vertex_normals
@@ -736,8 +737,10 @@ def generate(cfg) -> None:
         print(f"synthetic actor: actor '{cfg.actor.name}' is not synthetic (synthetic.enabled is false), nothing to do")
         return
     head_dir, data_dir = resolve(cfg.synthetic.head_dir), resolve(cfg.actor.data_dir)
-    with locked(head_dir, "the synthetic head model folder", head_dir.parent / f".{head_dir.name}.lock"):
-        ensure_head_model(head_dir, cfg.synthetic.head_seed, cfg.synthetic.head_mouth)
+    # The head's lock is taken only to make the head, so actors of a finished head are generated side by side.
+    if not head_model_complete(head_dir, cfg.synthetic.head_mouth):
+        with locked(head_dir, "the synthetic head model folder", head_dir.parent / f".{head_dir.name}.lock"):
+            ensure_head_model(head_dir, cfg.synthetic.head_seed, cfg.synthetic.head_mouth)
     with locked(data_dir, "the synthetic dataset", data_dir.parent / f".{data_dir.name}.lock", clean=False):
         generate_actor(data_dir, HeadFiles.from_config(cfg), ActorSpec.from_config(cfg))
 

@@ -814,13 +814,18 @@ def ensure_head_model(out_dir: str | Path, seed: int = 0, mouth: str = "cavity")
     Existing files are trusted as they are (delete the folder to regenerate with another seed); a folder
     holding the other mouth is an error, as its files would silently stand for the wrong head.
     """
-    paths = model_paths(out_dir)
-    if all(path.is_file() for path in paths.values()):
-        info = head_info(out_dir) or {"mouth": "cavity"}
-        if info.get("mouth", "cavity") != mouth:
-            raise ConfigError(f"{out_dir} holds the synthetic head with mouth '{info.get('mouth')}', the config asks "
-                              f"for '{mouth}' (synthetic.head_mouth): point synthetic.head_dir at another folder")
-        if mouth == "open" and not (Path(out_dir) / GROUND_TRUTH_DIR / KEPT_FILE).is_file():
-            return generate_head_model(out_dir, seed, mouth)
-        return paths
+    if head_model_complete(out_dir, mouth):
+        return model_paths(out_dir)
     return generate_head_model(out_dir, seed, mouth)
+
+
+def head_model_complete(out_dir: str | Path, mouth: str) -> bool:
+    """Whether every file of the head model with this mouth is in `out_dir` (False: it must be made).
+    A folder holding the other mouth is an error, as its files would silently stand for the wrong head."""
+    if not all(path.is_file() for path in model_paths(out_dir).values()):
+        return False
+    info = head_info(out_dir) or {"mouth": "cavity"}
+    if info.get("mouth", "cavity") != mouth:
+        raise ConfigError(f"{out_dir} holds the synthetic head with mouth '{info.get('mouth')}', the config asks "
+                          f"for '{mouth}' (synthetic.head_mouth): point synthetic.head_dir at another folder")
+    return mouth != "open" or (Path(out_dir) / GROUND_TRUTH_DIR / KEPT_FILE).is_file()

@@ -208,6 +208,19 @@ def test_a_second_generation_of_one_synthetic_actor_stops_with_the_first_ones_pi
     assert not data.exists() and not list(tmp_path.glob(".fresh_actor.partial*"))
 
 
+def test_actors_of_one_finished_head_are_generated_side_by_side(tmp_path, tiny_actor_config):
+    """The head's lock guards only its making: another actor's generator holding it stops no one."""
+    from lib.lock import locked
+
+    head = resolve(load_config(tiny_actor_config).synthetic.head_dir)
+    data = tmp_path / "second_actor"
+    with locked(head, "the synthetic head model folder", head.parent / f".{head.name}.lock"):
+        result = run_script("-m", "lib.dataset.synthetic_actor", tiny_actor_config, f"actor.data_dir={_rel(data)}",
+                            "synthetic.seed=5", "synthetic.frames_per_sequence=1")
+    assert result.returncode == 0, result.stderr
+    assert (data / "transforms_test.json").is_file()
+
+
 @pytest.mark.parametrize("moment", ["while the stage starts up", "while the stage writes"])
 def test_killing_run_sh_ends_the_stage_it_was_running(tmp_path, tiny_actor_config, moment):
     """run.sh is SIGKILLed while it generates a new actor: the generator ends too, leaving no partial folder."""
