@@ -1,7 +1,7 @@
 """Benchmark the static web export (pca_viewer.py --export-web) of a trained GEM.
 
 Sizes: the fp32 / fp16 GEM file against the compressed GEM at several (viewer.export_energy,
-viewer.export_bits) settings, and the whole exported folder at the config's settings.
+viewer.export_bits, viewer.export_min_bits) settings, and the whole exported folder at the config's settings.
 Quality: PSNR against the images (on white; full frame and inside the head mask), rendered by render_gem
 with the fp32 GEM and with each compressed one (the loss is the difference, full / masked), on 'val':
 frames of camera test.camera whose timesteps the GEM was fitted to, with the fitted coefficients; and
@@ -38,7 +38,8 @@ from lib.train.metrics import psnr  # noqa: E402
 from lib.viewer.compressed import compress, encode_gem, gzipped, kept_index, pack, read_container  # noqa: E402
 from lib.viewer.web_export import actor_data, export_web  # noqa: E402
 
-SETTINGS = [(1.0, 16), (1.0, 8), (0.9999, 8), (0.999, 8), (0.995, 8), (0.99, 8)]
+# (viewer.export_energy, viewer.export_bits, viewer.export_min_bits)
+SETTINGS = [(1.0, 8, 8), (1.0, 8, 4), (1.0, 8, 2), (1.0, 7, 2), (1.0, 6, 2), (0.9999, 8, 2), (0.999, 8, 2)]
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -102,15 +103,15 @@ def quality(cfg, model, net, settings, n_frames: int) -> None:
               f"{'vs fp32 render':>14}")
         comps = "/".join(str(model.n_components(a)) for a in model.blocks)
         print(f"  {'fp32':<24} {comps:>16} {model.nbytes():>10} {ref_full:>9.3f} {ref_masked:>7.3f} {'-':>13} {'-':>14}")
-        for energy, bits in settings:
-            small = compress(model, energy, bits)
-            size = len(gzipped(pack(*encode_gem(model, energy, bits))))
+        for energy, bits, min_bits in settings:
+            small = compress(model, energy, bits, min_bits)
+            size = len(gzipped(pack(*encode_gem(model, energy, bits, min_bits))))
             index = kept_index(model, {a: [b.n_components for b in small.blocks[a]] for a in small.blocks})
             images = renders(small, index)
             full, masked = scores(images)
             fidelity = np.mean([psnr(x, r) for x, r in zip(images, reference)])
             comps = "/".join(str(small.n_components(a)) for a in small.blocks)
-            print(f"  {f'energy {energy:g}, {bits} bits':<24} {comps:>16} {size:>10} {full:>9.3f} {masked:>7.3f} "
+            print(f"  {f'energy {energy:g}, bits {bits}..{min_bits}':<24} {comps:>16} {size:>10} {full:>9.3f} {masked:>7.3f} "
                   f"{ref_full - full:>6.3f}/{ref_masked - masked:>6.3f} {fidelity:>11.1f} dB")
 
 
@@ -160,9 +161,10 @@ def main():
           f"fp32 {model.nbytes() / 1e6:.3f} MB, fp16 bases {model.nbytes(half=True) / 1e6:.3f} MB")
     with tempfile.TemporaryDirectory() as tmp:
         sizes = export_web(cfg, tmp, log=lambda *a: None)
-        print(f"export (viewer.export_energy {cfg.viewer.export_energy:g}, viewer.export_bits "
-              f"{cfg.viewer.export_bits}): folder {sizes['total'] / 1e6:.3f} MB = gem.js {sizes['gem.js'] / 1e6:.3f} MB "
-              f"(compressed GEM {sizes['gem'] / 1e6:.3f} MB + tracks, base64) + player "
+        v = cfg.viewer
+        print(f"export (viewer.export_energy {v.export_energy:g}, viewer.export_bits {v.export_bits}, "
+              f"viewer.export_min_bits {v.export_min_bits}): folder {sizes['total'] / 1e6:.3f} MB = gem.js "
+              f"{sizes['gem.js'] / 1e6:.3f} MB (compressed GEM {sizes['gem'] / 1e6:.3f} MB + tracks, gzipped, base85) + player "
               f"{(sizes['gem_player.js'] + sizes['index.html']) / 1e3:.1f} kB")
         quality(cfg, model, net, SETTINGS, args.frames)
         browser(Path(tmp), args.browser_frames, args.height, args.browser_repeats)

@@ -203,8 +203,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sliders": Key(10, "components per attribute (per part) given a slider in the web viewer", ge=0),
         "host": Key("127.0.0.1", "address the web viewer listens on (0.0.0.0 exposes it to the network)"),
         "port": Key(8080, "port of the web viewer", ge=0, le=65535),
-        "export_energy": Key(0.999, "web export: per basis, keep the fewest leading components that explain this share of its variance", gt=0, le=1),
-        "export_bits": Key(8, "web export: bits per basis value (a scale and offset per component); means 16, colours 8", choices=(8, 16)),
+        "export_energy": Key(1.0, "web export: per basis, keep the fewest leading components that explain this share of its variance", gt=0, le=1),
+        "export_bits": Key(8, "web export: bits per value of each basis's largest component; the others get bits by their reach (sqrt(eigenvalue) x range): the same quantisation step", ge=1, le=8),
+        "export_min_bits": Key(2, "web export: fewest bits per value of a kept component (means 16 bits, colours 8)", ge=1, le=8),
     },
 }
 # fmt: on

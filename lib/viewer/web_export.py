@@ -5,7 +5,7 @@ Python, no server and nothing downloaded (``pca_viewer.py CONFIG --export-web OU
     OUT_DIR/gem_player.js   our WebGL2 player (lib/viewer/web_static/): evaluates the GEM on the GPU
                             every frame, sorts by depth, splats with the rasterizer's rules
     OUT_DIR/gem.js          the compressed GEM and its coefficient tracks (lib.viewer.compressed),
-                            gzipped, base64 in a script: a page opened from file:// may run scripts but
+                            gzipped, base85 in a script: a page opened from file:// may run scripts but
                             not fetch
 
 Why our own splatter and not a library: the page must evaluate GEM's bases per frame (a library takes
@@ -55,7 +55,7 @@ def track_arrays(i: int, coefficients: dict[str, torch.Tensor], R: torch.Tensor,
 
 
 def write_web_export(out_dir: str | Path, model: GaussianEigenModel, tracks: list[dict], view: dict,
-                     viewer: dict, energy: float, bits: int) -> dict:
+                     viewer: dict, energy: float, bits: int, min_bits: int = 2) -> dict:
     """The folder of a GEM and its tracks.
 
     tracks: [{name, label, coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3]}] (at least one);
@@ -66,7 +66,7 @@ def write_web_export(out_dir: str | Path, model: GaussianEigenModel, tracks: lis
     if not tracks:
         raise GemError("a web export needs at least one coefficient track")
     out_dir = Path(out_dir)
-    meta, arrays = encode_gem(model, energy, bits)
+    meta, arrays = encode_gem(model, energy, bits, min_bits)
     gem_bytes = len(gzipped(pack(meta, arrays)))
     keep = kept_index(model, {a: [b["components"] for b in meta["attributes"][a]["blocks"]] for a in ATTRIBUTES})
     entries = []
@@ -117,7 +117,7 @@ def actor_tracks(cfg, model: GaussianEigenModel, net: MappingNetwork | None, log
 
 def export_web(cfg, out_dir: str | Path, log=print) -> dict:
     """pca_viewer.py --export-web: the actor's GEM (the mapping network's, if one fine-tuned it) and its
-    tracks, compressed with viewer.export_energy / viewer.export_bits. -> sizes in bytes"""
+    tracks, compressed with viewer.export_energy / export_bits / export_min_bits. -> sizes in bytes"""
     model, net = export_mapping(cfg, log)
     camera, R, t = identity_view(cfg)
     centre = model.reconstruct(model.zero_coefficients()).means[0].mean(0).cpu()
@@ -126,7 +126,7 @@ def export_web(cfg, out_dir: str | Path, log=print) -> dict:
     v = cfg.viewer
     tracks = actor_tracks(cfg, model, net, log)
     sizes = write_web_export(out_dir, model, tracks, view, {"sliders": v.sliders, "sigma": v.sigma, "fps": v.fps},
-                             v.export_energy, v.export_bits)
+                             v.export_energy, v.export_bits, v.export_min_bits)
     log(f"web export -> {out_dir}: {sizes['total'] / 1e6:.2f} MB ({', '.join(tr['label'] for tr in tracks)}); "
         f"the compressed GEM {sizes['gem'] / 1e6:.2f} MB against {model.nbytes() / 1e6:.2f} MB in fp32; "
         f"open {Path(out_dir) / 'index.html'} in a browser")

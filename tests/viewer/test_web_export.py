@@ -7,8 +7,10 @@ The browser tests are skipped only where /usr/bin/chromium is missing (CI instal
 import base64
 import contextlib
 import functools
+import gzip
 import http.server
 import io
+import json
 import math
 import os
 import shutil
@@ -23,7 +25,9 @@ import torch
 from lib.config import load_config
 from lib.models.gem import ATTRIBUTES, render_gem
 from lib.paths import REPO_ROOT, ActorPaths
-from lib.viewer.compressed import compress, kept_components, load_compressed, read_container, save_compressed
+from lib.viewer.compressed import (JS_PREFIX, component_bits, compress, dequantise_rows, encode_gem, gzipped,
+                                   kept_components, load_compressed, pack, quantise_rows, read_container,
+                                   save_compressed, write_js)
 from lib.viewer.web_export import export_web, write_web_export
 
 CHROMIUM = "/usr/bin/chromium"
@@ -37,7 +41,7 @@ needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 # ---------------------------------------------------------------- compressed bases
 
 def test_compressed_gem_reads_back_close_to_the_original(head_gem, tmp_path):
-    path = save_compressed(head_gem, tmp_path / "gem.gemw", energy=1.0, bits=8)
+    path = save_compressed(head_gem, tmp_path / "gem.gemw", energy=1.0, bits=8, min_bits=8)
     model = load_compressed(path)
     assert path.stat().st_size < head_gem.nbytes() / 2
     for attr in ATTRIBUTES:
@@ -47,8 +51,53 @@ def test_compressed_gem_reads_back_close_to_the_original(head_gem, tmp_path):
     a, b = head_gem.reconstruct(c), model.reconstruct(c)
     assert (a.means - b.means).abs().max() < 2e-4  # metres, on a head 20 cm wide
     assert (a.colors - b.colors).abs().max() <= 0.5 / 255 + 1e-6
-    finer = load_compressed(save_compressed(head_gem, tmp_path / "gem16.gemw", energy=1.0, bits=16))
-    assert (finer.reconstruct(c).means - a.means).abs().max() < (b.means - a.means).abs().max() / 10
+    coarser = load_compressed(save_compressed(head_gem, tmp_path / "gem4.gemw", energy=1.0, bits=4, min_bits=4))
+    assert (coarser.reconstruct(c).means - a.means).abs().max() > (b.means - a.means).abs().max() * 4
+    smaller = save_compressed(head_gem, tmp_path / "gem82.gemw", energy=1.0, bits=8, min_bits=2)
+    assert gzip.compress(smaller.read_bytes()).__len__() < gzip.compress(path.read_bytes()).__len__()
+
+
+def test_bits_follow_each_components_reach():
+    reach = np.array([4.0, 2.0, 1.0, 0.3, 4 / 256, 0.0])
+    assert component_bits(reach, 8, 2).tolist() == [8, 7, 6, 4, 2, 2]
+    assert component_bits(reach, 6, 1).tolist() == [6, 5, 4, 2, 1, 1]
+
+
+def test_quantised_rows_keep_zero_exact_and_err_by_half_a_step():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 1000)) * np.array([[1.0], [0.1], [3.0], [0.01]])
+    x[:, :10] = 0.0
+    bits = np.array([8, 5, 3, 2])
+    q, scale, zero = quantise_rows(x, bits)
+    assert q.dtype == np.uint8 and (q.max(1) <= (1 << bits) - 1).all()
+    back = dequantise_rows(q, scale, zero).numpy()
+    assert (back[:, :10] == 0).all()  # a part's basis stays zero outside the part
+    steps = (np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)) / ((1 << bits) - 1)
+    assert (np.abs(back - x).max(1) <= 0.5 * steps * (1 + 1e-5) + 1e-7).all()
+    assert np.abs(back - x).max(1)[0] < np.abs(back - x).max(1)[2]  # fewer bits, coarser
+
+
+def test_the_header_records_the_bits_the_bytes_use(head_gem):
+    meta, arrays = encode_gem(head_gem, energy=1.0, bits=8, min_bits=3)
+    spent = []
+    for attr in ATTRIBUTES:
+        for i, b in enumerate(meta["attributes"][attr]["blocks"]):
+            block = head_gem.blocks[attr][i]
+            reach = block.eigenvalues.sqrt().numpy() * np.ptp(block.basis.numpy(), 1)
+            q, bits = arrays[f"{attr}.{i}.basis"], np.array(b["basis_bits"])
+            assert bits.tolist() == component_bits(reach, 8, 3).tolist() and bits.max() == 8
+            assert (q.max(1) < (1 << bits)).all() and (q.max(1) >= (1 << (bits - 1))).all()
+            spent += bits.tolist()
+    assert min(spent) < 8  # some component with less reach got fewer bits
+
+
+def test_gem_js_is_base85_and_reads_back_exactly(head_gem, tmp_path):
+    meta, arrays = encode_gem(head_gem)
+    buffer = gzipped(pack(meta, arrays))
+    text = write_js(tmp_path / "gem.js", buffer).read_text()
+    assert text.startswith(JS_PREFIX) and len(text) < len(buffer) * 1.26 + 40
+    meta2, arrays2 = read_container(tmp_path / "gem.js")
+    assert meta2 == json.loads(json.dumps(meta)) and all(np.array_equal(arrays[k], arrays2[k]) for k in arrays)
 
 
 def test_components_are_dropped_by_explained_energy(head_gem):
@@ -200,9 +249,25 @@ def test_page_renders_the_frame_as_the_python_renderer_does(tiny_export):
             assert (np.abs(shot - background).sum(-1) > 30).sum() > 2000, "no head on the canvas"
             page.evaluate("GEM_UI.showFrame(2)")  # a fitted frame, with its own GEM pose
             image, state = capture(page)
+            decoded = page.evaluate("""() => ({sums: Object.fromEntries(Object.entries(GEM.arrays).map(
+                    ([k, a]) => [k, [a.length, a.reduce((s, v) => s + v, 0)]])),
+                posBasis: Array.from(GEM.posBasis), tails: [1, 2, 3, 4, 5, 6, 7].map((n) => Array.from(
+                    new Uint8Array(GEM_FORMAT.decodeBase85(GEM_FORMAT.TEST_TEXTS[n]))))})""".replace(
+                "GEM_FORMAT.TEST_TEXTS", json.dumps({n: base64.b85encode(bytes(range(250, 250 - n, -1))).decode()
+                                                      for n in range(1, 8)})))
+            _, arrays = read_container(out)
         finally:
             browser.close()
     assert state["width"] == 4 * meta["view"]["width"]
+    # the page decodes gem.js (base85, gzip, container) to the arrays Python reads, and dequantises the
+    # position basis as load_compressed does
+    for name, a in arrays.items():
+        assert decoded["sums"][name] == [a.size, pytest.approx(float(a.astype(np.float64).sum()), rel=1e-6)], name
+    assert [bytes(t) for t in decoded["tails"]] == [bytes(range(250, 250 - n, -1)) for n in range(1, 8)]
+    lam = model.blocks["positions"][0].eigenvalues.sqrt()[:, None]
+    python_basis = (lam * model.blocks["positions"][0].basis).reshape(-1, model.n_gaussians, 3)
+    assert np.allclose(np.array(decoded["posBasis"]).reshape(python_basis.shape), python_basis.numpy(), rtol=1e-5,
+                       atol=1e-7)
     rgb, alpha = cpu_render(model, state, meta["view"]["background"])
     mask = alpha > 0.5
     assert mask.sum() > 2000

@@ -1,13 +1,16 @@
 // GEM player: a Gaussian eigen model evaluated and splatted with WebGL2, no server, no downloads.
 //
-// Data: window.GEM_DATA (gem.js), base64 of the gzipped container that lib/viewer/compressed.py writes:
-// "GEMW", uint32 header length, JSON header, little-endian arrays at 4-byte offsets.
+// Data: window.GEM_B85 (gem.js), base85 of the gzipped container that lib/viewer/compressed.py writes:
+// "GEMW", uint32 header length, JSON header, little-endian arrays at 4-byte offsets. Each basis row k
+// is uint8 q with value = scale_k (q - zero_k) (its own bits; the page needs only scale and zero).
 //
 // Each frame:
 //  1. evaluate: one fragment per Gaussian (texel i % TW, i / TW) sums mean + sum_k c_k sqrt(lambda_k) basis_k
-//     over the basis texture arrays (one layer per component; scales and opacities share a texel) and
-//     writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped to
-//     [0, 1]) to three float targets;
+//     as shift + sum_k a_k q_k, with a_k = c_k sqrt(lambda_k) scale_k and shift = -sum_k a_k zero_k (the
+//     quantised bytes straight from the file: four components of a Gaussian's four channels in one
+//     RGBA32UI texel, so a texture fetch brings four components; scales and opacities share the channels)
+//     and writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped
+//     to [0, 1]) to three float targets;
 //  2. sort: the positions, evaluated again on the CPU (cheaper than a read-back, which stalls), are
 //     sorted by camera depth (a stable radix sort of the float bits, so ties keep the lower index
 //     first, as the Python rasterizer does);
@@ -29,11 +32,24 @@
 
   // ------------------------------------------------------------ container
 
-  function decodeBase64(text) {
-    const raw = atob(text);
-    const bytes = new Uint8Array(raw.length);
-    for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
-    return bytes.buffer;
+  // base85, Python's b85encode alphabet, big-endian groups of 4 bytes; a last group of r + 1
+  // characters holds r bytes (padded with the top digit, as b85decode does)
+  function decodeBase85(text) {
+    const ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%&()*+-;<=>?@^_`{|}~";
+    const digit = new Uint8Array(128).fill(255);
+    for (let i = 0; i < 85; i++) digit[ALPHABET.charCodeAt(i)] = i;
+    const groups = Math.ceil(text.length / 5), rest = text.length % 5;
+    const bytes = new Uint8Array(4 * groups), view = new DataView(bytes.buffer);
+    for (let g = 0; g < groups; g++) {
+      let value = 0;
+      for (let i = 5 * g; i < 5 * g + 5; i++) {
+        const d = i < text.length ? digit[text.charCodeAt(i)] : 84;
+        if (d === 255) throw new Error("gem.js is damaged (not base85); export it again");
+        value = value * 85 + d;
+      }
+      view.setUint32(4 * g, value >>> 0);
+    }
+    return bytes.buffer.slice(0, rest ? 4 * groups - 5 + rest : 4 * groups);
   }
 
   // the container is gzipped (the browser's own DecompressionStream: no library)
@@ -56,23 +72,6 @@
       arrays[name] = new types[spec.dtype](buffer, 8 + length + spec.offset, count);
     }
     return { meta, arrays };
-  }
-
-  // float32 -> IEEE half bits, rounded to nearest (subnormals kept, overflow to infinity)
-  function toHalf(values) {
-    const f = new Float32Array(1), u = new Uint32Array(f.buffer), out = new Uint16Array(values.length);
-    for (let i = 0; i < values.length; i++) {
-      f[0] = values[i];
-      const x = u[0], sign = (x >>> 16) & 0x8000, e = (x >>> 23) & 0xff, m = x & 0x7fffff;
-      let h;
-      if (e === 0xff) h = 0x7c00 | (m ? 0x200 : 0);
-      else if (e > 142) h = 0x7c00;
-      else if (e > 112) h = ((e - 112) << 10) + ((m + 0x1000) >>> 13); // a carry into the exponent is right
-      else if (e > 101) { const mm = m | 0x800000, shift = 126 - e; h = (mm + (1 << (shift - 1))) >>> shift; }
-      else h = 0;
-      out[i] = sign | h;
-    }
-    return out;
   }
 
   // ------------------------------------------------------------ small matrix helpers (row-major)
@@ -113,26 +112,36 @@
 void main() { vec2 p = vec2(float((gl_VertexID << 1) & 2), float(gl_VertexID & 2)); gl_Position = vec4(p * 2.0 - 1.0, 0.0, 1.0); }`;
 
   // Three slots of per-Gaussian texels: positions (xyz), rotations (wxyz), scales (xyz) + opacity (w).
-  // The coefficients come in a uniform block, one vec4 per basis layer (its channels' coefficients),
-  // so a layer costs one texture fetch: scales and opacities share theirs.
+  // A basis layer (a component of each attribute of the slot) is one uint32 of a Gaussian's four
+  // quantised bytes, four layers to an RGBA32UI texel. The factors a_k come in a uniform block, one vec4
+  // per layer (its channels' factors; zero for the padding to a multiple of four layers).
   const EVAL_FS = `#version 300 es
-precision highp float; precision highp int; precision highp sampler2DArray;
+precision highp float; precision highp int; precision highp usampler2DArray;
 uniform highp sampler2D uMean0, uMean1, uMean2;
-uniform sampler2DArray uBasis0, uBasis1, uBasis2;
-layout(std140) uniform Coefficients { vec4 uC[MAX_LAYERS]; };
-uniform ivec3 uLayers;
+uniform usampler2DArray uBasis0, uBasis1, uBasis2;
+layout(std140) uniform Coefficients { vec4 uC[MAX_LAYERS]; vec4 uShift[3]; };
+uniform ivec3 uTexels;
+vec4 bytes(uint w) { return vec4(uvec4(w, w >> 8u, w >> 16u, w >> 24u) & 0xffu); }
 layout(location = 0) out vec4 oPos;
 layout(location = 1) out vec4 oRot;
 layout(location = 2) out vec4 oScaleOpacity;
 void main() {
   ivec2 p = ivec2(gl_FragCoord.xy);
-  vec4 pos = texelFetch(uMean0, p, 0), rot = texelFetch(uMean1, p, 0), so = texelFetch(uMean2, p, 0);
-  int at = 0;
-  for (int k = 0; k < uLayers.x; k++) pos += uC[at + k] * texelFetch(uBasis0, ivec3(p, k), 0);
-  at += uLayers.x;
-  for (int k = 0; k < uLayers.y; k++) rot += uC[at + k] * texelFetch(uBasis1, ivec3(p, k), 0);
-  at += uLayers.y;
-  for (int k = 0; k < uLayers.z; k++) so += uC[at + k] * texelFetch(uBasis2, ivec3(p, k), 0);
+  vec4 pos = texelFetch(uMean0, p, 0) + uShift[0], rot = texelFetch(uMean1, p, 0) + uShift[1];
+  vec4 so = texelFetch(uMean2, p, 0) + uShift[2];
+  int k = 0;
+  for (int t = 0; t < uTexels.x; t++, k += 4) {
+    uvec4 w = texelFetch(uBasis0, ivec3(p, t), 0);
+    pos += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
+  }
+  for (int t = 0; t < uTexels.y; t++, k += 4) {
+    uvec4 w = texelFetch(uBasis1, ivec3(p, t), 0);
+    rot += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
+  }
+  for (int t = 0; t < uTexels.z; t++, k += 4) {
+    uvec4 w = texelFetch(uBasis2, ivec3(p, t), 0);
+    so += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
+  }
   oPos = vec4(pos.xyz, 1.0);
   oRot = rot / max(length(rot), 1e-12);
   oScaleOpacity = vec4(max(so.xyz, 0.0), clamp(so.w, 0.0, 1.0));
@@ -304,16 +313,20 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.setFrame(0);
     }
 
-    // Dense per-slot textures: mean [TW, TH] and sqrt(lambda) basis [TW, TH, layers] (layer k holds
-    // component k of each attribute of the slot, zero outside the component's part), dequantised as the
-    // Python loader does.
+    // Per-slot textures: mean [TW, TH] (dequantised, float) and the quantised bases as they come,
+    // [TW, TH, texels] RGBA32UI with texels = layers / 4 (layer k of a slot: component k of each of its
+    // attributes, in its channels' bytes). A Gaussian outside a component's part holds the row's zero.
     _upload() {
       const gl = this.gl, size = TW * this.TH * 4;
-      this.layers = SLOTS.map((attrs) => Math.max(...attrs.map(([a]) => this.components[a])));
+      this.layers = SLOTS.map((attrs) => 4 * Math.ceil(Math.max(...attrs.map(([a]) => this.components[a])) / 4));
+      this.factor = {};  // attribute -> [K] sqrt(lambda_k) scale_k
+      this.zero = {};    // attribute -> [K] zero_k
       const means = SLOTS.map(() => new Float32Array(size));
-      const bases = this.layers.map((L) => new Float32Array(size * Math.max(L, 1)));
+      const bases = this.layers.map((L) => new Uint8Array(size * Math.max(L, 4)));
       SLOTS.forEach((attrs, slot) => attrs.forEach(([a, first]) => {
         const C = CHANNELS[a], mean = means[slot], basis = bases[slot];
+        this.factor[a] = new Float32Array(this.components[a]);
+        this.zero[a] = new Float32Array(this.components[a]);
         let layer = 0;
         this.meta.attributes[a].blocks.forEach((b, i) => {
           const key = `${a}.${i}`, index = this.arrays[key + ".index"];
@@ -323,31 +336,37 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
             for (let ch = 0; ch < C; ch++) mean[dst + ch] = Math.fround(b.mean_offset[ch] + b.mean_scale[ch] * mq[g * C + ch]);
           }
           for (let k = 0; k < b.components; k++, layer++) {
-            const s = Math.fround(Math.sqrt(lam[k])), row = k * b.n * C;
-            const off = b.basis_offset[k], sc = b.basis_scale[k];
+            const z = b.basis_zero[k], row = k * b.n * C, base = 4 * size * (layer >> 2) + 4 * (layer & 3) + first;
+            this.factor[a][layer] = Math.fround(Math.sqrt(lam[k])) * Math.fround(b.basis_scale[k]);
+            this.zero[a][layer] = z;
+            for (let g = 0; g < this.N; g++) for (let ch = 0; ch < C; ch++) basis[base + 16 * g + ch] = z;
             for (let g = 0; g < b.n; g++) {
-              const dst = layer * size + 4 * (index ? index[g] : g) + first;
-              for (let ch = 0; ch < C; ch++) basis[dst + ch] = Math.fround(s * Math.fround(off + sc * bq[row + g * C + ch]));
+              const dst = base + 16 * (index ? index[g] : g);
+              for (let ch = 0; ch < C; ch++) basis[dst + ch] = bq[row + g * C + ch];
             }
           }
         });
       }));
-      // positions again on the CPU, [N, 3] and [K, N, 3]: the depth sort needs them every frame, and
-      // computing them here (K N 3 multiply-adds, ~1 ms) is cheaper than reading them back from the GPU
-      // (a round trip that stalls the pipeline)
+      // positions again on the CPU, [N, 3] and [K, N, 3] (sqrt(lambda) folded in): the depth sort needs
+      // them every frame, and computing them here (K N 3 multiply-adds, a few ms) is cheaper than
+      // reading them back from the GPU (a round trip that stalls the pipeline)
       const N = this.N, Kp = this.components.positions;
       this.posMean = new Float32Array(3 * N);
       this.posBasis = new Float32Array(3 * N * Kp);
       for (let g = 0; g < N; g++) for (let ch = 0; ch < 3; ch++) {
         this.posMean[3 * g + ch] = means[0][4 * g + ch];
-        for (let k = 0; k < Kp; k++) this.posBasis[(k * N + g) * 3 + ch] = bases[0][k * size + 4 * g + ch];
+        for (let k = 0; k < Kp; k++) {
+          const q = bases[0][4 * size * (k >> 2) + 4 * (k & 3) + 16 * g + ch];
+          this.posBasis[(k * N + g) * 3 + ch] = this.factor.positions[k] * (q - this.zero.positions[k]);
+        }
       }
       this.meanTex = means.map((m) => floatTexture(gl, TW, this.TH, m));
+      this.texels = this.layers.map((L) => L / 4);
       this.basisTex = bases.map((basis, slot) => {
         const tex = gl.createTexture();
         gl.bindTexture(gl.TEXTURE_2D_ARRAY, tex);
-        gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA16F, TW, this.TH, Math.max(this.layers[slot], 1), 0, gl.RGBA,
-                      gl.HALF_FLOAT, toHalf(basis));
+        gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA32UI, TW, this.TH, Math.max(this.texels[slot], 1), 0, gl.RGBA_INTEGER,
+                      gl.UNSIGNED_INT, new Uint32Array(basis.buffer));
         for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D_ARRAY, p, gl.NEAREST);
         return tex;
       });
@@ -360,7 +379,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.maxLayers = Math.max(1, this.layers.reduce((a, b) => a + b, 0));
       const limit = gl.getParameter(gl.MAX_UNIFORM_BLOCK_SIZE) / 16;
       if (this.maxLayers > limit) throw new Error(`${this.maxLayers} basis layers exceed this browser's ${limit} uniform vec4s; export fewer components (viewer.export_energy)`);
-      this.coefData = new Float32Array(4 * this.maxLayers);
+      this.coefData = new Float32Array(4 * this.maxLayers + 12);  // + uShift[3]
       this.coefBuffer = gl.createBuffer();
       gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
       gl.bufferData(gl.UNIFORM_BUFFER, this.coefData.byteLength, gl.DYNAMIC_DRAW);
@@ -424,11 +443,16 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       const gl = this.gl, p = this.evalProgram, c = this.coefData;
       c.fill(0);
       let at = 0;
+      const shift = 4 * this.maxLayers;
       SLOTS.forEach((attrs, slot) => {
         for (const [a, first] of attrs) {
-          const o = this.offsets[a];
+          const o = this.offsets[a], factor = this.factor[a], zero = this.zero[a];
           for (let k = 0; k < this.components[a]; k++) {
-            for (let ch = 0; ch < CHANNELS[a]; ch++) c[4 * (at + k) + first + ch] = this.coefficients[o + k];
+            const ak = Math.fround(this.coefficients[o + k] * factor[k]);
+            for (let ch = 0; ch < CHANNELS[a]; ch++) {
+              c[4 * (at + k) + first + ch] = ak;
+              c[shift + 4 * slot + first + ch] -= ak * zero[k];
+            }
           }
         }
         at += this.layers[slot];
@@ -449,7 +473,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
         gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex[i]);
         gl.uniform1i(p.uniforms[`uBasis${i}`], 3 + i);
       });
-      gl.uniform3i(p.uniforms.uLayers, ...this.layers);
+      gl.uniform3i(p.uniforms.uTexels, ...this.texels);
       gl.bindVertexArray(this.emptyVao);
       gl.drawArrays(gl.TRIANGLES, 0, 3);
       // the same positions on the CPU, for the depth sort (see _upload)
@@ -596,7 +620,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
   async function start() {
     const params = new URLSearchParams(location.search);
     const canvas = document.getElementById("canvas");
-    const buffer = await inflate(decodeBase64(window.GEM_DATA));
+    const buffer = await inflate(decodeBase85(window.GEM_B85));
     const meta = unpack(buffer).meta;
     // rendered at the window's size (K scaled), not stretched: a 200-pixel training camera still looks sharp
     const fit = Math.min((window.innerHeight - 10) / meta.view.height, (window.innerWidth - 320) / meta.view.width);
@@ -679,6 +703,8 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
     window.GEM_UI = { showFrame, showTrack, play: () => play.click() };
     document.body.dataset.ready = "true";
   }
+
+  window.GEM_FORMAT = { decodeBase85, unpack }; // the decoders, for tests against lib/viewer/compressed.py
 
   start().catch((e) => {
     document.getElementById("error").textContent = String(e && e.stack || e);
