@@ -5,7 +5,9 @@
 Times forward + backward of the avatar (generator, colour head, assembly of the Gaussians; the renderer
 left out) for the regressor of CONFIG (default: configs/default.yml), built as bench/train_step.py builds
 it: fp32; the generator in channels-last memory format; bf16 autocast on the generator (the CPU must
-support bf16, e.g. AVX512-BF16); and with --compile, the generator through torch.compile (needs a C++
+support bf16, e.g. AVX512-BF16); the modulation folded into the weights (batch 1: the style scales
+and the demodulation multiply the 3x3 kernels, one convolution with its bias, instead of scaling the
+input and the output maps); and with --compile, the generator through torch.compile (needs a C++
 compiler; its compile time is printed). Variants are timed interleaved, step by step, and the medians
 compared, so the machine's drifting load hits them alike. A variant is worth keeping at >= 1.3x.
 """
@@ -20,12 +22,25 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lib.config import load_config  # noqa: E402
+from lib.models.texture_unet import ModulatedConv2d  # noqa: E402
 from train_step import build  # noqa: E402
+
+
+def weight_modulated(conv: ModulatedConv2d, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """ModulatedConv2d.forward for a batch of one with the style folded into the kernels: the same
+    output, one convolution and no per-pixel multiplications."""
+    if x.shape[0] != 1:
+        return ModulatedConv2d.forward(conv, x, style)
+    w = conv.weight * conv.scale * conv.affine(style)[0][None, :, None, None]
+    if conv.demodulate:
+        w = w * torch.rsqrt(w.square().sum((1, 2, 3)) + 1e-8)[:, None, None, None]
+    return F.conv2d(x, w, conv.bias, padding=conv.padding)
 
 
 def main() -> None:
@@ -50,6 +65,10 @@ def main() -> None:
     variants["channels-last"].generator.to(memory_format=torch.channels_last)
     variants["bf16 autocast"] = copy.deepcopy(avatar)
     variants["bf16 autocast"].bf16 = True  # GaussianAvatar.forward: autocast on the generator only
+    variants["weights modulated"] = copy.deepcopy(avatar)
+    for module in variants["weights modulated"].modules():
+        if isinstance(module, ModulatedConv2d):
+            module.forward = lambda x, style, conv=module: weight_modulated(conv, x, style)
     if args.compile:
         variants["torch.compile"] = copy.deepcopy(avatar)
         variants["torch.compile"].generator = torch.compile(variants["torch.compile"].generator)
