@@ -521,7 +521,10 @@ class ActorRenderer:
             hit = (frags.pix_to_face >= 0) & (frags.depth < behind)
             face, bary = frags.pix_to_face[hit], frags.bary[hit]
             at = (bary[..., None] * rest[shell[face]]).sum(1)  # [P, 4] rest point and hair weight
-            alpha = fringe_opacity(self.fringe, at[:, :3], at[:, 3])[:, None]
+            alpha = fringe_opacity(self.fringe, at[:, :3], at[:, 3])
+            seen = alpha > 0  # the gaps between strands change nothing: shade only the strands
+            hit[hit.clone()] = seen
+            face, bary, alpha = face[seen], bary[seen], alpha[seen, None]
             colour = shade(face, bary, centres[hit], shell, layer, layer_normals, self.surface.shell_faces_uv,
                            self.uvs, self.texture)
             rgb[hit] = alpha * colour + (1.0 - alpha) * rgb[hit]
