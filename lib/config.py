@@ -94,6 +94,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dynamic_offset": Key(0.0, "metres: largest per-timestep vertex offset written as VHAP's dynamic_offset, and part of the ground truth (0: none written)", ge=0),
         "teeth_rows": Key(0, "rows appended to the written static_offset and dynamic_offset, as VHAP writes them for its teeth vertices (VHAP: 120)", ge=0),
         "union": Key(False, "write each sequence as its own export beside actor.data_dir (<name>_<sequence>), relocated by its mean head translation as VHAP's exporter does, and actor.data_dir as their union"),
+        "hair_fringe": Key(0.0, "largest opacity of flyaway hair: a see-through layer up to 1 cm over the hair, strand noise for opacity, so images and fg_masks have soft alpha around the hair as photos do (0: none, the images as before)", ge=0, le=1),
     },
     "mesh_pca": {
         "n_components": Key(100, "mesh PCA components kept (at most the number of train+val timesteps - 1)", ge=1),

@@ -45,6 +45,9 @@ camera 8 on them, test = all cameras on the held-out sequence.
 Ground truth is not the tracked mesh (see ``synthetic_appearance``): fine relief, a hair volume
 and a world-fixed torso are added, and the written parameters may carry ``tracking_noise``.
 Images are rasterized at ``SUPERSAMPLE`` x the size and area-averaged, for anti-aliased edges.
+With ``hair_fringe`` > 0 a see-through flyaway layer over the hair is laid over each supersample
+before the averaging (colour a·C + (1 - a)·behind, coverage a + (1 - a)·behind's), so images and
+fg_masks carry fractional alpha around the hair as photos do, and image = F·a + (1 - a) still holds.
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ from lib.config import ConfigError
 from lib.dataset.cameras import Camera, stack_cameras
 from lib.dataset.vhap import DatasetError
 from lib.dataset.synthetic_appearance import (
-    Palette, actor_palette, build_texture, fbm, ground_truth_surface, shade, torso_mesh, torso_texture,
+    HairFringe, Palette, actor_palette, build_texture, fbm, fringe_opacity, ground_truth_surface, hair_fringe, shade,
+    torso_mesh, torso_texture,
 )
 from lib.flame.model import FlameModel, load_regions
 from lib.flame.synthetic import (EXPRESSION_NAMES, GROUND_TRUTH_DIR, KEPT_FILE, ensure_head_model, head_model_complete,
@@ -110,12 +114,13 @@ class ActorSpec:
     dynamic_offset: float = 0.0  # m, size of the per-timestep offsets; 0: none written
     teeth_rows: int = 0  # rows appended to the written offsets, as VHAP's teeth vertices (120)
     union: bool = False  # each sequence its own relocated export + a union of them (VHAP's layout)
+    hair_fringe: float = 0.0  # largest opacity of the flyaway hair layer; 0: none (``HairFringe``)
 
     @classmethod
     def from_config(cls, cfg) -> "ActorSpec":
         s = cfg.synthetic
         return cls(s.seed, s.scale, s.n_cameras, tuple(s.sequences), s.frames_per_sequence, s.tracking_noise,
-                   s.dynamic_offset, s.teeth_rows, s.union)
+                   s.dynamic_offset, s.teeth_rows, s.union, s.hair_fringe)
 
     def check(self) -> None:
         if len(self.sequences) < 2:
@@ -132,6 +137,9 @@ class ActorSpec:
                               "a folder name (no '/', not '.' or '..')")
         if self.frames_per_sequence < 1:
             raise ConfigError(f"synthetic.frames_per_sequence = {self.frames_per_sequence}: must be >= 1")
+        if not 0.0 <= self.hair_fringe <= 1.0:
+            raise ConfigError(f"synthetic.hair_fringe = {self.hair_fringe}: an opacity, between 0 (no flyaway "
+                              "hair) and 1")
         if not 0.05 <= self.scale <= 2.0:
             raise ConfigError(f"synthetic.scale = {self.scale}: use a fraction of 802x550 between 0.05 and 2")
 
@@ -424,7 +432,7 @@ class HeadFiles:
 
 
 class ActorRenderer:
-    """Renders the ground truth of one actor: tracked mesh + relief + hair shell, before a torso.
+    """Renders the ground truth of one actor: tracked mesh + relief + hair shell (+ flyaway layer), before a torso.
 
     The torso is static and the lights are fixed in the world, so its colour and depth in each
     camera are computed once; every timestep rasterizes only the head and lays it over them.
@@ -442,6 +450,9 @@ class ActorRenderer:
                                      texture_size(plan.spec.scale), seed)
         self.faces = torch.cat([model.faces, self.surface.shell_faces + rest.shape[0]])
         self.faces_uv = torch.cat([faces_uv, self.surface.shell_faces_uv])
+        self.fringe: HairFringe | None = None
+        if plan.spec.hair_fringe > 0:
+            self.fringe = hair_fringe(rest, model.faces, masks, self.surface, plan.spec.hair_fringe, seed)
         self.torso = torso_mesh(width_scale=float(np.random.default_rng([seed, 2]).uniform(0.93, 1.07)))
         self.torso_texture = torso_texture(self.torso, plan.palette, 256, seed)
         self.torso_normals = vertex_normals(self.torso.verts[None], self.torso.faces)[0]
@@ -478,10 +489,48 @@ class ActorRenderer:
             rgb[head] = shade(frags.pix_to_face[head], frags.bary[head], centres[head], self.faces, verts, normals,
                               self.faces_uv, self.uvs, self.texture)
             cover = (head | torch.isfinite(torso_depth)).float()
+            if self.fringe is not None:
+                behind = torch.minimum(frags.depth, torso_depth)
+                rgb, cover = self._fringe_over(verts, normals, viewmats, Ks, chunk, centres, rgb, cover, behind)
             composite = rgb + (1.0 - cover)[..., None]  # rgb is black where uncovered: white behind
             rgbs.append(F.avg_pool2d(composite.permute(0, 3, 1, 2), SUPERSAMPLE).permute(0, 2, 3, 1))
             covers.append(F.avg_pool2d(cover[:, None], SUPERSAMPLE)[:, 0])
         return torch.cat(rgbs), torch.cat(covers)
+
+    def fringe_layer(self, verts: Tensor, normals: Tensor) -> Tensor:
+        """The flyaway layer over the head ``verts`` [V + S, 3] (``head_verts``) with their ``normals``: the
+        hair shell pushed out along its own normal. -> [S, 3], faces ``surface.shell_faces``"""
+        n_head = self.model.v_template.shape[0]
+        return verts[n_head:] + self.fringe.height[:, None] * normals[n_head:]
+
+    def _fringe_over(self, verts: Tensor, normals: Tensor, viewmats: Tensor, Ks: Tensor, cameras: list[Camera],
+                     centres: Tensor, rgb: Tensor, cover: Tensor, behind: Tensor) -> tuple[Tensor, Tensor]:
+        """The flyaway layer composited over supersampled images: its far side, then its near side (a ray
+        beside the head crosses it twice), each where it lies in front of what was drawn.
+
+        verts, normals: [V + S, 3] the head and its shell (``head_verts``); centres: [C, H, W, 3] camera
+        centres; rgb [C, H, W, 3] premultiplied (black where uncovered), cover [C, H, W], behind [C, H, W]
+        depth of what they show (inf where empty). -> (rgb, cover) with the layer over them"""
+        shell = self.surface.shell_faces
+        layer = self.fringe_layer(verts, normals)
+        layer_normals = vertex_normals(layer[None], shell)[0]
+        rest = torch.cat([self.fringe.rest_points, self.fringe.hair[:, None]], dim=-1)  # [S, 4]
+        rgb, cover = rgb.clone(), cover.clone()
+        height, width = cameras[0].height, cameras[0].width
+        for faces in (shell[:, [0, 2, 1]], shell):  # back faces (culled with the winding flipped), then front
+            frags = rasterize_camera(layer[None], faces, viewmats, Ks, height, width, cull_backfaces=True)
+            hit = (frags.pix_to_face >= 0) & (frags.depth < behind)
+            face, bary = frags.pix_to_face[hit], frags.bary[hit]
+            at = (bary[..., None] * rest[shell[face]]).sum(1)  # [P, 4] rest point and hair weight
+            alpha = fringe_opacity(self.fringe, at[:, :3], at[:, 3])
+            seen = alpha > 0  # the gaps between strands change nothing: shade only the strands
+            hit[hit.clone()] = seen
+            face, bary, alpha = face[seen], bary[seen], alpha[seen, None]
+            colour = shade(face, bary, centres[hit], shell, layer, layer_normals, self.surface.shell_faces_uv,
+                           self.uvs, self.texture)
+            rgb[hit] = alpha * colour + (1.0 - alpha) * rgb[hit]
+            cover[hit] = alpha[:, 0] + (1.0 - alpha[:, 0]) * cover[hit]
+        return rgb, cover
 
     def _torso_layer(self, cameras: list[Camera]) -> tuple[Tensor, Tensor]:
         """Lit torso colour (black where empty) and depth (inf where empty) of supersampled

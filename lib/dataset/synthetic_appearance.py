@@ -7,6 +7,8 @@ the ground truth that the images show. The ground truth adds what a tracker cann
     * hair volume: the scalp duplicated as a shell, offset outwards by up to the actor's hair
       thickness (1-2 cm), falling smoothly to zero at the hairline;
     * a torso: collar, shoulders and chest, fixed in the world (it does not follow the neck).
+    * flyaway hair (``synthetic.hair_fringe`` > 0): a layer over the hair shell whose opacity is
+      strand noise, so the images show hair the background shines through (``HairFringe``).
 
 Colour lives in a UV texture at the head model's UV layout. Each texel knows its 3D position on
 the actor's rest mesh (``rasterize_uv`` + ``interpolate``), so every pattern is a function of 3D
@@ -38,6 +40,7 @@ from lib.geometry.rasterize import interpolate, rasterize_uv
 
 DETAIL_DEPTH = 0.0008  # m, amplitude of the fine relief along the normal
 HAIRLINE_SOFTNESS = 3  # smoothing passes over the scalp indicator: width of the hairline blend
+FRINGE_GAP = 0.010  # m, how far flyaway strands stand out of the hair shell at most
 # World-fixed lights: (direction towards the light, RGB intensity in linear light).
 LIGHTS = (
     ((0.45, 0.45, 0.77), (0.80, 0.76, 0.70)),  # key: upper front, subject's left
@@ -220,6 +223,40 @@ def ground_truth_surface(rest_verts: Tensor, faces: Tensor, faces_uv: Tensor, ma
     volume = 0.75 + 0.5 * fbm(rest_verts[shell_verts], 12.0, 2, seed + 13)  # uneven, fuller on top
     height = palette.hair_thickness * _smoothstep(0.5, 1.0, hair[shell_verts]) * volume
     return GroundTruthSurface(detail, shell_verts, remap[faces[face_in]], faces_uv[face_in], height)
+
+
+@dataclass(frozen=True)
+class HairFringe:
+    """Flyaway hair: a see-through layer over the hair shell, standing up to ``FRINGE_GAP`` further out.
+
+    Its vertices are the shell's (``GroundTruthSurface.shell_verts``), pushed along the shell's normal, so
+    it moves with the head; its opacity (``fringe_opacity``) is read at each point's rest position."""
+
+    height: Tensor  # [S] offset beyond the shell along the shell's normal (m)
+    rest_points: Tensor  # [S, 3] rest-mesh position of each vertex: where its strands are read
+    hair: Tensor  # [S] hair weight of each vertex (``hair_weight``)
+    crown: Tensor  # [3] top of the rest head: the strands' whorl
+    strength: float  # largest opacity (synthetic.hair_fringe)
+    seed: int
+
+
+def hair_fringe(rest_verts: Tensor, faces: Tensor, masks: dict[str, np.ndarray], surface: GroundTruthSurface,
+                strength: float, seed: int) -> HairFringe:
+    """The actor's flyaway layer. rest_verts: [V, 3]; faces: [F, 3]"""
+    s = surface.shell_verts
+    hair = hair_weight(faces, rest_verts.shape[0], masks)[s]
+    points = rest_verts[s]
+    # uneven, as strands lift in tufts; zero at the hairline, where the shell meets the skin
+    lift = 0.4 + 0.6 * fbm(points, 30.0, 2, seed + 17)
+    height = FRINGE_GAP * _smoothstep(0.5, 1.0, hair) * lift
+    return HairFringe(height, points, hair, rest_verts[rest_verts[:, 1].argmax()], strength, seed)
+
+
+def fringe_opacity(fringe: HairFringe, points: Tensor, hair: Tensor) -> Tensor:
+    """Opacity in [0, fringe.strength] of the flyaway layer at rest points [P, 3] with hair weights [P]:
+    thin strands (the hair texture's stripes, thresholded) over clear gaps, none off the scalp. -> [P]"""
+    strands = _hair_strands(points, fringe.crown, fringe.seed + 19)
+    return fringe.strength * _smoothstep(0.45, 0.7, strands) * _smoothstep(0.5, 0.85, hair)
 
 
 def _hair_strands(points: Tensor, crown: Tensor, seed: int) -> Tensor:

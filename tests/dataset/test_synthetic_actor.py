@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.config import load_config
 from lib.dataset import synthetic_actor
 from lib.dataset.synthetic_actor import (
     FRONTAL_CAMERA, ActorRenderer, ActorSpec, HeadFiles, crown_and_chin, generate_actor, image_size, plan_actor,
@@ -14,6 +16,8 @@ from lib.dataset.synthetic_actor import (
 from lib.dataset.vhap import VhapExport
 from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
 from lib.geometry.rasterize import rasterize_camera
+from lib.geometry.uv import vertex_normals
+from lib.paths import REPO_ROOT
 
 SPEC = ActorSpec(seed=1, scale=0.1, n_cameras=16, sequences=("EXP-1", "EMO-1"), frames_per_sequence=3,
                  tracking_noise=0.0)
@@ -231,6 +235,8 @@ def test_spec_errors_name_the_key():
     replace(SPEC, n_cameras=1).check()  # a monocular export
     with pytest.raises(ValueError, match="synthetic.union each name is a folder name"):
         replace(SPEC, union=True, sequences=("A", "../B")).check()
+    with pytest.raises(ValueError, match="synthetic.hair_fringe"):
+        replace(SPEC, hair_fringe=1.5).check()
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +323,75 @@ def test_a_flame_like_head_gets_the_same_images_and_parameters_for_its_own_verti
             for key in full.files:
                 if key != "static_offset":
                     np.testing.assert_array_equal(mine[key], full[key])
+
+
+# sha256 of every image and fg mask (decoded pixels, in file order) of the SPEC actor, as the generator wrote
+# them before synthetic.hair_fringe existed (commit 5555485). A change of torch, numpy or OpenCV may move a
+# pixel by one level: then regenerate with that commit on the new install and take its hash.
+SPEC_PIXELS_SHA256 = "ea667009b1d884fe32f65e6699fed82028f0aa96bef42bb1aa2ba4c18c5225a4"
+
+
+def _pixels_sha256(folder) -> str:
+    h = hashlib.sha256()
+    for sub in ("images", "fg_masks"):
+        for path in sorted((folder / sub).glob("*.png")):
+            h.update(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def soft_actor(head, tmp_path_factory):
+    """The SPEC actor with flyaway hair."""
+    spec = replace(SPEC, hair_fringe=0.6)
+    folder = tmp_path_factory.mktemp("soft") / "actor_soft"
+    generate_actor(folder, head[0], spec, log=lambda *_: None)
+    return folder, spec
+
+
+def _fractional(mask):
+    return (mask > 0.05) & (mask < 0.95)
+
+
+def test_without_hair_fringe_the_images_and_masks_are_as_before(actor):
+    assert ActorSpec.from_config(load_config(REPO_ROOT / "configs" / "default.yml")).hair_fringe == 0.0
+    assert _pixels_sha256(actor) == SPEC_PIXELS_SHA256
+
+
+def test_hair_fringe_gives_soft_alpha_in_a_band_around_the_hair(head, actor, soft_actor):
+    _, model, uvs, faces_uv, masks = head
+    folder, spec = soft_actor
+    renderer = ActorRenderer(plan_actor(spec, model, masks), model, uvs, faces_uv, masks)
+    sharp, soft = VhapExport(actor), VhapExport(folder)
+    gained = in_hair = n_sharp = n_soft = 0
+    for frame in soft.split("train")[::7] + soft.split("val"):
+        same = [f for f in sharp.split("train") + sharp.split("val") if f.image_path.name == frame.image_path.name]
+        a_sharp, a_soft = sharp.load_mask(same[0]), soft.load_mask(frame)
+        n_sharp, n_soft = n_sharp + int(_fractional(a_sharp).sum()), n_soft + int(_fractional(a_soft).sum())
+        # where the flyaway layer projects (at 2x, pooled to the image, one pixel of margin)
+        verts = renderer.head_verts(frame.timestep_index)
+        layer = renderer.fringe_layer(verts, vertex_normals(verts[None], renderer.faces)[0])
+        cam = frame.camera
+        K = cam.K * torch.tensor([[2.0], [2.0], [1.0]])
+        frags = rasterize_camera(layer[None], renderer.surface.shell_faces, cam.viewmat[None], K[None],
+                                 2 * cam.height, 2 * cam.width)
+        hair = torch.nn.functional.max_pool2d((frags.pix_to_face >= 0).float()[None], 2)
+        hair = torch.nn.functional.max_pool2d(hair, 3, 1, 1)[0, 0] > 0
+        new = _fractional(a_soft) & ~_fractional(a_sharp)
+        gained, in_hair = gained + int(new.sum()), in_hair + int((new & hair).sum())
+    assert n_soft > 1.5 * n_sharp, (n_soft, n_sharp)
+    assert in_hair > 0.95 * gained, (in_hair, gained)
+
+
+def test_soft_hair_images_are_composites_on_white(head, soft_actor):
+    """I = F·a + (1 - a) with F in [0, 1]: I >= 1 - a everywhere (and I <= 1), exactly as rendered and
+    within the rounding of the two 8-bit files as written."""
+    _, model, uvs, faces_uv, masks = head
+    folder, spec = soft_actor
+    plan = plan_actor(spec, model, masks)
+    rgb, cover = ActorRenderer(plan, model, uvs, faces_uv, masks).render(1, plan.cameras)
+    assert float((rgb - (1 - cover[..., None])).min()) >= -1e-6 and float(rgb.max()) <= 1 + 1e-6
+    assert int(_fractional(cover).sum()) > 0
+    export = VhapExport(folder)
+    for frame in export.split("test")[:4] + export.split("val")[:2]:
+        image, alpha = export.load_image(frame), export.load_mask(frame)
+        assert float((image - (1 - alpha[..., None])).min()) >= -1.01 / 255
