@@ -119,7 +119,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lr": Key(5e-4, "Adam learning rate of the generator and colour head", gt=0),
         "lr_features": Key(5e-4, "Adam learning rate of the learned UV feature maps", ge=0),
         "refine_flame": Key(False, "learn per-timestep corrections of the tracked FLAME rotation, translation, jaw and expression of the train timesteps with the avatar (lib/models/flame_refinement.py); stored with the checkpoint and used by stages 3-4 and the evaluations of those timesteps; held-out test timesteps stay as tracked"),
-        "lr_flame": Key(1e-3, "Adam learning rate of the FLAME corrections, in their units (0.01 rad, 1 mm, 0.1 expression)", gt=0),
+        "lr_flame": Key(1e-2, "Adam learning rate of the FLAME corrections, in their units (0.01 rad, 1 mm, 0.1 expression); a timestep's corrections move only at its own steps (a few dozen in a CPU run): 1e-3 left them where the tracker put them", gt=0),
         "lr_schedule": Key("multistep", "learning-rate decay over the run", choices=("multistep", "exponential", "constant")),
         "lr_milestones": Key([0.35, 0.7], "multistep: fractions of the run where the rate is multiplied by lr_gamma", ge=0, le=1),
         "lr_gamma": Key(0.33, "multistep: factor at each milestone", gt=0, le=1),
