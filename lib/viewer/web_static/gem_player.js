@@ -115,37 +115,35 @@ void main() { vec2 p = vec2(float((gl_VertexID << 1) & 2), float(gl_VertexID & 2
   // A basis layer (a component of each attribute of the slot) is one uint32 of a Gaussian's four
   // quantised bytes, four layers to an RGBA32UI texel. The factors a_k come in a uniform block, one vec4
   // per layer (its channels' factors; zero for the padding to a multiple of four layers).
-  const EVAL_FS = `#version 300 es
+  function evalSource(texels) {
+    const lines = [];
+    let k = 0;
+    texels.forEach((n, slot) => {
+      for (let t = 0; t < n; t++, k += 4) {
+        lines.push(`  w = texelFetch(uBasis${slot}, ivec3(p, ${t}), 0);`,
+                   `  acc${slot} += uC[${k}] * bytes(w.x) + uC[${k + 1}] * bytes(w.y) + uC[${k + 2}] * bytes(w.z) + uC[${k + 3}] * bytes(w.w);`);
+      }
+    });
+    return `#version 300 es
 precision highp float; precision highp int; precision highp usampler2DArray;
 uniform highp sampler2D uMean0, uMean1, uMean2;
 uniform usampler2DArray uBasis0, uBasis1, uBasis2;
-layout(std140) uniform Coefficients { vec4 uC[MAX_LAYERS]; vec4 uShift[3]; };
-uniform ivec3 uTexels;
+layout(std140) uniform Coefficients { vec4 uC[${Math.max(1, k)}]; vec4 uShift[3]; };
 vec4 bytes(uint w) { return vec4(uvec4(w, w >> 8u, w >> 16u, w >> 24u) & 0xffu); }
 layout(location = 0) out vec4 oPos;
 layout(location = 1) out vec4 oRot;
 layout(location = 2) out vec4 oScaleOpacity;
 void main() {
   ivec2 p = ivec2(gl_FragCoord.xy);
-  vec4 pos = texelFetch(uMean0, p, 0) + uShift[0], rot = texelFetch(uMean1, p, 0) + uShift[1];
-  vec4 so = texelFetch(uMean2, p, 0) + uShift[2];
-  int k = 0;
-  for (int t = 0; t < uTexels.x; t++, k += 4) {
-    uvec4 w = texelFetch(uBasis0, ivec3(p, t), 0);
-    pos += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
-  }
-  for (int t = 0; t < uTexels.y; t++, k += 4) {
-    uvec4 w = texelFetch(uBasis1, ivec3(p, t), 0);
-    rot += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
-  }
-  for (int t = 0; t < uTexels.z; t++, k += 4) {
-    uvec4 w = texelFetch(uBasis2, ivec3(p, t), 0);
-    so += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
-  }
-  oPos = vec4(pos.xyz, 1.0);
-  oRot = rot / max(length(rot), 1e-12);
-  oScaleOpacity = vec4(max(so.xyz, 0.0), clamp(so.w, 0.0, 1.0));
+  vec4 acc0 = texelFetch(uMean0, p, 0) + uShift[0], acc1 = texelFetch(uMean1, p, 0) + uShift[1];
+  vec4 acc2 = texelFetch(uMean2, p, 0) + uShift[2];
+  uvec4 w;
+${lines.join("\n")}
+  oPos = vec4(acc0.xyz, 1.0);
+  oRot = acc1 / max(length(acc1), 1e-12);
+  oScaleOpacity = vec4(max(acc2.xyz, 0.0), clamp(acc2.w, 0.0, 1.0));
 }`;
+  }
 
   const SPLAT_VS = `#version 300 es
 precision highp float; precision highp int;
@@ -297,7 +295,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.pose = rigid([1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 0]);
 
       this._upload();
-      this.evalProgram = compile(gl, FULLSCREEN_VS, EVAL_FS.replace("MAX_LAYERS", String(this.maxLayers)));
+      this.evalProgram = compile(gl, FULLSCREEN_VS, evalSource(this.texels));
       this.splatProgram = compile(gl, SPLAT_VS, SPLAT_FS);
       this.backgroundProgram = compile(gl, FULLSCREEN_VS, BACKGROUND_FS);
       this.presentProgram = compile(gl, FULLSCREEN_VS, PRESENT_FS);
@@ -473,7 +471,6 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
         gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex[i]);
         gl.uniform1i(p.uniforms[`uBasis${i}`], 3 + i);
       });
-      gl.uniform3i(p.uniforms.uTexels, ...this.texels);
       gl.bindVertexArray(this.emptyVao);
       gl.drawArrays(gl.TRIANGLES, 0, 3);
       // the same positions on the CPU, for the depth sort (see _upload)
