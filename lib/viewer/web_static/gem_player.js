@@ -7,10 +7,9 @@
 // Each frame:
 //  1. evaluate: one fragment per Gaussian (texel i % TW, i / TW) sums mean + sum_k c_k sqrt(lambda_k) basis_k
 //     as shift + sum_k a_k q_k, with a_k = c_k sqrt(lambda_k) scale_k and shift = -sum_k a_k zero_k (the
-//     quantised bytes straight from the file: four components of a Gaussian's four channels in one
-//     RGBA32UI texel, so a texture fetch brings four components; scales and opacities share the channels)
-//     and writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped
-//     to [0, 1]) to three float targets;
+//     quantised values as the file holds them, bit-packed at their own bits into RGBA32UI texels; see
+//     evalSource) and writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity
+//     (clamped to [0, 1]) to three float targets;
 //  2. sort: the positions, evaluated again on the CPU (cheaper than a read-back, which stalls), are
 //     sorted by camera depth (a stable radix sort of the float bits, so ties keep the lower index
 //     first, as the Python rasterizer does);
@@ -114,9 +113,11 @@ void main() { vec2 p = vec2(float((gl_VertexID << 1) & 2), float(gl_VertexID & 2
   // Three slots of per-Gaussian accumulators: positions (xyz), rotations (wxyz), scales (xyz) + opacity (w).
   // The quantised bases are bit-packed per Gaussian at their own bits (the file's basis_bits): a unit
   // (component k of one attribute, its C channels of b bits side by side) never straddles a uint32 word,
-  // four words to an RGBA32UI texel of a usampler2DArray layer. SwiftShader pays about a microsecond per
-  // texel fetch and quad, so the fewer texels the better (~15 at 2-8 bits against 36 at a byte a
-  // component). The shader is generated for the layout: constant shifts, masks and uniform indices.
+  // four words to an RGBA32UI texel of a usampler2DArray layer. In SwiftShader (software WebGL) the pass
+  // costs about its texel fetches (~0.5 us per fetch of a 2x2 quad, measured loaded), so the fewer the
+  // better: 15 texels for the default actor's 2-8 bits against 36 at a byte a component. The shader is
+  // generated for the layout: constant shifts, masks and uniform indices (a dynamically indexed uniform
+  // array and loop bounds from a uniform made the pass about twice as slow).
   // The factors a_k come in a uniform block, one vec4 per unit (its channels' factors).
   const SLOT_CHANNELS = { positions: "xyz", rotations: "xyzw", scales: "xyz", opacities: "w" };
   function evalSource(units) {
