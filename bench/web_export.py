@@ -13,7 +13,7 @@ exported page, animated (GEM evaluated on the GPU every frame, next fitted frame
 Gaussians, evaluated once; still sorted and splatted every frame, the camera turning). Software WebGL:
 only the ratio means anything. Timed at the camera's own size and at a window's (--height pixels high).
 
-    .venv/bin/python bench/web_export.py CONFIG [overrides] [--frames 8] [--browser-frames 20] [--height 800]
+    .venv/bin/python bench/web_export.py CONFIG [overrides] [--frames 8] [--browser-frames 20] [--height 800] [--browser-only]
 """
 import os
 
@@ -152,6 +152,7 @@ def main():
     parser.add_argument("--browser-frames", type=int, default=20, help="frames per browser timing")
     parser.add_argument("--browser-repeats", type=int, default=5, help="interleaved timings per mode")
     parser.add_argument("--height", type=int, default=800, help="canvas height of the second browser timing (a window)")
+    parser.add_argument("--browser-only", action="store_true", help="skip the quality tables: export, then time the page")
     args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(1)
@@ -166,7 +167,8 @@ def main():
               f"viewer.export_min_bits {v.export_min_bits}): folder {sizes['total'] / 1e6:.3f} MB = gem.js "
               f"{sizes['gem.js'] / 1e6:.3f} MB (compressed GEM {sizes['gem'] / 1e6:.3f} MB + tracks, gzipped, base85) + player "
               f"{(sizes['gem_player.js'] + sizes['index.html']) / 1e3:.1f} kB")
-        quality(cfg, model, net, SETTINGS, args.frames)
+        if not args.browser_only:
+            quality(cfg, model, net, SETTINGS, args.frames)
         browser(Path(tmp), args.browser_frames, args.height, args.browser_repeats)
 
 

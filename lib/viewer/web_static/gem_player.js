@@ -7,10 +7,9 @@
 // Each frame:
 //  1. evaluate: one fragment per Gaussian (texel i % TW, i / TW) sums mean + sum_k c_k sqrt(lambda_k) basis_k
 //     as shift + sum_k a_k q_k, with a_k = c_k sqrt(lambda_k) scale_k and shift = -sum_k a_k zero_k (the
-//     quantised bytes straight from the file: four components of a Gaussian's four channels in one
-//     RGBA32UI texel, so a texture fetch brings four components; scales and opacities share the channels)
-//     and writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity (clamped
-//     to [0, 1]) to three float targets;
+//     quantised values as the file holds them, bit-packed at their own bits into RGBA32UI texels; see
+//     evalSource) and writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity
+//     (clamped to [0, 1]) to three float targets;
 //  2. sort: the positions, evaluated again on the CPU (cheaper than a read-back, which stalls), are
 //     sorted by camera depth (a stable radix sort of the float bits, so ties keep the lower index
 //     first, as the Python rasterizer does);
@@ -111,41 +110,45 @@
   const FULLSCREEN_VS = `#version 300 es
 void main() { vec2 p = vec2(float((gl_VertexID << 1) & 2), float(gl_VertexID & 2)); gl_Position = vec4(p * 2.0 - 1.0, 0.0, 1.0); }`;
 
-  // Three slots of per-Gaussian texels: positions (xyz), rotations (wxyz), scales (xyz) + opacity (w).
-  // A basis layer (a component of each attribute of the slot) is one uint32 of a Gaussian's four
-  // quantised bytes, four layers to an RGBA32UI texel. The factors a_k come in a uniform block, one vec4
-  // per layer (its channels' factors; zero for the padding to a multiple of four layers).
-  const EVAL_FS = `#version 300 es
+  // Three slots of per-Gaussian accumulators: positions (xyz), rotations (wxyz), scales (xyz) + opacity (w).
+  // The quantised bases are bit-packed per Gaussian at their own bits (the file's basis_bits): a unit
+  // (component k of one attribute, its C channels of b bits side by side) never straddles a uint32 word,
+  // four words to an RGBA32UI texel of a usampler2DArray layer. In SwiftShader (software WebGL) the pass
+  // costs about its texel fetches (~0.5 us per fetch of a 2x2 quad, measured loaded), so the fewer the
+  // better: 15 texels for the default actor's 2-8 bits against 36 at a byte a component. The shader is
+  // generated for the layout: constant shifts, masks and uniform indices (a dynamically indexed uniform
+  // array and loop bounds from a uniform made the pass about twice as slow).
+  // The factors a_k come in a uniform block, one vec4 per unit (its channels' factors).
+  const SLOT_CHANNELS = { positions: "xyz", rotations: "xyzw", scales: "xyz", opacities: "w" };
+  function evalSource(units) {
+    const lines = [];
+    let fetched = -1;
+    units.map((u, i) => [u, i]).sort(([x], [y]) => x.word - y.word).forEach(([u, i]) => {
+      const t = u.word >> 2, word = `w${t}.${"xyzw"[u.word & 3]}`, mask = `${(1 << u.bits) - 1}u`;
+      if (t !== fetched) { lines.push(`  uvec4 w${t} = texelFetch(uBasis, ivec3(p, ${t}), 0);`); fetched = t; }
+      const ch = SLOT_CHANNELS[u.attr], C = ch.length;
+      const shifts = Array.from({ length: C }, (_, c) => `${word} >> ${u.shift + c * u.bits}u`);
+      const q = C === 1 ? `float((${shifts[0]}) & ${mask})` : `vec${C}(uvec${C}(${shifts.join(", ")}) & ${mask})`;
+      lines.push(`  acc${u.slot}.${ch} += uC[${i}].${ch} * ${q};`);
+    });
+    return `#version 300 es
 precision highp float; precision highp int; precision highp usampler2DArray;
 uniform highp sampler2D uMean0, uMean1, uMean2;
-uniform usampler2DArray uBasis0, uBasis1, uBasis2;
-layout(std140) uniform Coefficients { vec4 uC[MAX_LAYERS]; vec4 uShift[3]; };
-uniform ivec3 uTexels;
-vec4 bytes(uint w) { return vec4(uvec4(w, w >> 8u, w >> 16u, w >> 24u) & 0xffu); }
+uniform usampler2DArray uBasis;
+layout(std140) uniform Coefficients { vec4 uC[${Math.max(1, units.length)}]; vec4 uShift[3]; };
 layout(location = 0) out vec4 oPos;
 layout(location = 1) out vec4 oRot;
 layout(location = 2) out vec4 oScaleOpacity;
 void main() {
   ivec2 p = ivec2(gl_FragCoord.xy);
-  vec4 pos = texelFetch(uMean0, p, 0) + uShift[0], rot = texelFetch(uMean1, p, 0) + uShift[1];
-  vec4 so = texelFetch(uMean2, p, 0) + uShift[2];
-  int k = 0;
-  for (int t = 0; t < uTexels.x; t++, k += 4) {
-    uvec4 w = texelFetch(uBasis0, ivec3(p, t), 0);
-    pos += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
-  }
-  for (int t = 0; t < uTexels.y; t++, k += 4) {
-    uvec4 w = texelFetch(uBasis1, ivec3(p, t), 0);
-    rot += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
-  }
-  for (int t = 0; t < uTexels.z; t++, k += 4) {
-    uvec4 w = texelFetch(uBasis2, ivec3(p, t), 0);
-    so += uC[k] * bytes(w.x) + uC[k + 1] * bytes(w.y) + uC[k + 2] * bytes(w.z) + uC[k + 3] * bytes(w.w);
-  }
-  oPos = vec4(pos.xyz, 1.0);
-  oRot = rot / max(length(rot), 1e-12);
-  oScaleOpacity = vec4(max(so.xyz, 0.0), clamp(so.w, 0.0, 1.0));
+  vec4 acc0 = texelFetch(uMean0, p, 0) + uShift[0], acc1 = texelFetch(uMean1, p, 0) + uShift[1];
+  vec4 acc2 = texelFetch(uMean2, p, 0) + uShift[2];
+${lines.join("\n")}
+  oPos = vec4(acc0.xyz, 1.0);
+  oRot = acc1 / max(length(acc1), 1e-12);
+  oScaleOpacity = vec4(max(acc2.xyz, 0.0), clamp(acc2.w, 0.0, 1.0));
 }`;
+  }
 
   const SPLAT_VS = `#version 300 es
 precision highp float; precision highp int;
@@ -297,7 +300,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.pose = rigid([1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 0]);
 
       this._upload();
-      this.evalProgram = compile(gl, FULLSCREEN_VS, EVAL_FS.replace("MAX_LAYERS", String(this.maxLayers)));
+      this.evalProgram = compile(gl, FULLSCREEN_VS, evalSource(this.units));
       this.splatProgram = compile(gl, SPLAT_VS, SPLAT_FS);
       this.backgroundProgram = compile(gl, FULLSCREEN_VS, BACKGROUND_FS);
       this.presentProgram = compile(gl, FULLSCREEN_VS, PRESENT_FS);
@@ -313,20 +316,20 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.setFrame(0);
     }
 
-    // Per-slot textures: mean [TW, TH] (dequantised, float) and the quantised bases as they come,
-    // [TW, TH, texels] RGBA32UI with texels = layers / 4 (layer k of a slot: component k of each of its
-    // attributes, in its channels' bytes). A Gaussian outside a component's part holds the row's zero.
+    // Per-slot mean textures [TW, TH] (dequantised, float) and one bit-packed basis texture [TW, TH, texels]
+    // RGBA32UI (see evalSource). A Gaussian outside a component's part holds the row's zero.
     _upload() {
-      const gl = this.gl, size = TW * this.TH * 4;
-      this.layers = SLOTS.map((attrs) => 4 * Math.ceil(Math.max(...attrs.map(([a]) => this.components[a])) / 4));
+      const gl = this.gl, size = TW * this.TH * 4, N = this.N;
       this.factor = {};  // attribute -> [K] sqrt(lambda_k) scale_k
       this.zero = {};    // attribute -> [K] zero_k
+      this.units = [];   // {slot, attr, first, k, bits, word, shift}: component k of attr, in its bits at word, shift
       const means = SLOTS.map(() => new Float32Array(size));
-      const bases = this.layers.map((L) => new Uint8Array(size * Math.max(L, 4)));
+      const quantised = {};  // attribute -> [K] Uint8Array [N, C]
       SLOTS.forEach((attrs, slot) => attrs.forEach(([a, first]) => {
-        const C = CHANNELS[a], mean = means[slot], basis = bases[slot];
+        const C = CHANNELS[a], mean = means[slot];
         this.factor[a] = new Float32Array(this.components[a]);
         this.zero[a] = new Float32Array(this.components[a]);
+        quantised[a] = [];
         let layer = 0;
         this.meta.attributes[a].blocks.forEach((b, i) => {
           const key = `${a}.${i}`, index = this.arrays[key + ".index"];
@@ -336,50 +339,63 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
             for (let ch = 0; ch < C; ch++) mean[dst + ch] = Math.fround(b.mean_offset[ch] + b.mean_scale[ch] * mq[g * C + ch]);
           }
           for (let k = 0; k < b.components; k++, layer++) {
-            const z = b.basis_zero[k], row = k * b.n * C, base = 4 * size * (layer >> 2) + 4 * (layer & 3) + first;
+            const z = b.basis_zero[k], row = k * b.n * C, bits = b.basis_bits[k];
             this.factor[a][layer] = Math.fround(Math.sqrt(lam[k])) * Math.fround(b.basis_scale[k]);
             this.zero[a][layer] = z;
-            for (let g = 0; g < this.N; g++) for (let ch = 0; ch < C; ch++) basis[base + 16 * g + ch] = z;
+            const q = new Uint8Array(N * C).fill(z);
             for (let g = 0; g < b.n; g++) {
-              const dst = base + 16 * (index ? index[g] : g);
-              for (let ch = 0; ch < C; ch++) basis[dst + ch] = bq[row + g * C + ch];
+              const dst = C * (index ? index[g] : g);
+              for (let ch = 0; ch < C; ch++) q[dst + ch] = bq[row + g * C + ch];
             }
+            quantised[a].push(q);
+            this.units.push({ slot, attr: a, first, k: layer, bits });
           }
         });
       }));
+      // first fit, widest units first: ~5% of the bits left empty
+      const used = [];  // bits taken in each word
+      for (const u of [...this.units].sort((x, y) => CHANNELS[y.attr] * y.bits - CHANNELS[x.attr] * x.bits)) {
+        const width = CHANNELS[u.attr] * u.bits;
+        u.word = used.findIndex((b) => b + width <= 32);
+        if (u.word < 0) { u.word = used.length; used.push(0); }
+        u.shift = used[u.word];
+        used[u.word] += width;
+      }
+      this.texels = Math.max(1, Math.ceil(used.length / 4));
+      const packed = new Uint32Array(size * this.texels);
+      for (const u of this.units) {
+        const C = CHANNELS[u.attr], q = quantised[u.attr][u.k], base = size * (u.word >> 2) + (u.word & 3);
+        for (let g = 0; g < N; g++) {
+          let v = 0;
+          for (let ch = 0; ch < C; ch++) v |= q[C * g + ch] << (u.shift + ch * u.bits);
+          packed[base + 4 * g] |= v;
+        }
+      }
       // positions again on the CPU, [N, 3] and [K, N, 3] (sqrt(lambda) folded in): the depth sort needs
       // them every frame, and computing them here (K N 3 multiply-adds, a few ms) is cheaper than
       // reading them back from the GPU (a round trip that stalls the pipeline)
-      const N = this.N, Kp = this.components.positions;
+      const Kp = this.components.positions;
       this.posMean = new Float32Array(3 * N);
       this.posBasis = new Float32Array(3 * N * Kp);
-      for (let g = 0; g < N; g++) for (let ch = 0; ch < 3; ch++) {
-        this.posMean[3 * g + ch] = means[0][4 * g + ch];
-        for (let k = 0; k < Kp; k++) {
-          const q = bases[0][4 * size * (k >> 2) + 4 * (k & 3) + 16 * g + ch];
-          this.posBasis[(k * N + g) * 3 + ch] = this.factor.positions[k] * (q - this.zero.positions[k]);
-        }
+      for (let g = 0; g < N; g++) for (let ch = 0; ch < 3; ch++) this.posMean[3 * g + ch] = means[0][4 * g + ch];
+      for (let k = 0; k < Kp; k++) {
+        const q = quantised.positions[k], f = this.factor.positions[k], z = this.zero.positions[k];
+        for (let i = 0; i < 3 * N; i++) this.posBasis[k * 3 * N + i] = f * (q[i] - z);
       }
       this.meanTex = means.map((m) => floatTexture(gl, TW, this.TH, m));
-      this.texels = this.layers.map((L) => L / 4);
-      this.basisTex = bases.map((basis, slot) => {
-        const tex = gl.createTexture();
-        gl.bindTexture(gl.TEXTURE_2D_ARRAY, tex);
-        gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA32UI, TW, this.TH, Math.max(this.texels[slot], 1), 0, gl.RGBA_INTEGER,
-                      gl.UNSIGNED_INT, new Uint32Array(basis.buffer));
-        for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D_ARRAY, p, gl.NEAREST);
-        return tex;
-      });
+      this.basisTex = gl.createTexture();
+      gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex);
+      gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA32UI, TW, this.TH, this.texels, 0, gl.RGBA_INTEGER, gl.UNSIGNED_INT, packed);
+      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D_ARRAY, p, gl.NEAREST);
       const colors = new Uint8Array(TW * this.TH * 4), c = this.arrays.colors;
       for (let g = 0; g < this.N; g++) for (let ch = 0; ch < 3; ch++) colors[4 * g + ch] = c[3 * g + ch];
       this.colorTex = gl.createTexture();
       gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
       gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGBA8, TW, this.TH, 0, gl.RGBA, gl.UNSIGNED_BYTE, colors);
       for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
-      this.maxLayers = Math.max(1, this.layers.reduce((a, b) => a + b, 0));
-      const limit = gl.getParameter(gl.MAX_UNIFORM_BLOCK_SIZE) / 16;
-      if (this.maxLayers > limit) throw new Error(`${this.maxLayers} basis layers exceed this browser's ${limit} uniform vec4s; export fewer components (viewer.export_energy)`);
-      this.coefData = new Float32Array(4 * this.maxLayers + 12);  // + uShift[3]
+      const vectors = Math.max(1, this.units.length), limit = gl.getParameter(gl.MAX_UNIFORM_BLOCK_SIZE) / 16 - 3;
+      if (vectors > limit) throw new Error(`${vectors} basis components exceed this browser's ${limit} uniform vec4s; export fewer components (viewer.export_energy)`);
+      this.coefData = new Float32Array(4 * vectors + 12);  // + uShift[3]
       this.coefBuffer = gl.createBuffer();
       gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
       gl.bufferData(gl.UNIFORM_BUFFER, this.coefData.byteLength, gl.DYNAMIC_DRAW);
@@ -442,20 +458,13 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
     evaluate() {
       const gl = this.gl, p = this.evalProgram, c = this.coefData;
       c.fill(0);
-      let at = 0;
-      const shift = 4 * this.maxLayers;
-      SLOTS.forEach((attrs, slot) => {
-        for (const [a, first] of attrs) {
-          const o = this.offsets[a], factor = this.factor[a], zero = this.zero[a];
-          for (let k = 0; k < this.components[a]; k++) {
-            const ak = Math.fround(this.coefficients[o + k] * factor[k]);
-            for (let ch = 0; ch < CHANNELS[a]; ch++) {
-              c[4 * (at + k) + first + ch] = ak;
-              c[shift + 4 * slot + first + ch] -= ak * zero[k];
-            }
-          }
+      const shift = 4 * Math.max(1, this.units.length);
+      this.units.forEach((u, i) => {
+        const ak = Math.fround(this.coefficients[this.offsets[u.attr] + u.k] * this.factor[u.attr][u.k]);
+        for (let ch = 0; ch < CHANNELS[u.attr]; ch++) {
+          c[4 * i + u.first + ch] = ak;
+          c[shift + 4 * u.slot + u.first + ch] -= ak * this.zero[u.attr][u.k];
         }
-        at += this.layers[slot];
       });
       gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
       gl.bufferSubData(gl.UNIFORM_BUFFER, 0, c);
@@ -469,11 +478,10 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
         gl.activeTexture(gl.TEXTURE0 + i);
         gl.bindTexture(gl.TEXTURE_2D, this.meanTex[i]);
         gl.uniform1i(p.uniforms[`uMean${i}`], i);
-        gl.activeTexture(gl.TEXTURE3 + i);
-        gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex[i]);
-        gl.uniform1i(p.uniforms[`uBasis${i}`], 3 + i);
       });
-      gl.uniform3i(p.uniforms.uTexels, ...this.texels);
+      gl.activeTexture(gl.TEXTURE3);
+      gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex);
+      gl.uniform1i(p.uniforms.uBasis, 3);
       gl.bindVertexArray(this.emptyVao);
       gl.drawArrays(gl.TRIANGLES, 0, 3);
       // the same positions on the CPU, for the depth sort (see _upload)
