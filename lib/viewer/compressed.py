@@ -16,7 +16,7 @@ lambda_k Delta_k^2 / 12; the total for the bits spent is least with the same ste
 in every row. A block's row of largest reach gets ``bits``, each other row bits + log2 of its reach
 over that one (rounded, at least ``min_bits``). Rows of fewer bits are stored a byte per value all the
 same: gzip's Huffman codes then spend about the entropy of each row's few levels, fewer bits than packing
-them would, and the page uploads the bytes as they are (four components of a Gaussian per texel).
+them would; the page packs them at their own bits when it loads them (``basis_bits``; gem_player.js).
 
 Container (``pack`` / ``unpack``; the web page reads the same bytes): the magic ``GEMW``, a uint32 header
 length, a UTF-8 JSON header, then the arrays, each starting at a multiple of 4 bytes, little-endian.
