@@ -42,6 +42,7 @@ from lib.dataset.synthetic_actor import generate  # noqa: E402
 from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.eval.evaluate import evaluate, pick_frames  # noqa: E402
 from lib.eval.render import render_gaussians  # noqa: E402
+from lib.eval.video import to_uint8  # noqa: E402
 from lib.flame.model import FlameModel, load_regions  # noqa: E402
 from lib.models.avatar import load_regressor  # noqa: E402
 from lib.paths import ActorPaths, resolve  # noqa: E402
@@ -109,7 +110,7 @@ def figure(sample, frame_index: int, rendered: dict, backgrounds: list) -> np.nd
         bg = torch.tensor(bg)
         args = (sample.image[None], sample.fg[None], sample.keep[None], bg[None])
         tiles = [sample.ground_truth(bg)[0], old_formula_gt(*args)[0]] + [rendered[k][(frame_index, j)] for k in KINDS]
-        rows.append(np.concatenate([np.pad(to_u8(t[top:top + size, left:left + size]), ((0, 0), (0, 2), (0, 0)),
+        rows.append(np.concatenate([np.pad(to_uint8(t[top:top + size, left:left + size]), ((0, 0), (0, 2), (0, 0)),
                                            constant_values=255) for t in tiles], 1))
     fig = cv2.resize(np.concatenate(rows, 0), None, fx=ZOOM, fy=ZOOM, interpolation=cv2.INTER_NEAREST)
     head = np.full((24, fig.shape[1], 3), 255, np.uint8)
@@ -117,10 +118,6 @@ def figure(sample, frame_index: int, rendered: dict, backgrounds: list) -> np.nd
         cv2.putText(head, label, (4 + c * (size + 2) * ZOOM, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
                     cv2.LINE_AA)
     return np.concatenate([head, fig], 0)
-
-
-def to_u8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
 
 def bench(args) -> None:

@@ -35,7 +35,8 @@ from lib.eval.mapping import export_mapping, self_reenactment_track  # noqa: E40
 from lib.models.gem import render_gem  # noqa: E402
 from lib.paths import ActorPaths  # noqa: E402
 from lib.train.metrics import psnr  # noqa: E402
-from lib.viewer.compressed import compress, encode_gem, gzipped, kept_index, pack, read_container  # noqa: E402
+from lib.viewer.compressed import (decode_gem, encode_gem, gzipped, kept_index, pack, read_container,  # noqa: E402
+                                   unpack)
 from lib.viewer.web_export import actor_data, export_web  # noqa: E402
 
 # (viewer.export_energy, viewer.export_bits, viewer.export_min_bits)
@@ -104,8 +105,8 @@ def quality(cfg, model, net, settings, n_frames: int) -> None:
         comps = "/".join(str(model.n_components(a)) for a in model.blocks)
         print(f"  {'fp32':<24} {comps:>16} {model.nbytes():>10} {ref_full:>9.3f} {ref_masked:>7.3f} {'-':>13} {'-':>14}")
         for energy, bits, min_bits in settings:
-            small = compress(model, energy, bits, min_bits)
-            size = len(gzipped(pack(*encode_gem(model, energy, bits, min_bits))))
+            container = pack(*encode_gem(model, energy, bits, min_bits))
+            small, size = decode_gem(*unpack(container)), len(gzipped(container))
             index = kept_index(model, {a: [b.n_components for b in small.blocks[a]] for a in small.blocks})
             images = renders(small, index)
             full, masked = scores(images)
