@@ -10,14 +10,14 @@ before or after the flags.
 """
 import math
 
-import torch
-
-from lib.cli import main
+from lib.cli import main  # first: lib sets the OpenMP wait policy before torch loads
 from lib.lock import locked
 from lib.models.gem import GaussianEigenModel
 from lib.paths import ActorPaths
 from lib.train.distributed import evaluation_device
 from lib.viewer.sweeps import identity_view, write_sweeps
+
+import torch  # after lib (see above)
 
 
 def options(parser):

@@ -179,6 +179,11 @@ class GaussianAvatar(nn.Module):
         """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N)."""
         tm = self.texels
         normal_map, coeffs, projected = self.network_input(verts_head)
+        # While the tracked FLAME parameters are refined, their gradient reaches them through the geometry
+        # the Gaussians ride (as in GaussianAvatars), not through the network's input: there the corrections
+        # would act as a per-frame code that the held-out frames (tracked, never refined) lack, and the
+        # backward pass would run the whole generator back to its input every step.
+        normal_map, coeffs = normal_map.detach(), coeffs.detach()
         if self.deform == "pca":  # the Gaussians ride the mesh the network sees: tracking jitter filtered out
             verts_head = projected
         with torch.autocast(verts_head.device.type, torch.bfloat16, enabled=self.bf16):

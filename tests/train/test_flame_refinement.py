@@ -87,3 +87,20 @@ def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run
     assert all(torch.equal(v, load_refinement(ActorPaths(cfg)).state_dict()[k])
                for k, v in before.items())
     fit_gem(cfg, log=QUIET)
+
+
+def test_the_corrections_move_the_geometry_not_the_networks_input(run_config):
+    """Refining, the gradient reaches the mesh through the Gaussians' geometry only: the generator's input
+    (normal map and mesh-PCA code) carries none, so the corrections cannot become a per-frame code."""
+    cfg = load_config(*run_config)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    data = ActorData(VhapExport.from_config(cfg), flame, torch.device("cpu"))
+    avatar = build_avatar(cfg, ActorPaths(cfg), flame)
+    seen = []
+    avatar.generator.register_forward_hook(lambda module, args, out: seen.append(args))
+    verts, R, t = data.driving(0)
+    verts = verts.clone().requires_grad_(True)
+    g = avatar(verts, R, t)
+    assert seen and not any(a.requires_grad for a in seen[0])
+    g.means.sum().backward()
+    assert verts.grad is not None and verts.grad.abs().sum() > 0  # the geometry still carries it
