@@ -181,8 +181,7 @@ class GaussianAvatar(nn.Module):
         normal_map, coeffs, projected = self.network_input(verts_head)
         # While the tracked FLAME parameters are refined, their gradient reaches them through the geometry
         # the Gaussians ride (as in GaussianAvatars), not through the network's input: there the corrections
-        # would act as a per-frame code that the held-out frames (tracked, never refined) lack, and the
-        # backward pass would run the whole generator back to its input every step.
+        # would act as a per-frame code that the held-out frames (tracked, never refined) lack.
         normal_map, coeffs = normal_map.detach(), coeffs.detach()
         if self.deform == "pca":  # the Gaussians ride the mesh the network sees: tracking jitter filtered out
             verts_head = projected
