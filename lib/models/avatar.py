@@ -167,22 +167,24 @@ class GaussianAvatar(nn.Module):
 
     def network_input(self, verts_head: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """UV normal map of the PCA-projected mesh [B, 3, S, S], its whitened PCA coefficients [B, n] and
-        the projected mesh itself [B, V, 3]."""
+        the projected mesh itself [B, V, 3].
+
+        The map and the coefficients carry no gradient, also while the tracked FLAME parameters are refined:
+        the corrections reach the mesh through the geometry the Gaussians ride (as in GaussianAvatars), not
+        through the network's input, where they would act as a per-frame code that the held-out frames
+        (tracked, never refined) lack. The projected mesh keeps its gradient (``deform: pca``)."""
         coeffs = self.pca.coefficients(verts_head, self.n_pca)
         projected = self.pca.reconstruct(coeffs)
-        normals = uv.vertex_normals(projected, self.faces)
-        tm = self.texels
-        normal_map = uv.scatter_texels(uv.surface_points(normals, self.faces, tm), tm)
-        return normal_map, coeffs, projected
+        with torch.no_grad():
+            normals = uv.vertex_normals(projected, self.faces)
+            tm = self.texels
+            normal_map = uv.scatter_texels(uv.surface_points(normals, self.faces, tm), tm)
+        return normal_map, coeffs.detach(), projected
 
     def forward(self, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
         """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N)."""
         tm = self.texels
         normal_map, coeffs, projected = self.network_input(verts_head)
-        # While the tracked FLAME parameters are refined, their gradient reaches them through the geometry
-        # the Gaussians ride (as in GaussianAvatars), not through the network's input: there the corrections
-        # would act as a per-frame code that the held-out frames (tracked, never refined) lack.
-        normal_map, coeffs = normal_map.detach(), coeffs.detach()
         if self.deform == "pca":  # the Gaussians ride the mesh the network sees: tracking jitter filtered out
             verts_head = projected
         with torch.autocast(verts_head.device.type, torch.bfloat16, enabled=self.bf16):
