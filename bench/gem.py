@@ -13,9 +13,10 @@ render() uses and through the torch path it replaced, with 1 and 2 threads, in o
 
 With --config CONFIG [overrides]: the trained GEM of that config's run instead (its fitted frames'
 coefficients, the identity frame's pose and camera, scaled to each resolution), e.g. the default actor's
-after ./run.sh: --config configs/default.yml.
+after ./run.sh: --config configs/default.yml. With --parts, the native path's frame split into its parts
+(basis product, projection, binning, compositing kernel; the rest is glue), per resolution and thread count.
 
-    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2] [--config CONFIG [overrides]]
+    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2] [--parts] [--config CONFIG [overrides]]
 """
 import os
 
@@ -247,16 +248,68 @@ def cpu_bench(threads: list[int], quick: bool, config: list[str] | None = None) 
     print(f"  load average at the end {os.getloadavg()[0]:.2f}")
 
 
+@torch.no_grad()
+def cpu_parts(threads: list[int], config: list[str] | None = None) -> None:
+    """Milliseconds per native GEM frame of each part, 1 and more threads: where the serial time is."""
+    from lib.gaussians import render_numba
+    from lib.gaussians import render as render_module
+
+    model, poses, viewmat, Ks_at, what = trained_scene(config) if config else synthetic_scene()
+    T = next(iter(model.coefficients.values())).shape[0]
+    coeffs = [{a: c[i:i + 1] for a, c in model.coefficients.items()} for i in range(T)]
+    spent: dict[str, float] = {}
+
+    def timing(name, fn):
+        def timed_fn(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return timed_fn
+
+    use_cpu_path(True)
+    patches = [(model, "reconstruct", "basis product"), (render_module, "cpu_projector", "projection"),
+               (render_numba, "bin_tiles", "binning"), (render_numba, "_forward", "compositing")]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    for (owner, attr, name), (_, _, fn) in zip(patches, originals):
+        setattr(owner, attr, timing(name, fn))
+    print(f"CPU parts of a native GEM frame: {what}")
+    try:
+        for height, width in ((802, 550), (200, 137)):
+            Ks, n = Ks_at(height, width), (20 if height > 200 else 60)
+            for t in threads:
+                torch.set_num_threads(t)
+                frame = lambda i: render_gem(model, coeffs[i % T], *poses[i % len(poses)], viewmat[None], Ks,  # noqa: E731
+                                             width, height, torch.ones(3))
+                for i in range(5):
+                    frame(i)
+                spent.clear()
+                start = time.perf_counter()
+                for i in range(n):
+                    frame(i)
+                total = (time.perf_counter() - start) / n
+                parts = "  ".join(f"{k} {1e3 * v / n:.2f}" for k, v in spent.items())
+                print(f"  H x W = {height} x {width}, {t} thread(s): frame {1e3 * total:.2f} ms = {parts}  "
+                      f"glue {1e3 * (total - sum(spent.values()) / n):.2f} ms")
+    finally:
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200, help="frames per timing (CPU: a tenth)")
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to compare")
     parser.add_argument("--quick", action="store_true", help="CPU: fewer frames")
+    parser.add_argument("--parts", action="store_true", help="CPU: time the native frame's parts instead")
     parser.add_argument("--config", nargs="+", metavar="CONFIG", help="time the trained GEM of this config's run "
                         "(CONFIG [section.key=value ...])")
     args = parser.parse_args()
 
+    if args.parts:
+        cpu_parts(args.threads, config=args.config)
+        return
     if torch.cuda.is_available() and not args.cpu_only:
         device = torch.device("cuda")
         print(f"CUDA: {torch.cuda.get_device_name(0)}, H x W = 802 x 550, components {COMPONENTS}")
