@@ -10,8 +10,10 @@ frames of camera test.camera whose timesteps the GEM was fitted to, with the fit
 the fp32 render (fidelity).
 Browser (headless Chromium, SwiftShader, only where /usr/bin/chromium exists): ms per frame of the
 exported page, animated (GEM evaluated on the GPU every frame, next fitted frame) against static (the same
-Gaussians, evaluated once; still sorted and splatted every frame, the camera turning). Software WebGL:
-only the ratio means anything. Timed at the camera's own size and at a window's (--height pixels high).
+Gaussians, evaluated once; still sorted and splatted every frame, the camera turning), with the GEM
+evaluated on the CPU (WebAssembly SIMD, the page's choice on a software renderer) and in the GPU pass
+(the choice on a real GPU). Software WebGL: only the ratio means anything. Timed at the camera's own size
+and at a window's (--height pixels high).
 
     .venv/bin/python bench/web_export.py CONFIG [overrides] [--frames 8] [--browser-frames 20] [--height 800] [--browser-only]
 """
@@ -20,6 +22,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -127,19 +130,21 @@ def browser(folder: Path, frames: int, height: int, repeats: int) -> None:
         try:
             print(f"\nbrowser (headless Chromium, SwiftShader), median of {repeats} interleaved runs of {frames} frames:")
             camera_height = read_container(folder)[0]["view"]["height"]
-            for scale in (1.0, height / camera_height):
+            for scale, where in itertools.product((1.0, height / camera_height), ("cpu", "gpu")):
                 page = b.new_page(viewport={"width": 1000, "height": 900})
-                page.goto(f"file://{folder}/index.html?scale={scale}")
+                page.goto(f"file://{folder}/index.html?scale={scale}&eval={where}")
                 page.wait_for_function("document.body.dataset.ready", timeout=60_000)
-                info = page.evaluate("({n: GEM.N, w: GEM.width, h: GEM.height, k: GEM.nCoefficients, fp: GEM.floatBlend})")
+                info = page.evaluate("({n: GEM.N, w: GEM.width, h: GEM.height, k: GEM.nCoefficients, fp: GEM.floatBlend, "
+                                     "kernel: GEM.cpu.kernel})")
                 times = {"animated": [], "static": []}
                 for _ in range(repeats):  # interleaved: the machine's load drifts
                     for mode in times:
                         times[mode].append(page.evaluate(f"GEM.benchmark({frames}, {str(mode == 'animated').lower()})"))
                 page.close()
                 a, s = np.median(times["animated"]), np.median(times["static"])
+                what = f"CPU ({info['kernel']})" if where == "cpu" else "GPU pass"
                 print(f"  {info['n']} Gaussians, {info['k']} coefficients, {info['w']}x{info['h']}, "
-                      f"{'fp32' if info['fp'] else 'fp16'} compositing: animated (GEM evaluated every frame) "
+                      f"{'fp32' if info['fp'] else 'fp16'} compositing, evaluated on the {what}: animated "
                       f"{a:.1f} ms/frame, static {s:.1f} ms/frame, ratio {a / s:.2f}")
         finally:
             b.close()

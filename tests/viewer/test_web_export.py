@@ -193,13 +193,14 @@ def static_server(folder):
         server.server_close()
 
 
-def open_page(browser, location, scale: float):
-    """The export at location: a folder (opened from disk, file://: no server at all) or a URL."""
+def open_page(browser, location, scale: float, where: str = "auto"):
+    """The export at location: a folder (opened from disk, file://: no server at all) or a URL; where: the
+    page's ?eval= (where the GEM is evaluated: auto, cpu or gpu)."""
     page = browser.new_page(viewport={"width": 1000, "height": 760})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     url = location if str(location).startswith("http") else f"file://{location}"
-    page.goto(f"{url}/index.html?scale={scale}")
+    page.goto(f"{url}/index.html?scale={scale}&eval={where}")
     page.wait_for_function("document.body.dataset.ready", timeout=30_000)
     assert page.evaluate("document.body.dataset.ready") == "true", (errors, page.text_content("#error"))
     return page
@@ -233,8 +234,15 @@ def screenshot(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(page.locator("#canvas").screenshot())).convert("RGB")).astype(np.int16)
 
 
+def page_gaussians(page) -> dict[str, np.ndarray]:
+    """The Gaussians the page's splat pass reads (its evaluation, normalised and clamped). -> attr -> [N, C]"""
+    pos, rot, so = (np.array(a, np.float32).reshape(-1, 4) for a in page.evaluate("GEM.gaussians()"))
+    return {"positions": pos[:, :3], "rotations": rot, "scales": so[:, :3], "opacities": so[:, 3]}
+
+
 @needs_chromium
-def test_page_renders_the_frame_as_the_python_renderer_does(tiny_export):
+@pytest.mark.parametrize("where", ["cpu", "gpu"])
+def test_page_renders_the_frame_as_the_python_renderer_does(tiny_export, where):
     from playwright.sync_api import sync_playwright
 
     out, _ = tiny_export
@@ -243,15 +251,20 @@ def test_page_renders_the_frame_as_the_python_renderer_does(tiny_export):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = open_page(browser, out, scale=4)
+            if where == "cpu":  # SwiftShader is a software renderer: the page's own choice is the CPU
+                assert open_page(browser, out, scale=1).evaluate("[GEM.evalMode, GEM.cpu.kernel]") == [
+                    "cpu", "WebAssembly SIMD"]
+            page = open_page(browser, out, scale=4, where=where)
+            assert page.evaluate("GEM.evalMode") == where
             shot = screenshot(page)
             background = np.array(meta["view"]["background"]) * 255
             assert (np.abs(shot - background).sum(-1) > 30).sum() > 2000, "no head on the canvas"
             page.evaluate("GEM_UI.showFrame(2)")  # a fitted frame, with its own GEM pose
             image, state = capture(page)
+            evaluated = page_gaussians(page)
             decoded = page.evaluate("""() => ({sums: Object.fromEntries(Object.entries(GEM.arrays).map(
                     ([k, a]) => [k, [a.length, a.reduce((s, v) => s + v, 0)]])),
-                posBasis: Array.from(GEM.posBasis), tails: [1, 2, 3, 4, 5, 6, 7].map((n) => Array.from(
+                tails: [1, 2, 3, 4, 5, 6, 7].map((n) => Array.from(
                     new Uint8Array(GEM_FORMAT.decodeBase85(GEM_FORMAT.TEST_TEXTS[n]))))})""".replace(
                 "GEM_FORMAT.TEST_TEXTS", json.dumps({n: base64.b85encode(bytes(range(250, 250 - n, -1))).decode()
                                                       for n in range(1, 8)})))
@@ -259,21 +272,72 @@ def test_page_renders_the_frame_as_the_python_renderer_does(tiny_export):
         finally:
             browser.close()
     assert state["width"] == 4 * meta["view"]["width"]
-    # the page decodes gem.js (base85, gzip, container) to the arrays Python reads, and dequantises the
-    # position basis as load_compressed does
+    # the page decodes gem.js (base85, gzip, container) to the arrays Python reads
     for name, a in arrays.items():
         assert decoded["sums"][name] == [a.size, pytest.approx(float(a.astype(np.float64).sum()), rel=1e-6)], name
     assert [bytes(t) for t in decoded["tails"]] == [bytes(range(250, 250 - n, -1)) for n in range(1, 8)]
-    lam = model.blocks["positions"][0].eigenvalues.sqrt()[:, None]
-    python_basis = (lam * model.blocks["positions"][0].basis).reshape(-1, model.n_gaussians, 3)
-    assert np.allclose(np.array(decoded["posBasis"]).reshape(python_basis.shape), python_basis.numpy(), rtol=1e-5,
-                       atol=1e-7)
+    # and evaluates the compressed GEM as Python does, at float32 rounding
+    flat = torch.tensor(state["coefficients"])[None]
+    coefficients = dict(zip(ATTRIBUTES, flat.split([model.n_components(a) for a in ATTRIBUTES], -1)))
+    with torch.no_grad():
+        g = model.reconstruct(coefficients)
+    python = {"positions": g.means[0], "rotations": g.quats[0], "scales": g.scales[0], "opacities": g.opacities[0]}
+    for attr, value in python.items():
+        value = value.numpy()
+        scale = np.abs(value).max()
+        assert np.abs(evaluated[attr] - value).max() <= 1e-5 * scale, (attr, np.abs(evaluated[attr] - value).max(), scale)
     rgb, alpha = cpu_render(model, state, meta["view"]["background"])
     mask = alpha > 0.5
     assert mask.sum() > 2000
     psnr = -10 * math.log10(float(((image - rgb)[mask] ** 2).mean()) + 1e-20)
-    print(f"web page vs render_gem, inside the head mask ({int(mask.sum())} px): PSNR {psnr:.1f} dB")
+    print(f"web page ({where}) vs render_gem, inside the head mask ({int(mask.sum())} px): PSNR {psnr:.1f} dB")
     assert psnr >= 35.0
+
+
+@needs_chromium
+def test_the_cpu_models_kernels_evaluate_the_bytes_as_numpy_does(tiny_export):
+    """CpuModel with its WebAssembly SIMD kernel and with the JavaScript one (where WebAssembly SIMD is
+    missing): mean + shift + sum_k a_k q_k, on sizes that are not multiples of the 16-byte step and with a
+    zero factor."""
+    from playwright.sync_api import sync_playwright
+
+    rng = np.random.default_rng(0)
+    N, parts = 37, {"positions": (3, 5), "opacities": (1, 4)}
+    data = {a: {"C": C, "mean": rng.normal(size=N * C).astype(np.float32),
+                "rows": rng.integers(0, 256, size=(K, N * C)).astype(np.uint8)} for a, (C, K) in parts.items()}
+    factors = {a: rng.normal(size=K).astype(np.float32) for a, (C, K) in parts.items()}
+    factors["positions"][2] = 0.0
+    shifts = {a: rng.normal(size=C).astype(np.float32) for a, (C, K) in parts.items()}
+    script = """([N, data, factors, shifts, simd]) => {
+        const validate = WebAssembly.validate;
+        if (!simd) WebAssembly.validate = () => false;
+        try {
+            const parts = Object.fromEntries(Object.entries(data).map(([a, d]) => [a, {C: d.C,
+                mean: Float32Array.from(d.mean), rows: d.rows.map((r) => Uint8Array.from(r))}]));
+            const model = new GEM_CPU.CpuModel(N, parts), out = {kernel: model.kernel};
+            for (const a of Object.keys(data))
+                out[a] = Array.from(model.evaluate(a, Float32Array.from(factors[a]), Float32Array.from(shifts[a]))
+                                    .subarray(0, N * data[a].C));
+            return out;
+        } finally { WebAssembly.validate = validate; }
+    }"""
+    args = [N, {a: {"C": d["C"], "mean": d["mean"].tolist(), "rows": d["rows"].tolist()} for a, d in data.items()},
+            {a: f.tolist() for a, f in factors.items()}, {a: s.tolist() for a, s in shifts.items()}]
+    out, _ = tiny_export
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = open_page(browser, out, scale=1)
+            results = [page.evaluate(script, args + [simd]) for simd in (True, False)]
+        finally:
+            browser.close()
+    assert [r["kernel"] for r in results] == ["WebAssembly SIMD", "JavaScript"]
+    for a, d in data.items():
+        C = d["C"]
+        expected = (d["mean"].astype(np.float64).reshape(N, C) + shifts[a]
+                    + (factors[a].astype(np.float64) @ d["rows"]).reshape(N, C)).ravel()
+        for r in results:
+            assert np.allclose(r[a], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()), (a, r["kernel"])
 
 
 def tiny_view(width: int = 200, height: int = 300) -> dict:

@@ -5,14 +5,16 @@
 // is uint8 q with value = scale_k (q - zero_k) (its own bits; the page needs only scale and zero).
 //
 // Each frame:
-//  1. evaluate: one fragment per Gaussian (texel i % TW, i / TW) sums mean + sum_k c_k sqrt(lambda_k) basis_k
-//     as shift + sum_k a_k q_k, with a_k = c_k sqrt(lambda_k) scale_k and shift = -sum_k a_k zero_k (the
-//     quantised values as the file holds them, bit-packed at their own bits into RGBA32UI texels; see
-//     evalSource) and writes position, the normalised quaternion (wxyz), scale (clamped at 0) and opacity
-//     (clamped to [0, 1]) to three float targets;
-//  2. sort: the positions, evaluated again on the CPU (cheaper than a read-back, which stalls), are
-//     sorted by camera depth (a stable radix sort of the float bits, so ties keep the lower index
-//     first, as the Python rasterizer does);
+//  1. evaluate: mean + sum_k c_k sqrt(lambda_k) basis_k, as mean + shift + sum_k a_k q_k with a_k =
+//     c_k sqrt(lambda_k) scale_k and shift = -sum_k a_k zero_k (the quantised values as the file holds
+//     them), then the quaternion normalised (wxyz), scales clamped at 0, opacity clamped to [0, 1], in
+//     three float textures. Where: on the CPU (CpuModel: a WebAssembly SIMD loop over the bytes, then an
+//     upload) where WebGL is a software renderer, or in a pass on the GPU (one fragment per Gaussian,
+//     texel i % TW, i / TW, the bytes bit-packed at their own bits into RGBA32UI texels; see evalSource)
+//     where it is a real GPU; ?eval=cpu|gpu chooses. The CPU evaluates the positions in both cases;
+//  2. sort: those positions (on the CPU: cheaper than a read-back, which stalls) sorted by camera depth
+//     (a stable radix sort of the float bits, so ties keep the lower index first, as the Python
+//     rasterizer does);
 //  3. splat: one quad (two triangles; its Gaussian read from the sorted order texture) per Gaussian,
 //     with the rasterizer's rules (lib/gaussians/render_cpu.py, gsplat 1.5.3): EWA projection with the
 //     Jacobian's clamped tangents, + 0.3 px^2 low-pass, the 3.33-sigma box of gsplat's radius,
@@ -26,6 +28,7 @@
   const ATTRS = ["positions", "rotations", "scales", "opacities"];
   const CHANNELS = { positions: 3, rotations: 4, scales: 3, opacities: 1 };
   const SLOTS = [[["positions", 0]], [["rotations", 0]], [["scales", 0], ["opacities", 3]]]; // [attribute, first channel]
+  const ATTR_SLOT = Object.fromEntries(SLOTS.flatMap((attrs, slot) => attrs.map(([a, first]) => [a, [slot, first]])));
   const TW = 1024; // texels per row of the per-Gaussian textures
   const NEAR = 0.01, FAR = 100.0;
 
@@ -104,6 +107,95 @@
   }
 
   function apply3(R, v) { return [0, 1, 2].map((i) => R[3 * i] * v[0] + R[3 * i + 1] * v[1] + R[3 * i + 2] * v[2]); }
+
+  // ------------------------------------------------------------ the model on the CPU (WebAssembly SIMD)
+
+  // One WebAssembly function, axpy(acc, q, n, a): acc[i] += a * q[i] for i < n (n a multiple of 16; q bytes,
+  // acc float32; both byte addresses in the module's memory), 16 bytes a step: widened to four f32x4,
+  // times a, added to the accumulators. The module (about 230 bytes) is assembled here from the opcodes of
+  // the WebAssembly core and SIMD specifications: no toolchain, no binary file.
+  function axpyModule(pages) {
+    const u32 = (n) => { const o = []; do { let b = n & 0x7f; n >>>= 7; if (n) b |= 0x80; o.push(b); } while (n); return o; };
+    const vec = (items) => [...u32(items.length), ...items.flat()];
+    const section = (id, body) => [id, ...u32(body.length), ...body];
+    const name = (s) => vec([...s].map((c) => [c.charCodeAt(0)]));
+    const [I32, F32, V128] = [0x7f, 0x7d, 0x7b];
+    const get = (i) => [0x20, i], set = (i) => [0x21, i], tee = (i) => [0x22, i];
+    const i32 = (v) => (v < 64 ? [0x41, v] : [0x41, (v & 0x7f) | 0x80, v >> 7]); // signed LEB128, 0 <= v < 8192
+    const simd = (code) => [0xfd, ...u32(code)];
+    const load = (offset) => [...simd(0x00), 4, offset], store = (offset) => [...simd(0x0b), 4, offset]; // align 16
+    const [splat, lo8, hi8, lo16, hi16] = [simd(0x13), simd(0x89), simd(0x8a), simd(0xa9), simd(0xaa)];
+    const [toFloat, add, mul] = [simd(0xfb), simd(0xe4), simd(0xe6)];  // f32x4.convert_i32x4_u, add, mul
+    // locals: 0 acc, 1 q, 2 n, 3 a (the parameters); 4 a x4, 5 sixteen bytes, 6 and 7 their two halves as i16x8
+    const quarter = (half, widen, offset) => [...get(0), ...get(0), ...load(offset), ...get(half), ...widen, ...toFloat,
+                                               ...get(4), ...mul, ...add, ...store(offset)];
+    const body = [
+      ...vec([[4, V128]]),
+      ...get(3), ...splat, ...set(4),
+      0x02, 0x40, ...get(2), 0x45, 0x0d, 0,                      // block; if n == 0 leave
+      0x03, 0x40,                                                // loop
+      ...get(1), ...load(0), ...tee(5), ...lo8, ...set(6), ...get(5), ...hi8, ...set(7),
+      ...quarter(6, lo16, 0), ...quarter(6, hi16, 16), ...quarter(7, lo16, 32), ...quarter(7, hi16, 48),
+      ...get(1), ...i32(16), 0x6a, ...set(1),                    // q += 16
+      ...get(0), ...i32(64), 0x6a, ...set(0),                    // acc += 64
+      ...get(2), ...i32(16), 0x6b, ...tee(2), 0x0d, 0,           // n -= 16; again while n != 0
+      0x0b, 0x0b, 0x0b];                                         // end loop, block, function
+    return Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 1, 0, 0, 0,
+      ...section(1, vec([[0x60, ...vec([[I32], [I32], [I32], [F32]]), 0]])),  // type (i32 i32 i32 f32) -> ()
+      ...section(3, vec([[0]])),                                               // function 0 has type 0
+      ...section(5, vec([[0, ...u32(pages)]])),                                // memory of `pages` 64 KiB pages
+      ...section(7, vec([[...name("axpy"), 0, 0], [...name("memory"), 2, 0]])),
+      ...section(10, vec([[...u32(body.length), ...body]]))]);
+  }
+
+  // The GEM's linear part for some attributes on the CPU: value = mean + shift + sum_k a_k q_k over the
+  // quantised rows as the file holds them (see Player.evaluate). The depth sort needs the positions every
+  // frame; where WebGL is a software renderer (SwiftShader, llvmpipe) the CPU evaluates every attribute,
+  // at about a sixth of the evaluation pass's cost there. Without WebAssembly SIMD, plain JavaScript.
+  class CpuModel {
+    // parts: attr -> {C, mean: Float32Array [N C], rows: [K] Uint8Array [N C]}
+    constructor(N, parts) {
+      this.layout = {};
+      let qBytes = 0;
+      for (const [attr, p] of Object.entries(parts)) {
+        const n = 16 * Math.ceil((N * p.C) / 16);
+        this.layout[attr] = { C: p.C, n, mean: p.mean, q: qBytes };
+        qBytes += n * p.rows.length;
+      }
+      let accBytes = qBytes;
+      for (const L of Object.values(this.layout)) { L.at = accBytes; accBytes += 4 * L.n; }
+      const bytes = axpyModule(Math.max(1, Math.ceil(accBytes / 65536)));
+      if (WebAssembly.validate(bytes)) {
+        const { exports } = new WebAssembly.Instance(new WebAssembly.Module(bytes));
+        [this.buffer, this.axpy, this.kernel] = [exports.memory.buffer, exports.axpy, "WebAssembly SIMD"];
+      } else {
+        this.buffer = new ArrayBuffer(accBytes);
+        const f = new Float32Array(this.buffer), u = new Uint8Array(this.buffer);
+        this.axpy = (acc, q, n, a) => { for (let i = 0, j = acc >> 2; i < n; i++, j++) f[j] += a * u[q + i]; };
+        this.kernel = "JavaScript";
+      }
+      const memory = new Uint8Array(this.buffer);
+      for (const [attr, p] of Object.entries(parts)) {
+        const L = this.layout[attr];
+        p.rows.forEach((row, k) => memory.set(row, L.q + k * L.n));
+        L.acc = new Float32Array(this.buffer, L.at, L.n);
+      }
+    }
+
+    // factors [K] (a_k), shift [C] -> the attribute's values [N C] (a view, valid until the next call)
+    evaluate(attr, factors, shift) {
+      const L = this.layout[attr], acc = L.acc, mean = L.mean, C = L.C;
+      for (let i = 0; i < mean.length; i += C) for (let c = 0; c < C; c++) acc[i + c] = mean[i + c] + shift[c];
+      for (let k = 0; k < factors.length; k++) if (factors[k] !== 0) this.axpy(L.at, L.q + k * L.n, L.n, factors[k]);
+      return acc;
+    }
+  }
+
+  function softwareRenderer(gl) {
+    const info = gl.getExtension("WEBGL_debug_renderer_info");
+    const name = String(gl.getParameter(info ? info.UNMASKED_RENDERER_WEBGL : gl.RENDERER));
+    return /swiftshader|llvmpipe|softpipe|software|basic render/i.test(name);
+  }
 
   // ------------------------------------------------------------ shaders
 
@@ -258,7 +350,8 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
   // ------------------------------------------------------------ the model on the GPU
 
   class Player {
-    constructor(canvas, buffer, scale) {
+    // evalMode: "gpu" (the evaluation pass), "cpu" (CpuModel, uploaded) or "auto" (cpu on a software renderer)
+    constructor(canvas, buffer, scale, evalMode = "auto") {
       const { meta, arrays } = unpack(buffer);
       this.meta = meta;
       this.arrays = arrays;
@@ -269,6 +362,8 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       if (!gl.getExtension("EXT_color_buffer_float")) throw new Error("WebGL2 without EXT_color_buffer_float");
       this.gl = gl;
       this.floatBlend = !!gl.getExtension("EXT_float_blend");
+      if (!["auto", "cpu", "gpu"].includes(evalMode)) throw new Error(`eval=${evalMode}: use auto, cpu or gpu`);
+      this.evalMode = evalMode === "auto" ? (softwareRenderer(gl) ? "cpu" : "gpu") : evalMode;
 
       const v = meta.view;
       this.width = Math.round(v.width * scale);
@@ -300,12 +395,11 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.pose = rigid([1, 0, 0, 0, 1, 0, 0, 0, 1], [0, 0, 0]);
 
       this._upload();
-      this.evalProgram = compile(gl, FULLSCREEN_VS, evalSource(this.units));
+      if (this.evalMode === "gpu") this.evalProgram = compile(gl, FULLSCREEN_VS, evalSource(this.units));
       this.splatProgram = compile(gl, SPLAT_VS, SPLAT_FS);
       this.backgroundProgram = compile(gl, FULLSCREEN_VS, BACKGROUND_FS);
       this.presentProgram = compile(gl, FULLSCREEN_VS, PRESENT_FS);
       this._targets();
-      this.positions = new Float32Array(3 * this.N);
       this.keys = new Uint32Array(this.N);
       this.order = new Uint32Array(TW * this.TH);
       this.scratch = new Uint32Array(TW * this.TH);
@@ -316,7 +410,8 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       this.setFrame(0);
     }
 
-    // Per-slot mean textures [TW, TH] (dequantised, float) and one bit-packed basis texture [TW, TH, texels]
+    // The CPU model (positions, or every attribute in "cpu" mode) and, for the evaluation pass, per-slot
+    // mean textures [TW, TH] (dequantised, float) and one bit-packed basis texture [TW, TH, texels]
     // RGBA32UI (see evalSource). A Gaussian outside a component's part holds the row's zero.
     _upload() {
       const gl = this.gl, size = TW * this.TH * 4, N = this.N;
@@ -352,6 +447,31 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
           }
         });
       }));
+      const planar = (a) => {  // the means of attribute a, [N, C]
+        const [slot, first] = ATTR_SLOT[a], C = CHANNELS[a], out = new Float32Array(N * C);
+        for (let g = 0; g < N; g++) for (let ch = 0; ch < C; ch++) out[C * g + ch] = means[slot][4 * g + first + ch];
+        return out;
+      };
+      const onCpu = this.evalMode === "cpu" ? ATTRS : ["positions"];
+      this.cpu = new CpuModel(N, Object.fromEntries(onCpu.map((a) => [a, { C: CHANNELS[a], mean: planar(a), rows: quantised[a] }])));
+      this.a = Object.fromEntries(ATTRS.map((a) => [a, new Float32Array(this.components[a])]));  // a_k, per frame
+      this.shift = Object.fromEntries(ATTRS.map((a) => [a, new Float32Array(CHANNELS[a])]));
+      if (this.evalMode === "cpu") {
+        this.gaussData = [0, 1, 2].map(() => new Float32Array(size));
+        for (let g = 0; g < N; g++) this.gaussData[0][4 * g + 3] = 1;
+      }
+      const colors = new Uint8Array(TW * this.TH * 4), c = this.arrays.colors;
+      for (let g = 0; g < this.N; g++) for (let ch = 0; ch < 3; ch++) colors[4 * g + ch] = c[3 * g + ch];
+      this.colorTex = gl.createTexture();
+      gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
+      gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGBA8, TW, this.TH, 0, gl.RGBA, gl.UNSIGNED_BYTE, colors);
+      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
+      if (this.evalMode === "gpu") this._uploadPass(means, quantised);
+    }
+
+    // the evaluation pass's inputs: the bit-packed basis texture, the mean textures, the uniform buffer
+    _uploadPass(means, quantised) {
+      const gl = this.gl, size = TW * this.TH * 4, N = this.N;
       // first fit, widest units first: ~5% of the bits left empty
       const used = [];  // bits taken in each word
       for (const u of [...this.units].sort((x, y) => CHANNELS[y.attr] * y.bits - CHANNELS[x.attr] * x.bits)) {
@@ -371,28 +491,11 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
           packed[base + 4 * g] |= v;
         }
       }
-      // positions again on the CPU, [N, 3] and [K, N, 3] (sqrt(lambda) folded in): the depth sort needs
-      // them every frame, and computing them here (K N 3 multiply-adds, a few ms) is cheaper than
-      // reading them back from the GPU (a round trip that stalls the pipeline)
-      const Kp = this.components.positions;
-      this.posMean = new Float32Array(3 * N);
-      this.posBasis = new Float32Array(3 * N * Kp);
-      for (let g = 0; g < N; g++) for (let ch = 0; ch < 3; ch++) this.posMean[3 * g + ch] = means[0][4 * g + ch];
-      for (let k = 0; k < Kp; k++) {
-        const q = quantised.positions[k], f = this.factor.positions[k], z = this.zero.positions[k];
-        for (let i = 0; i < 3 * N; i++) this.posBasis[k * 3 * N + i] = f * (q[i] - z);
-      }
       this.meanTex = means.map((m) => floatTexture(gl, TW, this.TH, m));
       this.basisTex = gl.createTexture();
       gl.bindTexture(gl.TEXTURE_2D_ARRAY, this.basisTex);
       gl.texImage3D(gl.TEXTURE_2D_ARRAY, 0, gl.RGBA32UI, TW, this.TH, this.texels, 0, gl.RGBA_INTEGER, gl.UNSIGNED_INT, packed);
       for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D_ARRAY, p, gl.NEAREST);
-      const colors = new Uint8Array(TW * this.TH * 4), c = this.arrays.colors;
-      for (let g = 0; g < this.N; g++) for (let ch = 0; ch < 3; ch++) colors[4 * g + ch] = c[3 * g + ch];
-      this.colorTex = gl.createTexture();
-      gl.bindTexture(gl.TEXTURE_2D, this.colorTex);
-      gl.texImage2D(gl.TEXTURE_2D, 0, gl.RGBA8, TW, this.TH, 0, gl.RGBA, gl.UNSIGNED_BYTE, colors);
-      for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
       const vectors = Math.max(1, this.units.length), limit = gl.getParameter(gl.MAX_UNIFORM_BLOCK_SIZE) / 16 - 3;
       if (vectors > limit) throw new Error(`${vectors} basis components exceed this browser's ${limit} uniform vec4s; export fewer components (viewer.export_energy)`);
       this.coefData = new Float32Array(4 * vectors + 12);  // + uShift[3]
@@ -455,17 +558,53 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
 
     // ---- the three passes
 
+    // value = mean + sum_k c_k sqrt(lambda_k) basis_k = mean + shift + sum_k a_k q_k, with a_k = c_k
+    // sqrt(lambda_k) scale_k and shift = -sum_k a_k zero_k: the quantised rows as the file holds them. The CPU
+    // model gives the positions (for the depth sort), and in "cpu" mode every attribute, uploaded; in
+    // "gpu" mode the evaluation pass writes the Gaussians.
     evaluate() {
+      for (const attr of ATTRS) {
+        const a = this.a[attr], shift = this.shift[attr], o = this.offsets[attr];
+        shift.fill(0);
+        for (let k = 0; k < a.length; k++) {
+          a[k] = Math.fround(this.coefficients[o + k] * this.factor[attr][k]);
+          for (let ch = 0; ch < shift.length; ch++) shift[ch] -= a[k] * this.zero[attr][k];
+        }
+      }
+      this.positions = this.cpu.evaluate("positions", this.a.positions, this.shift.positions);
+      if (this.evalMode === "cpu") this._uploadGaussians(); else this._evaluationPass();
+      this.dirty = false;
+    }
+
+    // the three textures of the evaluation pass, from the CPU model (normalised, clamped as the pass does)
+    _uploadGaussians() {
+      const gl = this.gl, N = this.N, [pos, rot, so] = this.gaussData, p = this.positions;
+      const r = this.cpu.evaluate("rotations", this.a.rotations, this.shift.rotations);
+      const s = this.cpu.evaluate("scales", this.a.scales, this.shift.scales);
+      const o = this.cpu.evaluate("opacities", this.a.opacities, this.shift.opacities);
+      for (let g = 0, g3 = 0, g4 = 0; g < N; g++, g3 += 3, g4 += 4) {
+        pos[g4] = p[g3]; pos[g4 + 1] = p[g3 + 1]; pos[g4 + 2] = p[g3 + 2];
+        const w = r[g4], x = r[g4 + 1], y = r[g4 + 2], z = r[g4 + 3];
+        const n = Math.max(Math.sqrt(w * w + x * x + y * y + z * z), 1e-12);
+        rot[g4] = w / n; rot[g4 + 1] = x / n; rot[g4 + 2] = y / n; rot[g4 + 3] = z / n;
+        so[g4] = Math.max(s[g3], 0); so[g4 + 1] = Math.max(s[g3 + 1], 0); so[g4 + 2] = Math.max(s[g3 + 2], 0);
+        so[g4 + 3] = Math.min(Math.max(o[g], 0), 1);
+      }
+      this.gaussTex.forEach((t, i) => {
+        gl.bindTexture(gl.TEXTURE_2D, t);
+        gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, TW, this.TH, gl.RGBA, gl.FLOAT, this.gaussData[i]);
+      });
+    }
+
+    _evaluationPass() {
       const gl = this.gl, p = this.evalProgram, c = this.coefData;
       c.fill(0);
       const shift = 4 * Math.max(1, this.units.length);
-      this.units.forEach((u, i) => {
-        const ak = Math.fround(this.coefficients[this.offsets[u.attr] + u.k] * this.factor[u.attr][u.k]);
-        for (let ch = 0; ch < CHANNELS[u.attr]; ch++) {
-          c[4 * i + u.first + ch] = ak;
-          c[shift + 4 * u.slot + u.first + ch] -= ak * this.zero[u.attr][u.k];
-        }
-      });
+      this.units.forEach((u, i) => c.fill(this.a[u.attr][u.k], 4 * i + u.first, 4 * i + u.first + CHANNELS[u.attr]));
+      for (const attr of ATTRS) {
+        const [slot, first] = ATTR_SLOT[attr];
+        c.set(this.shift[attr], shift + 4 * slot + first);
+      }
       gl.bindBuffer(gl.UNIFORM_BUFFER, this.coefBuffer);
       gl.bufferSubData(gl.UNIFORM_BUFFER, 0, c);
       gl.bindBufferBase(gl.UNIFORM_BUFFER, 0, this.coefBuffer);
@@ -484,15 +623,21 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
       gl.uniform1i(p.uniforms.uBasis, 3);
       gl.bindVertexArray(this.emptyVao);
       gl.drawArrays(gl.TRIANGLES, 0, 3);
-      // the same positions on the CPU, for the depth sort (see _upload)
-      const pos = this.positions, basis = this.posBasis, n3 = 3 * this.N, o = this.offsets.positions;
-      pos.set(this.posMean);
-      for (let k = 0; k < this.components.positions; k++) {
-        const ck = this.coefficients[o + k];
-        if (ck === 0) continue;
-        for (let i = 0, j = k * n3; i < n3; i++, j++) pos[i] += ck * basis[j];
+    }
+
+    // the evaluated Gaussians as the splat pass reads them: [TW TH 4] x 3 (position + 1, quaternion wxyz,
+    // scale + opacity), Gaussian g at texel g (for tests: both modes against Python)
+    gaussians() {
+      if (this.dirty) this.evaluate();
+      const gl = this.gl, out = [];
+      gl.bindFramebuffer(gl.FRAMEBUFFER, this.evalFbo);
+      for (let i = 0; i < 3; i++) {
+        gl.readBuffer(gl.COLOR_ATTACHMENT0 + i);
+        const data = new Float32Array(TW * this.TH * 4);
+        gl.readPixels(0, 0, TW, this.TH, gl.RGBA, gl.FLOAT, data);
+        out.push(Array.from(data.subarray(0, 4 * this.N)));
       }
-      this.dirty = false;
+      return out;
     }
 
     // front to back in camera depth; a stable LSD radix sort of the float's bits (positive floats
@@ -633,12 +778,13 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
     // rendered at the window's size (K scaled), not stretched: a 200-pixel training camera still looks sharp
     const fit = Math.min((window.innerHeight - 10) / meta.view.height, (window.innerWidth - 320) / meta.view.width);
     const scale = Number(params.get("scale")) || fit;
-    const player = new Player(canvas, buffer, scale);
+    const player = new Player(canvas, buffer, scale, params.get("eval") || "auto");
     window.GEM = player;
     const v = meta.viewer;
     document.getElementById("info").innerHTML =
       `<b>GEM</b> · ${player.N} Gaussians · components ${ATTRS.map((a) => player.components[a]).join("/")} · ` +
-      `${player.floatBlend ? "fp32" : "fp16"} compositing`;
+      `${player.floatBlend ? "fp32" : "fp16"} compositing · evaluated on the ` +
+      (player.evalMode === "cpu" ? `CPU (${player.cpu.kernel})` : "GPU");
 
     const trackSelect = document.getElementById("track"), frame = document.getElementById("frame");
     const frameValue = document.getElementById("frame-value"), play = document.getElementById("play");
@@ -713,6 +859,7 @@ void main() { o = vec4(clamp(texelFetch(uImage, ivec2(gl_FragCoord.xy), 0).rgb, 
   }
 
   window.GEM_FORMAT = { decodeBase85, unpack }; // the decoders, for tests against lib/viewer/compressed.py
+  window.GEM_CPU = { CpuModel }; // for tests of both kernels against numpy
 
   start().catch((e) => {
     document.getElementById("error").textContent = String(e && e.stack || e);
