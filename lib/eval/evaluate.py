@@ -8,6 +8,11 @@
 
 An empty val split (a one-camera export) is logged and recorded as skipped.
 
+Tracking: for the splits in ``test.refit_tracking``, the FLAME tracking of the scored timesteps is first
+refitted to those timesteps' other cameras, the avatar frozen and the scored camera never read
+(``lib.train.fit_tracking``); each split's ``tracking`` entry in ``metrics.json`` says how, with the split's
+figures as tracked (``as_tracked``) beside the refitted ones.
+
 Everything is rendered on white, as the exports are. Per split: ``<split>/<t>_<c>.png`` renders,
 ``<split>/compare/<t>_<c>.png`` (render | ground truth | 4x error), ``<split>.mp4`` (render |
 ground truth), and in ``metrics.json`` the means and per-frame values of PSNR over the full frame,
@@ -26,7 +31,8 @@ from torch import Tensor
 from lib.atomic import write_json
 from lib.dataset.vhap import VhapExport
 from lib.eval.lpips import load_lpips
-from lib.eval.render import WHITE, render_frame, render_gaussians
+from lib.dataset.vhap import SPLITS, VhapExport
+from lib.eval.render import WHITE, render_frame, render_gaussians, score_frames
 from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
 from lib.geometry.rotations import axis_angle_to_matrix
@@ -36,6 +42,7 @@ from lib.models.vgg import VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
+from lib.train.fit_tracking import fitting_frames, refit_tracking
 from lib.train.metrics import image_metrics
 
 
@@ -94,10 +101,11 @@ def evaluate(cfg, log=print) -> dict:
             continue
         frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
         frames = pick_frames(frames, cfg.test.max_frames)
+        refit, tracking = _refit(cfg, avatar, data, export, split, frames, log)
         rows = []
         with VideoWriter(out / f"{split}.mp4", cfg.test.fps) as video:
             for frame in frames:
-                rgb, gt, mask = render_frame(avatar, data, frame)
+                rgb, gt, mask = render_frame(avatar, data, frame, refit)
                 row = {"timestep": frame.timestep_index, "camera": frame.camera_index,
                        **image_metrics(rgb, gt, mask)}
                 if lpips is not None:
@@ -110,12 +118,31 @@ def evaluate(cfg, log=print) -> dict:
                 video.append(np.concatenate([to_uint8(rgb), to_uint8(gt)], 1))
         keys = [k for k in rows[0] if k not in ("timestep", "camera")]
         mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-        results[split] = {"frames": len(rows), **mean, "per_frame": rows}
+        results[split] = {"frames": len(rows), **mean, "tracking": tracking, "per_frame": rows}
         log(f"{split}: {len(rows)} frames, PSNR {mean['psnr']:.2f} dB (masked {mean['psnr_masked']:.2f} dB), "
             f"SSIM {mean['ssim']:.4f}, L1 {mean['l1']:.4f}" + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
     write_json(out / "metrics.json", results)
     log(f"metrics -> {out / 'metrics.json'}")
     return results
+
+
+def _refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, frames: list, log):
+    """The refitted tracking of a split's scored frames (``lib.train.fit_tracking``), or None when the split
+    is not refitted or no other camera shows its timesteps. -> (refinement or None, what metrics.json says
+    of the split's tracking: how it was refitted and the split's figures as tracked)"""
+    if split not in cfg.test.refit_tracking:
+        return None, {"refit": False}
+    pool = fitting_frames([f for s in SPLITS for f in export.split(s)], frames)
+    if not pool:
+        log(f"{split}: no other camera shows its timesteps; scored as tracked (test.refit_tracking)")
+        return None, {"refit": False, "why": "no other camera shows the scored timesteps"}
+    scores = score_frames(avatar, data, frames)
+    refit = refit_tracking(avatar, data, pool, cfg)
+    n = sum(len(v) for v in pool.values())
+    log(f"{split}: tracking of {len(pool)} timesteps refitted to {n} frames of other cameras "
+        f"({cfg.test.refit_steps} steps); as tracked: PSNR {scores['psnr']:.2f} dB (masked {scores['psnr_masked']:.2f} dB)")
+    return refit, {"refit": True, "timesteps": len(pool), "fitting_frames": n, "steps": cfg.test.refit_steps,
+                   "lr": cfg.test.refit_lr, "as_tracked": scores}
 
 
 def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:

@@ -1,0 +1,78 @@
+"""Refitting the tracking of the scored timesteps to their other cameras, with the avatar frozen
+(``test.refit_tracking``).
+
+A tracker's FLAME fit jitters from frame to frame, and the Gaussians ride that mesh. Training can
+correct the train timesteps (``train.refine_flame``), but the test split is a held-out sequence whose
+parameters stay as tracked, and the scored camera's image then shows a head a millimetre or two away
+from where the avatar puts it: several dB lost to the tracker, not to the avatar.
+
+The protocol scores one camera per split: ``test.camera`` on the held-out sequence (test) and the
+frontal camera on the training timesteps (val). Every other camera of those timesteps is an image the
+tracker had too (VHAP tracks every camera), and none of them is scored. So before scoring, the
+per-timestep corrections of ``FlameRefinement`` (rotation, translation, jaw, expression, in its units,
+pulled towards the tracker by ``loss.flame_refine`` as in training) are fitted by Adam to those other
+cameras' frames, the avatar frozen; the scored camera's frames are never read. It is a better tracker
+for the frames the avatar is asked to show, not a fit to the images it is scored on.
+
+The avatar's network input is the mesh without the corrections' gradient (``GaussianAvatar.network_input``),
+so the fit moves the geometry the Gaussians ride, as training's refinement does.
+"""
+from __future__ import annotations
+
+import torch
+
+from lib.dataset.vhap import Frame
+from lib.eval.render import WHITE, render_gaussians
+from lib.models.flame_refinement import FlameRefinement
+from lib.train.data import ActorData
+from lib.train.losses import mouth_weight, photometric
+
+
+def fitting_frames(frames: list[Frame], scored: list[Frame]) -> dict[int, list[Frame]]:
+    """The frames a refit may read for each scored timestep: those of ``frames`` at the scored timesteps
+    from cameras no scored frame uses. -> {timestep: frames} (only timesteps that have any)"""
+    timesteps = {f.timestep_index for f in scored}
+    cameras = {f.camera_index for f in scored}
+    out: dict[int, list[Frame]] = {}
+    for f in frames:
+        if f.timestep_index in timesteps and f.camera_index not in cameras:
+            out.setdefault(f.timestep_index, []).append(f)
+    return out
+
+
+def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg) -> FlameRefinement:
+    """Corrections of the timesteps of ``frames`` ({timestep: frames of other cameras}, ``fitting_frames``)
+    fitted to those frames with the avatar frozen: ``test.refit_steps`` steps, each rendering every
+    timestep once (its cameras in turn) and taking one Adam step (rate ``test.refit_lr``, decaying
+    linearly to a tenth). ``data``'s parameters are the starting point (already refined where training
+    refined them)."""
+    device = data.device
+    timesteps = sorted(frames)
+    refinement = FlameRefinement(timesteps, data.params["expr"].shape[1]).to(device)
+    steps, lr = cfg.test.refit_steps, cfg.test.refit_lr
+    opt = torch.optim.Adam(refinement.parameters(), lr=lr)
+    white = torch.tensor(WHITE, device=device)
+    frozen = [p for p in avatar.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                for group in opt.param_groups:
+                    group["lr"] = lr * (1.0 - 0.9 * step / max(steps - 1, 1))
+                opt.zero_grad(set_to_none=True)
+                for t in timesteps:
+                    frame = frames[t][step % len(frames[t])]
+                    sample = data.sample(frame)
+                    g = avatar(*data.driving(t, refinement))
+                    render = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width,
+                                              frame.camera.height, white)
+                    weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
+                    terms = photometric(render, sample.ground_truth(white), weight, cfg.loss.l1, cfg.loss.ssim)
+                    loss = sum(terms.values()) + cfg.loss.flame_refine * refinement.penalty([t])
+                    loss.backward()
+                opt.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return refinement.requires_grad_(False)
