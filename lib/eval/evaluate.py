@@ -31,7 +31,7 @@ from torch import Tensor
 from lib.atomic import write_json
 from lib.dataset.vhap import VhapExport
 from lib.eval.lpips import load_lpips
-from lib.dataset.vhap import SPLITS, VhapExport
+from lib.dataset.vhap import VhapExport
 from lib.eval.render import WHITE, render_frame, render_gaussians, score_frames
 from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
@@ -42,7 +42,7 @@ from lib.models.vgg import VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
-from lib.train.fit_tracking import fitting_frames, refit_tracking
+from lib.train.fit_tracking import split_refit
 from lib.train.metrics import image_metrics
 
 
@@ -101,7 +101,7 @@ def evaluate(cfg, log=print) -> dict:
             continue
         frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
         frames = pick_frames(frames, cfg.test.max_frames)
-        refit, tracking = _refit(cfg, avatar, data, export, split, frames, log)
+        refit, tracking = _refit(cfg, avatar, data, export, split, frames, regressor["path"], log)
         rows = []
         with VideoWriter(out / f"{split}.mp4", cfg.test.fps) as video:
             for frame in frames:
@@ -126,23 +126,17 @@ def evaluate(cfg, log=print) -> dict:
     return results
 
 
-def _refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, frames: list, log):
+def _refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, frames: list, checkpoint: str, log):
     """The refitted tracking of a split's scored frames (``lib.train.fit_tracking``), or None when the split
     is not refitted or no other camera shows its timesteps. -> (refinement or None, what metrics.json says
     of the split's tracking: how it was refitted and the split's figures as tracked)"""
     if split not in cfg.test.refit_tracking:
         return None, {"refit": False}
-    pool = fitting_frames([f for s in SPLITS for f in export.split(s)], frames)
-    if not pool:
-        log(f"{split}: no other camera shows its timesteps; scored as tracked (test.refit_tracking)")
-        return None, {"refit": False, "why": "no other camera shows the scored timesteps"}
-    scores = score_frames(avatar, data, frames)
-    refit = refit_tracking(avatar, data, pool, cfg)
-    n = sum(len(v) for v in pool.values())
-    log(f"{split}: tracking of {len(pool)} timesteps refitted to {n} frames of other cameras "
-        f"({cfg.test.refit_steps} steps); as tracked: PSNR {scores['psnr']:.2f} dB (masked {scores['psnr_masked']:.2f} dB)")
-    return refit, {"refit": True, "timesteps": len(pool), "fitting_frames": n, "steps": cfg.test.refit_steps,
-                   "lr": cfg.test.refit_lr, "as_tracked": scores}
+    refit, info = split_refit(cfg, avatar, data, export, split, frames, checkpoint, log)
+    if refit is not None:
+        info["as_tracked"] = scores = score_frames(avatar, data, frames)
+        log(f"{split}: as tracked: PSNR {scores['psnr']:.2f} dB (masked {scores['psnr_masked']:.2f} dB)")
+    return refit, info
 
 
 def _spin(cfg, avatar, data: ActorData, export: VhapExport, out: Path) -> dict:

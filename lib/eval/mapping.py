@@ -12,7 +12,9 @@ white by GEM twice, with the same GEM pose:
                   run on the frame; needs the stage-2 checkpoint); the mapping network is trained
                   towards these coefficients
 
-and both are scored against the images (PSNR full frame and inside the head mask, SSIM, L1). Written
+and both are scored against the images (PSNR full frame and inside the head mask, SSIM, L1). The GEM pose
+is the tracked one, refitted to the frames' other cameras as the regressor's evaluation does
+(``test.refit_tracking``, ``lib.train.fit_tracking``; fitted once with the regressor and kept). Written
 to ``experiments/<actor>/<run>/mapping/eval/``: metrics.json (means under ``predicted`` and
 ``oracle_coefficients``, per-frame rows and the coefficient L1 between the two), compare PNGs
 (predicted | oracle coefficients | image) and test.mp4 of the same.
@@ -57,6 +59,7 @@ from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
+from lib.train.fit_tracking import split_refit
 from lib.train.metrics import image_metrics
 
 
@@ -83,6 +86,11 @@ def evaluate_mapping(cfg, log=print) -> dict:
     data = ActorData(export, flame, device, keep_meshes=False, refinement=regressor["refinement"])
 
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
+    tracking = {"refit": False}
+    if "test" in cfg.test.refit_tracking:  # the same refitted tracking as the regressor's evaluation
+        refit, tracking = split_refit(cfg, avatar, data, export, "test", frames, regressor["path"], log)
+        if refit is not None:
+            data.refine(refit)
     steps = sorted({f.timestep_index for f in frames})
     R, t = data.gem_pose(steps)
     projected = [gem.project(head) for head in gem_space_gaussians(avatar, data, steps)]  # [1, K] each
@@ -115,7 +123,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
                "architecture": cfg.mapping.architecture, "held_at_mean": held,
                "basis_fine_tuned": "gem" in state,
                "regressor_checkpoint": regressor["path"], "frames": len(rows), "background": "white",
-               "coefficient_l1_sigma": coeff_l1}
+               "coefficient_l1_sigma": coeff_l1, "tracking": tracking}
     for name in ("predicted", ORACLE):
         results[name] = {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]}
     results["per_frame"] = rows

@@ -128,13 +128,19 @@ class ActorData:
         self.flame = flame
         self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr,
                                          flame.v_template.shape[0])  # [T, ...] per key
-        if refinement is not None:
-            with torch.no_grad():
-                self.params = refinement.to(device).corrected(self.params, self.timesteps)
         self._posed = None
+        if refinement is not None:
+            self.refine(refinement)
         if keep_meshes:
             with torch.no_grad():
                 self._posed = split_global_pose(flame, self.params)  # verts_head [T, V, 3], R [T, 3, 3], t [T, 3]
+
+    @torch.no_grad()
+    def refine(self, refinement: FlameRefinement) -> None:
+        """Add learnt corrections to the tracked parameters of the timesteps they cover, from now on."""
+        self.params = refinement.to(self.device).corrected(self.params, self.timesteps)
+        if self._posed is not None:
+            self._posed = split_global_pose(self.flame, self.params)
 
     def driving(self, timestep: int, refinement: FlameRefinement | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep; with a refinement being learnt,

@@ -15,17 +15,27 @@ cameras' frames, the avatar frozen; the scored camera's frames are never read. I
 for the frames the avatar is asked to show, not a fit to the images it is scored on.
 
 The avatar's network input is the mesh without the corrections' gradient (``GaussianAvatar.network_input``),
-so the fit moves the geometry the Gaussians ride, as training's refinement does.
+so the fit moves the geometry the Gaussians ride, as training's refinement does. A refit is fitted with
+the regressor and kept beside it (``split_refit``), so the mapping network's self-reenactment poses GEM
+with the same tracking the regressor's evaluation scored.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from lib.dataset.vhap import Frame
+from lib.atomic import load_torch, save_torch
+from lib.dataset.vhap import SPLITS, Frame, VhapExport
 from lib.eval.render import WHITE, render_gaussians
-from lib.models.flame_refinement import FlameRefinement
+from lib.models.flame_refinement import FlameRefinement, refinement_from_state
+from lib.paths import ActorPaths
 from lib.train.data import ActorData
 from lib.train.losses import mouth_weight, photometric
+
+
+class RefitFileError(RuntimeError):
+    """A kept refit that cannot be read (it is then fitted again)."""
 
 
 def fitting_frames(frames: list[Frame], scored: list[Frame]) -> dict[int, list[Frame]]:
@@ -76,3 +86,35 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
         for p in frozen:
             p.requires_grad_(True)
     return refinement.requires_grad_(False)
+
+
+def split_refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, scored: list[Frame], checkpoint,
+                log=print) -> tuple[FlameRefinement | None, dict]:
+    """The refitted tracking of a split's scored frames, fitted once per regressor checkpoint, scored timesteps
+    and settings, and kept in ``<run>/regressor/tracking_refit/<split>.pt``, so the regressor's evaluation and
+    the mapping network's (which poses GEM with it) score the same tracking. -> (the corrections, or None when
+    no other camera shows the scored timesteps; what a metrics file says of the refit)"""
+    pool = fitting_frames([f for s in SPLITS for f in export.split(s)], scored)
+    if not pool:
+        log(f"{split}: no other camera shows its timesteps; scored as tracked (test.refit_tracking)")
+        return None, {"refit": False, "why": "no other camera shows the scored timesteps"}
+    n = sum(len(v) for v in pool.values())
+    info = {"refit": True, "timesteps": len(pool), "fitting_frames": n, "steps": cfg.test.refit_steps,
+            "lr": cfg.test.refit_lr}
+    stat = Path(checkpoint).stat()  # the file's identity: a retrained run may write a checkpoint of the same name
+    key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool), "frames": n, "steps": cfg.test.refit_steps,
+           "lr": cfg.test.refit_lr, **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
+    path = ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
+    if path.is_file():
+        try:
+            kept = load_torch(path, RefitFileError, "it is fitted again")
+            if kept["key"] == key:
+                log(f"{split}: tracking of {len(pool)} timesteps as refitted before ({path})")
+                return refinement_from_state(kept["refinement"]), info
+        except (RefitFileError, KeyError, TypeError, RuntimeError) as e:
+            log(f"{split}: the kept refit {path} cannot be used ({e}); fitting again")
+    refit = refit_tracking(avatar, data, pool, cfg)
+    save_torch(path, {"key": key, "refinement": refit.state_dict()})
+    log(f"{split}: tracking of {len(pool)} timesteps refitted to {n} frames of other cameras "
+        f"({cfg.test.refit_steps} steps) -> {path}")
+    return refit, info

@@ -136,6 +136,12 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
     for name in ("predicted", "oracle_coefficients"):
         assert 5.0 < saved[name]["psnr"] < 60.0 and 5.0 < saved[name]["psnr_masked"] < 60.0
     assert (ActorPaths(cfg).mapping_eval / "test.mp4").stat().st_size > 0
+    # GEM is posed with the held-out sequence's refitted tracking (test.refit_tracking), as the regressor's
+    # evaluation scores it
+    assert saved["tracking"]["refit"] and (ActorPaths(cfg).regressor / "tracking_refit" / "test.pt").is_file()
+    as_tracked = evaluate_mapping(load_config(config, overrides + ["test.refit_tracking=[]"]), log=QUIET)
+    assert as_tracked["tracking"] == {"refit": False}
+    assert as_tracked["predicted"]["psnr"] != results["predicted"]["psnr"]
 
     source = load_config(source_config)
     render_log.events.clear()

@@ -83,3 +83,15 @@ def test_the_evaluation_reports_each_refitted_split_as_tracked_too(run_config):
     plain = evaluate(load_config(config, overrides + ["test.splits=[test]", "test.refit_tracking=[]"]), log=QUIET)
     assert plain["test"]["tracking"] == {"refit": False}
     assert abs(plain["test"]["psnr"] - results["test"]["tracking"]["as_tracked"]["psnr"]) < 1e-9
+
+    # kept per checkpoint and settings: a second evaluation scores the same refit without fitting again
+    kept = ActorPaths(cfg).regressor / "tracking_refit" / "test.pt"
+    assert kept.is_file()
+    lines = []
+    again = evaluate(cfg, log=lines.append)
+    assert any("as refitted before" in line for line in lines)
+    assert again["test"]["psnr"] == results["test"]["psnr"]
+    kept.write_bytes(b"not a torch file")  # a bad kept file is fitted again, not an error
+    lines.clear()
+    again = evaluate(cfg, log=lines.append)
+    assert any("cannot be used" in line for line in lines) and again["test"]["psnr"] == results["test"]["psnr"]
