@@ -76,13 +76,27 @@ def split_global_pose(flame: FlameModel, params: dict[str, Tensor | None]) -> tu
     the root), so the world mesh is exactly  R (v_head - j0) + j0 + translation.
     -> verts_head [B, V, 3], R [B, 3, 3], t [B, 3] with world = v_head @ R^T + t
     """
+    verts, R, t, _ = split_global_pose_and_root(flame, params)
+    return verts, R, t
+
+
+def split_global_pose_and_root(flame: FlameModel, params: dict[str, Tensor | None]
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``split_global_pose`` and the rest root joint j0 [B, 3], from which ``rigid_pose`` poses the same
+    head mesh with another rotation and translation."""
     args = dict(params)
     rotation, translation = args.pop("rotation"), args.pop("translation")
     verts, joints = flame(**args)
     j0 = joints[:, 0, :3, 3]  # root at rest (no rotation/translation applied)
-    R = axis_angle_to_matrix(rotation.to(verts))
-    t = j0 + translation.to(verts) - (R @ j0[..., None])[..., 0]
-    return verts, R, t
+    R, t = rigid_pose(rotation.to(verts), translation.to(verts), j0)
+    return verts, R, t, j0
+
+
+def rigid_pose(rotation: Tensor, translation: Tensor, j0: Tensor) -> tuple[Tensor, Tensor]:
+    """FLAME's root rotation [B, 3] (axis-angle) and translation [B, 3] about the rest root j0 [B, 3] as
+    world = v_head @ R^T + t. -> R [B, 3, 3], t [B, 3]"""
+    R = axis_angle_to_matrix(rotation)
+    return R, j0 + translation - (R @ j0[..., None])[..., 0]
 
 
 def canonical_mesh(flame: FlameModel, identity: dict[str, Tensor | None],

@@ -8,10 +8,14 @@ expression coefficient), so one Adam rate (``train.lr_flame``) moves them all at
 one weight (``loss.flame_refine``) pulls them back towards the tracker: the loss of a step adds
 loss.flame_refine · mean(p_t²) over the step's own timestep t.
 
+Which parameters: ``train.refine_keys``. The global pose alone (rotation, translation: ``RIGID``) leaves the
+head-space mesh as tracked, so training keeps the posed meshes and turns them (``ActorData.driving``)
+instead of evaluating FLAME every step; jaw or expression corrections re-pose FLAME per step.
+
 Which timesteps: those of the train split, and only them. The val split shows the same timesteps from
 the held-out camera, so its renders use the refined parameters (as a novel view of a refined sequence);
-the test split is a held-out sequence whose images the training never saw, so its parameters stay as
-tracked. The corrections are saved in the regressor's checkpoints (``flame_refinement``); stage 3 (GEM),
+the test split is a held-out sequence whose images the training never saw, so its parameters are not
+refined here (``lib.train.fit_tracking`` refits them to their unscored cameras when they are scored). The corrections are saved in the regressor's checkpoints (``flame_refinement``); stage 3 (GEM),
 stage 4 (the mapping network's GEM poses) and the evaluations read them back (``load_refinement``) and
 pose those timesteps refined.
 """
@@ -21,20 +25,38 @@ import torch
 from torch import Tensor, nn
 
 UNITS = {"rotation": 0.01, "translation": 0.001, "jaw_pose": 0.01, "expr": 0.1}  # rad, m, rad, coefficient
+RIGID = ("rotation", "translation")  # the head's global pose: the head-space mesh does not depend on it
 
 
 class FlameRefinement(nn.Module):
-    """Corrections of the tracked parameters of ``timesteps`` (all zero at first)."""
+    """Corrections of the tracked parameters of ``timesteps`` (all zero at first). ``keys``: those learnt
+    (the others stay zero and frozen); with only ``RIGID`` ones the head-space meshes are the tracked ones,
+    so training keeps them posed (``rigid``)."""
 
-    def __init__(self, timesteps: list[int], n_expr: int):
+    def __init__(self, timesteps: list[int], n_expr: int, keys=tuple(UNITS)):
         super().__init__()
+        unknown = set(keys) - set(UNITS)
+        if unknown or not keys:
+            raise ValueError(f"FlameRefinement: keys must be some of {tuple(UNITS)}, got {tuple(keys)}")
         self.register_buffer("timesteps", torch.as_tensor(sorted(timesteps), dtype=torch.long))
         T = len(timesteps)
         self.rotation = nn.Parameter(torch.zeros(T, 3))
         self.translation = nn.Parameter(torch.zeros(T, 3))
         self.jaw_pose = nn.Parameter(torch.zeros(T, 3))
         self.expr = nn.Parameter(torch.zeros(T, n_expr))
+        self.keys = tuple(k for k in UNITS if k in keys)
+        for key in UNITS:
+            getattr(self, key).requires_grad_(key in self.keys)
         self._row = {int(t): i for i, t in enumerate(self.timesteps.tolist())}
+
+    @property
+    def rigid(self) -> bool:
+        """Only the global pose is learnt: the head-space mesh of a timestep is its tracked one."""
+        return set(self.keys) <= set(RIGID)
+
+    def learnt(self) -> list[nn.Parameter]:
+        """The parameters of the learnt keys (the optimiser's)."""
+        return [getattr(self, key) for key in self.keys]
 
     def rows(self, timesteps: list[int]) -> tuple[list[int], list[int]]:
         """Which of ``timesteps`` are refined: (their positions in the list, their rows here)."""
@@ -49,8 +71,8 @@ class FlameRefinement(nn.Module):
             return params
         out = dict(params)
         idx = torch.as_tensor(at, device=self.rotation.device)
-        for key, unit in UNITS.items():
-            delta = getattr(self, key)[rows] * unit
+        for key in self.keys:  # the others are zero
+            delta = getattr(self, key)[rows] * UNITS[key]
             value = params[key]
             if key == "expr":
                 n = min(delta.shape[1], value.shape[1])
@@ -59,11 +81,11 @@ class FlameRefinement(nn.Module):
         return out
 
     def penalty(self, timesteps: list[int]) -> Tensor:
-        """mean(p²) over the corrections of the refined ones among ``timesteps`` (0 when none is)."""
+        """mean(p²) over the learnt corrections of the refined ones among ``timesteps`` (0 when none is)."""
         _, rows = self.rows(timesteps)
         if not rows:
             return self.rotation.new_zeros(())
-        return torch.cat([getattr(self, key)[rows].flatten() for key in UNITS]).pow(2).mean()
+        return torch.cat([getattr(self, key)[rows].flatten() for key in self.keys]).pow(2).mean()
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state, strict, assign)

@@ -38,8 +38,8 @@ from lib.dataset.masks import mask_paths, missing_masks_message
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params, take_timesteps
 from lib.errors import ProjectError
 from lib.flame.model import POSE_BATCH, FlameModel
-from lib.models.avatar import split_global_pose
-from lib.models.flame_refinement import FlameRefinement
+from lib.models.avatar import rigid_pose, split_global_pose, split_global_pose_and_root
+from lib.models.flame_refinement import RIGID, FlameRefinement
 from lib.models.gem import gem_pose
 from lib.train.losses import composite_gt
 
@@ -128,29 +128,34 @@ class ActorData:
         self.flame = flame
         self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr,
                                          flame.v_template.shape[0])  # [T, ...] per key
-        self._posed = None
+        self._posed = None  # verts_head [T, V, 3], R [T, 3, 3], t [T, 3], rest root j0 [T, 3]
         if refinement is not None:
             self.refine(refinement)
         if keep_meshes:
             with torch.no_grad():
-                self._posed = split_global_pose(flame, self.params)  # verts_head [T, V, 3], R [T, 3, 3], t [T, 3]
+                self._posed = split_global_pose_and_root(flame, self.params)
 
     @torch.no_grad()
     def refine(self, refinement: FlameRefinement) -> None:
         """Add learnt corrections to the tracked parameters of the timesteps they cover, from now on."""
         self.params = refinement.to(self.device).corrected(self.params, self.timesteps)
         if self._posed is not None:
-            self._posed = split_global_pose(self.flame, self.params)
+            self._posed = split_global_pose_and_root(self.flame, self.params)
 
     def driving(self, timestep: int, refinement: FlameRefinement | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep; with a refinement being learnt,
-        posed with its corrections (differentiable in them)."""
+        posed with its corrections (differentiable in them). A refinement of the global pose alone
+        (``FlameRefinement.rigid``) turns the kept mesh: no FLAME evaluation."""
         i = self._row[timestep]
         if refinement is not None and refinement.rows([timestep])[1]:
+            if refinement.rigid and self._posed is not None:
+                pose = refinement.corrected({k: self.params[k][i:i + 1] for k in RIGID}, [timestep])
+                R, t = rigid_pose(pose["rotation"], pose["translation"], self._posed[3][i:i + 1])
+                return self._posed[0][i:i + 1], R, t
             params = take_timesteps(self.params, torch.tensor([i], device=self.device))
             return split_global_pose(self.flame, refinement.corrected(params, [timestep]))
         if self._posed is not None:
-            return tuple(x[i:i + 1] for x in self._posed)
+            return tuple(x[i:i + 1] for x in self._posed[:3])
         with torch.no_grad():
             return split_global_pose(self.flame, take_timesteps(self.params, torch.tensor([i], device=self.device)))
 

@@ -25,7 +25,7 @@ from lib.flame.model import FlameModel
 from lib.gaussians.render import warm_up
 from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, build_avatar
-from lib.models.flame_refinement import FlameRefinement
+from lib.models.flame_refinement import RIGID, FlameRefinement
 from lib.models.vgg import VggFeatures, VggPerceptual, VggUnavailable
 from lib.paths import ActorPaths, resolve
 from lib.train import distributed
@@ -46,7 +46,7 @@ def make_optimizer(avatar: GaussianAvatar, cfg, refinement: FlameRefinement | No
     nets = [p for p in avatar.parameters() if id(p) not in ids]
     groups = [{"params": nets, "lr": cfg.train.lr}, {"params": features, "lr": cfg.train.lr_features}]
     if refinement is not None:
-        groups.append({"params": list(refinement.parameters()), "lr": cfg.train.lr_flame})
+        groups.append({"params": refinement.learnt(), "lr": cfg.train.lr_flame})
     opt = torch.optim.Adam(groups)
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]
@@ -78,13 +78,15 @@ def train(cfg, log=print) -> GaussianAvatar:
 
     flame = FlameModel.from_config(cfg).to(device)
     export = VhapExport.from_config(cfg)
-    # every step poses its timestep anew when the tracked parameters are being refined: nothing to keep
-    data = ActorData(export, flame, device, keep_meshes=not cfg.train.refine_flame)
+    # every step poses its timestep anew when its head-space mesh is being refined: nothing to keep
+    rigid = set(cfg.train.refine_keys) <= set(RIGID)
+    data = ActorData(export, flame, device, keep_meshes=not cfg.train.refine_flame or rigid)
     avatar = build_avatar(cfg, paths, flame).to(device)
     avatar.bf16 = cfg.train.bf16 and device.type == "cuda"
     refinement = None
     if cfg.train.refine_flame:  # corrections of the train timesteps' tracked parameters, learnt alongside
-        refinement = FlameRefinement([t for t, _ in export.timesteps("train")], data.params["expr"].shape[1]).to(device)
+        refinement = FlameRefinement([t for t, _ in export.timesteps("train")], data.params["expr"].shape[1],
+                                     cfg.train.refine_keys).to(device)
     opt = make_optimizer(avatar, cfg, refinement)
     vgg = perceptual_loss(cfg, cfg.loss.vgg, log)
     vgg = vgg.to(device) if vgg is not None else None
@@ -135,7 +137,7 @@ def train(cfg, log=print) -> GaussianAvatar:
         return StepOutput(terms, render, gt)
 
     def share_corrections(step: int) -> None:  # DDP averages the avatar's gradients, not these
-        distributed.average_gradients(info, list(refinement.parameters()))
+        distributed.average_gradients(info, refinement.learnt())
 
     def curve_point(step: int, elapsed: float) -> None:
         nonlocal curve_next

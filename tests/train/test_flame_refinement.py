@@ -104,3 +104,28 @@ def test_the_corrections_move_the_geometry_not_the_networks_input(run_config):
     assert seen and not any(a.requires_grad for a in seen[0])
     g.means.sum().backward()
     assert verts.grad is not None and verts.grad.abs().sum() > 0  # the geometry still carries it
+
+
+def test_a_refinement_of_the_global_pose_turns_the_kept_mesh_as_posing_flame_would(run_config):
+    """refine_keys [rotation, translation]: the kept head-space mesh with the corrected rigid pose equals FLAME
+    posed with the corrected parameters, the corrections get gradients and the others stay zero and frozen."""
+    cfg = load_config(*run_config)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    kept = ActorData(export, flame, torch.device("cpu"))
+    posed = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
+    t = export.split("train")[0].timestep_index
+    refinement = FlameRefinement([t], kept.params["expr"].shape[1], keys=("rotation", "translation"))
+    assert refinement.rigid and [p.requires_grad for p in refinement.parameters()] == [True, True, False, False]
+    with torch.no_grad():
+        refinement.rotation[0] = torch.tensor([3.0, -5.0, 2.0])
+        refinement.translation[0] = torch.tensor([4.0, 1.0, -2.0])
+    fast = kept.driving(t, refinement)
+    slow = posed.driving(t, refinement)
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(fast[1], kept.driving(t)[1])  # the correction turned the head
+    (fast[1].sum() + fast[2].sum()).backward()
+    assert refinement.rotation.grad.abs().sum() > 0 and refinement.translation.grad.abs().sum() > 0
+    assert refinement.expr.grad is None and refinement.penalty([t]) > 0
+    assert set(refinement.corrected(posed.params, posed.timesteps)) == set(posed.params)
