@@ -59,7 +59,7 @@ from lib.train.data import ActorData
 from lib.train.distributed import evaluation_device
 from lib.train.fit_gem import gem_space_gaussians
 from lib.train.fit_mapping import driving_signals, load_mapping, mapping_gem
-from lib.train.fit_tracking import split_refit
+from lib.train.fit_tracking import kept_refit, split_refit
 from lib.train.metrics import image_metrics
 
 
@@ -157,10 +157,20 @@ def export_mapping(cfg, log=print) -> tuple[GaussianEigenModel, MappingNetwork |
 def self_reenactment_track(cfg, gem: GaussianEigenModel, net: MappingNetwork, export: VhapExport, data: ActorData,
                            log=print) -> dict:
     """The mapping network's coefficients of the test timesteps that ``evaluate_mapping`` scores, with
-    their GEM poses (``export_mapping``'s GEM and network; the actor's export and data, on the CPU).
+    their GEM poses (``export_mapping``'s GEM and network; the actor's export and data, on the CPU). Posed,
+    as ``evaluate_mapping`` poses them, with the test split's refitted tracking that the regressor's
+    evaluation kept (``data`` is refined with it in place); as tracked where none was kept.
     -> {coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3], timesteps [T]}"""
     frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
     steps = sorted({f.timestep_index for f in frames})
+    if "test" in cfg.test.refit_tracking:
+        checkpoint = latest_checkpoint(ActorPaths(cfg).regressor_checkpoints)
+        refit = kept_refit(cfg, export, "test", frames, checkpoint, log) if checkpoint is not None else None
+        if refit is None:
+            log("self-reenactment: the test split's tracking as tracked; no refit of it is kept for this "
+                "regressor and settings (test.py refits and keeps it)")
+        else:
+            data.refine(refit)
     R, t = data.gem_pose(steps)
     flat, _ = _held(cfg, gem, net(driving_signals(cfg, export, steps, data)), log)
     return {"coefficients": split_coefficients(gem, flat), "R": R, "t": t, "timesteps": torch.tensor(steps)}

@@ -88,33 +88,50 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
     return refinement.requires_grad_(False)
 
 
+def _refit_plan(cfg, export: VhapExport, split: str, scored: list[Frame], checkpoint) -> tuple[dict, dict, Path]:
+    """What a split's refit fits and what identifies it. -> (pool: timestep -> frames, key, kept file)"""
+    pool = fitting_frames([f for s in SPLITS for f in export.split(s)], scored)
+    stat = Path(checkpoint).stat()  # the file's identity: a retrained run may write a checkpoint of the same name
+    key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool),
+           "frames": sum(len(v) for v in pool.values()), "steps": cfg.test.refit_steps, "lr": cfg.test.refit_lr,
+           **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
+    return pool, key, ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
+
+
+def kept_refit(cfg, export: VhapExport, split: str, scored: list[Frame], checkpoint,
+               log=print) -> FlameRefinement | None:
+    """The refit ``split_refit`` kept for these scored frames, regressor checkpoint and settings, or None
+    when there is none (or it was fitted for something else, or cannot be read); fits nothing."""
+    pool, key, path = _refit_plan(cfg, export, split, scored, checkpoint)
+    if not pool or not path.is_file():
+        return None
+    try:
+        kept = load_torch(path, RefitFileError, "it is fitted again")
+        if kept["key"] == key:
+            log(f"{split}: tracking of {len(pool)} timesteps as refitted before ({path})")
+            return refinement_from_state(kept["refinement"])
+    except (RefitFileError, KeyError, TypeError, RuntimeError) as e:
+        log(f"{split}: the kept refit {path} cannot be used ({e})")
+    return None
+
+
 def split_refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, scored: list[Frame], checkpoint,
                 log=print) -> tuple[FlameRefinement | None, dict]:
     """The refitted tracking of a split's scored frames, fitted once per regressor checkpoint, scored timesteps
     and settings, and kept in ``<run>/regressor/tracking_refit/<split>.pt``, so the regressor's evaluation and
     the mapping network's (which poses GEM with it) score the same tracking. -> (the corrections, or None when
     no other camera shows the scored timesteps; what a metrics file says of the refit)"""
-    pool = fitting_frames([f for s in SPLITS for f in export.split(s)], scored)
+    pool, key, path = _refit_plan(cfg, export, split, scored, checkpoint)
     if not pool:
         log(f"{split}: no other camera shows its timesteps; scored as tracked (test.refit_tracking)")
         return None, {"refit": False, "why": "no other camera shows the scored timesteps"}
-    n = sum(len(v) for v in pool.values())
-    info = {"refit": True, "timesteps": len(pool), "fitting_frames": n, "steps": cfg.test.refit_steps,
+    info = {"refit": True, "timesteps": len(pool), "fitting_frames": key["frames"], "steps": cfg.test.refit_steps,
             "lr": cfg.test.refit_lr}
-    stat = Path(checkpoint).stat()  # the file's identity: a retrained run may write a checkpoint of the same name
-    key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool), "frames": n, "steps": cfg.test.refit_steps,
-           "lr": cfg.test.refit_lr, **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
-    path = ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
-    if path.is_file():
-        try:
-            kept = load_torch(path, RefitFileError, "it is fitted again")
-            if kept["key"] == key:
-                log(f"{split}: tracking of {len(pool)} timesteps as refitted before ({path})")
-                return refinement_from_state(kept["refinement"]), info
-        except (RefitFileError, KeyError, TypeError, RuntimeError) as e:
-            log(f"{split}: the kept refit {path} cannot be used ({e}); fitting again")
+    kept = kept_refit(cfg, export, split, scored, checkpoint, log)
+    if kept is not None:
+        return kept, info
     refit = refit_tracking(avatar, data, pool, cfg)
     save_torch(path, {"key": key, "refinement": refit.state_dict()})
-    log(f"{split}: tracking of {len(pool)} timesteps refitted to {n} frames of other cameras "
+    log(f"{split}: tracking of {len(pool)} timesteps refitted to {key['frames']} frames of other cameras "
         f"({cfg.test.refit_steps} steps) -> {path}")
     return refit, info

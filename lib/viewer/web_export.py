@@ -17,7 +17,8 @@ Tracks, each coefficient rows [T, K] (the compressed model's kept components) wi
 R [T, 3, 3], t [T, 3] that ``render_gem`` applies:
     fitted            the GEM's own coefficients of its training timesteps
     self-reenactment  the mapping network's prediction on the test split (test.camera's timesteps, as
-                      test.py scores them), when a mapping checkpoint exists
+                      test.py scores them, posed with the refitted tracking it kept), when a mapping
+                      checkpoint exists
     <source>          each cross-identity reenactment test.py TARGET SOURCE wrote (its track.pt)
 The camera starts at the identity camera (the one the sweeps and the viser viewer use) and orbits
 about the head's centre in the identity pose.

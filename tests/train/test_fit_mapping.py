@@ -14,8 +14,10 @@ from lib.config import load_config
 from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, generate_actor
 from lib.dataset.vhap import VhapExport
 from lib.eval import mapping as mapping_eval
+from lib.eval.evaluate import pick_frames
 from lib.eval.mapping import evaluate_mapping, reenact
 from lib.flame.model import FlameModel
+from lib.models.flame_refinement import refinement_from_state
 from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import split_coefficients
 from lib.paths import REPO_ROOT, ActorPaths, resolve
@@ -170,6 +172,17 @@ def test_self_and_cross_identity_reenactment_write_their_results(run, source_con
     expected = torch.cat([c[:, :kept[a]] for a, c in track["coefficients"].items()], 1)
     assert torch.allclose(torch.from_numpy(arrays["track.2.coefficients"].copy()), expected)
     assert torch.allclose(torch.from_numpy(arrays["track.2.R"].copy()), track["R"])
+    # the self-reenactment track is posed with the refitted tracking the evaluations kept, not as tracked
+    test_export = VhapExport.from_config(cfg)
+    steps = sorted({f.timestep_index for f in pick_frames(test_export.camera_frames("test", cfg.test.camera),
+                                                           cfg.test.max_frames)})
+    data = ActorData(test_export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
+    as_tracked_R = data.gem_pose(steps)[0]
+    kept = torch.load(ActorPaths(cfg).regressor / "tracking_refit" / "test.pt", weights_only=True)
+    data.refine(refinement_from_state(kept["refinement"]))
+    track_R = torch.from_numpy(arrays["track.1.R"].copy())
+    assert torch.allclose(track_R, data.gem_pose(steps)[0], atol=1e-6)
+    assert not torch.allclose(track_R, as_tracked_R, atol=1e-6)
     # a config the checkpoint does not fit (run.sh trains the mapping with configs/mapping.yml, one exports
     # with default.yml): the export still works, without the network's track, and says why
     messages = []
