@@ -31,7 +31,6 @@ from torch import Tensor
 from lib.atomic import write_json
 from lib.dataset.vhap import VhapExport
 from lib.eval.lpips import load_lpips
-from lib.dataset.vhap import VhapExport
 from lib.eval.render import WHITE, render_frame, render_gaussians, score_frames
 from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel

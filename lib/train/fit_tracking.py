@@ -102,7 +102,10 @@ def kept_refit(cfg, export: VhapExport, split: str, scored: list[Frame], checkpo
                log=print) -> FlameRefinement | None:
     """The refit ``split_refit`` kept for these scored frames, regressor checkpoint and settings, or None
     when there is none (or it was fitted for something else, or cannot be read); fits nothing."""
-    pool, key, path = _refit_plan(cfg, export, split, scored, checkpoint)
+    return _load_kept(split, *_refit_plan(cfg, export, split, scored, checkpoint), log)
+
+
+def _load_kept(split: str, pool: dict, key: dict, path: Path, log) -> FlameRefinement | None:
     if not pool or not path.is_file():
         return None
     try:
@@ -127,7 +130,7 @@ def split_refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, sc
         return None, {"refit": False, "why": "no other camera shows the scored timesteps"}
     info = {"refit": True, "timesteps": len(pool), "fitting_frames": key["frames"], "steps": cfg.test.refit_steps,
             "lr": cfg.test.refit_lr}
-    kept = kept_refit(cfg, export, split, scored, checkpoint, log)
+    kept = _load_kept(split, pool, key, path, log)
     if kept is not None:
         return kept, info
     refit = refit_tracking(avatar, data, pool, cfg)
