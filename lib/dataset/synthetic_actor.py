@@ -30,7 +30,8 @@ The other shapes of export VHAP writes, for the tests to meet them (``synthetic.
     n_cameras: 1       the frontal camera alone, index 0: train = test = that camera, val empty
 
 Rig (like NeRSemble's): ``n_cameras`` cameras about ``CAMERA_DISTANCE`` from the head on a frontal
-arc of +-``ARC_YAW_DEG`` yaw, alternating between two heights, camera 8 frontal; focal lengths a
+arc of +-``ARC_YAW_DEG`` yaw, alternating between two heights, camera 8 frontal and the others
+shared evenly between its two sides (``arc_layout``: 16 cameras in NeRSemble's order); focal lengths a
 few percent apart, principal points tens of pixels off centre, a little roll. The rig depends only
 on the head model (its focal length frames the template's crown-to-chin at ``FRAMING`` of the
 image height in camera 8), never on the actor, as one capture rig serves many subjects.
@@ -158,6 +159,24 @@ def crown_and_chin(verts: Tensor, masks: dict[str, np.ndarray]) -> tuple[int, in
     return int(verts[:, 1].argmax()), int(face[verts[face, 1].argmin()])
 
 
+def arc_layout(n_cameras: int) -> list[tuple[float, int]]:
+    """(nominal yaw in degrees, place along the arc from the left) of each camera index, n_cameras > 8.
+
+    Camera 8 is frontal; the others share the arc's two halves as evenly as their count allows (the
+    left one takes the odd camera), each half evenly spaced out to +-ARC_YAW_DEG, and take the other
+    indices in order along the arc. 16 cameras give NeRSemble's order (0-7 left, 9-15 right); with
+    fewer, both sides of the frontal (validation) view are still seen, as on any real rig."""
+    n_left = n_cameras // 2
+    n_right = n_cameras - 1 - n_left
+    others = [i for i in range(n_cameras) if i != FRONTAL_CAMERA]
+    yaws = ([-ARC_YAW_DEG * (n_left - k) / n_left for k in range(n_left)]
+            + [ARC_YAW_DEG * (k + 1) / n_right for k in range(n_right)])
+    layout = [(0.0, n_left)] * n_cameras
+    for place, (index, yaw) in enumerate(zip(others, yaws)):
+        layout[index] = (yaw, place + (place >= n_left))
+    return layout
+
+
 def make_rig(template: Tensor, masks: dict[str, np.ndarray], n_cameras: int, scale: float) -> list[Camera]:
     """The capture rig as OpenCV cameras at the actor's image size. template: [V, 3] rest mesh.
 
@@ -175,17 +194,12 @@ def make_rig(template: Tensor, masks: dict[str, np.ndarray], n_cameras: int, sca
     ends = template[[crown, chin]].double().numpy() - (target + np.array([0.0, 0.0, CAMERA_DISTANCE]))
     focal = FRAMING * NERSEMBLE_HEIGHT / abs(ends[1, 1] / ends[1, 2] - ends[0, 1] / ends[0, 2])
     rng = np.random.default_rng(_RIG_SEED)
-    n_right = n_cameras - FRONTAL_CAMERA - 1
     cameras = []
-    for i in range(n_cameras):
+    for i, (yaw, place) in enumerate(arc_layout(n_cameras)):
         frontal = i == FRONTAL_CAMERA
-        if i < FRONTAL_CAMERA:
-            yaw = -ARC_YAW_DEG * (FRONTAL_CAMERA - i) / FRONTAL_CAMERA
-        else:
-            yaw = ARC_YAW_DEG * (i - FRONTAL_CAMERA) / max(n_right, 1)
         # Camera 8 sits exactly in front at the nominal distance: it defines the framing.
         jitter = (lambda lo, hi, n=None: 0.0 if frontal else rng.uniform(lo, hi, n))  # noqa: E731
-        pitch = 0.0 if frontal else (9.0 if i % 2 == 0 else -4.0) + jitter(-2.0, 2.0)
+        pitch = 0.0 if frontal else (9.0 if place % 2 == 0 else -4.0) + jitter(-2.0, 2.0)
         yaw_r, pitch_r = math.radians(yaw + jitter(-2.0, 2.0)), math.radians(pitch)
         distance = CAMERA_DISTANCE * (1.0 + jitter(-0.04, 0.04))
         aim = target + jitter(-0.005, 0.005, 3)

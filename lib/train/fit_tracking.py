@@ -15,19 +15,25 @@ cameras' frames, the avatar frozen; the scored camera's frames are never read. I
 for the frames the avatar is asked to show, not a fit to the images it is scored on.
 
 The avatar's network input is the mesh without the corrections' gradient (``GaussianAvatar.network_input``),
-so the fit moves the geometry the Gaussians ride, as training's refinement does. A refit is fitted with
+so the fit moves the geometry the Gaussians ride, as training's refinement does. A refit of the global
+pose alone (``test.refit_keys``: rotation, translation) leaves the head-space mesh, and so the network's
+output, as tracked: the avatar is evaluated once per timestep and each step turns its Gaussians
+(``turned``) and renders them, a fraction of a step through the network. A refit is fitted with
 the regressor and kept beside it (``split_refit``), so the mapping network's self-reenactment poses GEM
 with the same tracking the regressor's evaluation scored.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from lib.atomic import load_torch, save_torch
 from lib.dataset.vhap import SPLITS, Frame, VhapExport
 from lib.eval.render import WHITE, render_gaussians
+from lib.geometry.rotations import matrix_to_quat, normalize_quat, quat_multiply
 from lib.models.flame_refinement import FlameRefinement, refinement_from_state
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
@@ -58,7 +64,7 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
     refined them)."""
     device = data.device
     timesteps = sorted(frames)
-    refinement = FlameRefinement(timesteps, data.params["expr"].shape[1]).to(device)
+    refinement = FlameRefinement(timesteps, data.params["expr"].shape[1], cfg.test.refit_keys).to(device)
     steps, lr = cfg.test.refit_steps, cfg.test.refit_lr
     opt = torch.optim.Adam(refinement.parameters(), lr=lr)
     white = torch.tensor(WHITE, device=device)
@@ -66,6 +72,8 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
     for p in frozen:
         p.requires_grad_(False)
     try:
+        # the global pose alone: each timestep's Gaussians in head space, evaluated once
+        heads = {t: head_gaussians(avatar, data, t) for t in timesteps} if refinement.rigid else {}
         with torch.enable_grad():
             for step in range(steps):
                 for group in opt.param_groups:
@@ -74,7 +82,10 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
                 for t in timesteps:
                     frame = frames[t][step % len(frames[t])]
                     sample = data.sample(frame)
-                    g = avatar(*data.driving(t, refinement))
+                    if heads:
+                        g = turned(heads[t], *data.driving(t, refinement)[1:])
+                    else:
+                        g = avatar(*data.driving(t, refinement))
                     render = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width,
                                               frame.camera.height, white)
                     weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
@@ -88,12 +99,28 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
     return refinement.requires_grad_(False)
 
 
+@torch.no_grad()
+def head_gaussians(avatar, data: ActorData, timestep: int):
+    """The avatar's Gaussians of a timestep in head space (global pose R = I, t = 0), as tracked."""
+    verts_head, R, _ = data.driving(timestep)
+    return avatar(verts_head, torch.eye(3, device=R.device)[None], R.new_zeros(1, 3))
+
+
+def turned(head, R: Tensor, t: Tensor):
+    """Head-space Gaussians under the global pose world = x @ R^T + t (R [1, 3, 3], t [1, 3]): what the
+    avatar computes with that pose, as its head-space output does not depend on it."""
+    means = head.means @ R.transpose(-1, -2) + t[:, None]
+    quats = normalize_quat(quat_multiply(matrix_to_quat(R)[:, None], head.quats))
+    return dataclasses.replace(head, means=means, quats=quats)
+
+
 def _refit_plan(cfg, export: VhapExport, split: str, scored: list[Frame], checkpoint) -> tuple[dict, dict, Path]:
     """What a split's refit fits and what identifies it. -> (pool: timestep -> frames, key, kept file)"""
     pool = fitting_frames([f for s in SPLITS for f in export.split(s)], scored)
     stat = Path(checkpoint).stat()  # the file's identity: a retrained run may write a checkpoint of the same name
     key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool),
            "frames": sum(len(v) for v in pool.values()), "steps": cfg.test.refit_steps, "lr": cfg.test.refit_lr,
+           "keys": list(cfg.test.refit_keys),
            **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
     return pool, key, ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
 
@@ -129,7 +156,7 @@ def split_refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, sc
         log(f"{split}: no other camera shows its timesteps; scored as tracked (test.refit_tracking)")
         return None, {"refit": False, "why": "no other camera shows the scored timesteps"}
     info = {"refit": True, "timesteps": len(pool), "fitting_frames": key["frames"], "steps": cfg.test.refit_steps,
-            "lr": cfg.test.refit_lr}
+            "lr": cfg.test.refit_lr, "keys": list(cfg.test.refit_keys)}
     kept = _load_kept(split, pool, key, path, log)
     if kept is not None:
         return kept, info

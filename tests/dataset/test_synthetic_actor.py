@@ -11,7 +11,8 @@ import torch
 from lib.config import load_config
 from lib.dataset import synthetic_actor
 from lib.dataset.synthetic_actor import (
-    FRONTAL_CAMERA, ActorRenderer, ActorSpec, HeadFiles, crown_and_chin, generate_actor, image_size, plan_actor,
+    FRONTAL_CAMERA, ActorRenderer, ActorSpec, HeadFiles, crown_and_chin, generate_actor, image_size, make_rig,
+    plan_actor,
 )
 from lib.dataset.vhap import VhapExport
 from lib.flame.synthetic import EXPRESSION_NAMES, ensure_head_model
@@ -94,6 +95,25 @@ def test_rig_has_distinct_focal_lengths_and_off_centre_principal_points(head):
     centres = torch.stack([c.centre for c in cameras])
     yaw = torch.rad2deg(torch.atan2(centres[:, 0], centres[:, 2]))
     assert float(yaw.min()) < -45 and float(yaw.max()) > 45 and abs(float(yaw[FRONTAL_CAMERA])) < 1e-3
+
+
+@pytest.mark.parametrize("n_cameras", [9, 10, 12, 16, 21])
+def test_rig_sees_both_sides_of_the_frontal_camera(head, n_cameras):
+    _, model, _, _, masks = head
+    centres = torch.stack([c.centre for c in make_rig(model.v_template, masks, n_cameras, 0.1)])
+    yaw = torch.rad2deg(torch.atan2(centres[:, 0], centres[:, 2]))
+    assert abs(float(yaw[FRONTAL_CAMERA])) < 1e-3
+    left, right = int((yaw < -1).sum()), int((yaw > 1).sum())
+    assert left + right == n_cameras - 1 and left - right in (0, 1)
+    for side in (yaw[yaw < -1].sort().values, yaw[yaw > 1].sort().values):
+        gaps = side.diff() if len(side) > 1 else side
+        assert float(gaps.max() - gaps.min()) < 8.0  # evenly spaced but for each camera's +-2 degree jitter
+    assert float(yaw.min()) < -50 and float(yaw.max()) > 50
+    for side in (yaw < -1, yaw > 1):  # heights alternate along each half of the arc
+        heights = torch.sign(centres[side, 1] - centres[FRONTAL_CAMERA, 1])[yaw[side].argsort()]
+        assert bool((heights[1:] != heights[:-1]).all())
+    if n_cameras == 16:  # NeRSemble's order: left to right
+        assert bool((yaw.diff() > 0).all())
 
 
 def test_splits_json_and_params_follow_vhap(actor, head):
