@@ -18,6 +18,13 @@ the test split is a held-out sequence whose images the training never saw, so it
 refined here (``lib.train.fit_tracking`` refits them to their unscored cameras when they are scored). The corrections are saved in the regressor's checkpoints (``flame_refinement``); stage 3 (GEM),
 stage 4 (the mapping network's GEM poses) and the evaluations read them back (``load_refinement``) and
 pose those timesteps refined.
+
+The mean correction over the timesteps is a gauge: shifting every timestep's head one way and the
+avatar's Gaussians the other renders the same training images. Left free, the corrections drift into a
+common offset (a regressor trained on exact tracking moved its heads 0.5 mm on average, nearly all of it
+common), which the held-out sequences, posed as their tracker put them, do not share. With
+``train.refine_centred`` each training step ends by removing each key's mean (``centre_``), so the
+tracker's average pose stays the reference and only the frame-to-frame part is corrected.
 """
 from __future__ import annotations
 
@@ -86,6 +93,13 @@ class FlameRefinement(nn.Module):
         if not rows:
             return self.rotation.new_zeros(())
         return torch.cat([getattr(self, key)[rows].flatten() for key in self.keys]).pow(2).mean()
+
+    @torch.no_grad()
+    def centre_(self) -> None:
+        """Subtract each learnt key's mean over the timesteps from its corrections (the gauge, above)."""
+        for key in self.keys:
+            value = getattr(self, key)
+            value -= value.mean(0, keepdim=True)
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state, strict, assign)

@@ -139,8 +139,10 @@ def train(cfg, log=print) -> GaussianAvatar:
     def share_corrections(step: int) -> None:  # DDP averages the avatar's gradients, not these
         distributed.average_gradients(info, refinement.learnt())
 
-    def curve_point(step: int, elapsed: float) -> None:
+    def after_step(step: int, elapsed: float) -> None:
         nonlocal curve_next
+        if refinement is not None and cfg.train.refine_centred:
+            refinement.centre_()
         if elapsed >= curve_next:
             _curve_point(paths, avatar, data, val_frames, step, elapsed, refinement)
             curve_next += 60.0 * cfg.train.curve_every_minutes
@@ -156,7 +158,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     first_step = step
     warm_up(device)  # native CPU kernels loaded (or compiled) before the clock starts
     step, elapsed = loop.run(Phase("loss", 0, total, limit, configured_schedule(cfg.train)), train_step, step, elapsed,
-                             after_step=curve_point, before_step=share_corrections if refinement is not None else None)
+                             after_step=after_step, before_step=share_corrections if refinement is not None else None)
     loop.close()
 
     minutes = elapsed / 60.0

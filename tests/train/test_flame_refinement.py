@@ -89,6 +89,30 @@ def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run
     fit_gem(cfg, log=QUIET)
 
 
+def test_centring_removes_the_common_correction_and_keeps_the_frame_to_frame_part():
+    refinement = FlameRefinement([1, 2, 3], n_expr=2, keys=("rotation", "translation"))
+    with torch.no_grad():
+        refinement.translation.copy_(torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [6.0, 3, 0]]))
+    refinement.centre_()
+    assert torch.allclose(refinement.translation, torch.tensor([[-2.0, -1, 0], [-1.0, -1, 0], [3.0, 2, 0]]))
+    assert refinement.rotation.abs().sum() == 0 and refinement.expr.abs().sum() == 0
+
+
+def test_centred_training_keeps_the_tracker_average_pose(run_config):
+    """train.refine_centred: the stored corrections of every key have zero mean over the train timesteps,
+    while the timesteps still differ (without it, the few sampled timesteps' corrections give a mean)."""
+    config, overrides = run_config
+    means = {}
+    for centred in (False, True):
+        cfg = load_config(config, overrides + ["train.refine_flame=true", "train.iterations=6",
+                                               f"train.refine_centred={centred}", "train.resume=false"])
+        trainer.train(cfg, log=QUIET)
+        refinement = load_refinement(ActorPaths(cfg))
+        means[centred] = max(refinement.rotation.mean(0).abs().max(), refinement.translation.mean(0).abs().max())
+        assert refinement.rotation.std(0).max() > 0
+    assert means[True] < 1e-6 < means[False]
+
+
 def test_the_corrections_move_the_geometry_not_the_networks_input(run_config):
     """Refining, the gradient reaches the mesh through the Gaussians' geometry only: the generator's input
     (normal map and mesh-PCA code) carries none, so the corrections cannot become a per-frame code."""
