@@ -7,9 +7,11 @@ The truth is the generator's own plan, made again from the actor's ``synthetic``
 synthetic actor has one). For each set of timesteps it prints the mean distance, in mm, between the
 posed head vertices and the true ones:
 - as tracked (the parameters the export holds, with the tracking noise);
-- corrected (training's corrections from the regressor's newest checkpoint, or a kept refit's
-  ``<run>/regressor/tracking_refit/<split>.pt`` on top of training's corrections where it has any, as
-  test.py poses them), and the same less the corrections' mean over the timesteps (a common offset is a gauge the avatar can take up, see lib/models/flame_refinement.py);
+- corrected (training's corrections from the regressor's newest checkpoint, or the refit test.py kept
+  for that checkpoint and the config's settings, ``lib.train.fit_tracking.kept_refit``, on top of
+  training's corrections where it has any, as test.py poses them), and the same less the corrections'
+  mean over the timesteps (a common offset is a gauge the avatar can take up, see
+  lib/models/flame_refinement.py);
 - the least error any rigid correction of the tracked head could reach (each timestep's tracked mesh
   aligned to the truth by rotation and translation): the floor of a head-pose refinement.
 """
@@ -22,14 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.atomic import load_torch  # noqa: E402
 from lib.config import load_config  # noqa: E402
 from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, plan_actor  # noqa: E402
+from lib.dataset.vhap import VhapExport  # noqa: E402
+from lib.eval.evaluate import scored_frames  # noqa: E402
 from lib.models.flame_refinement import FlameRefinement, load_refinement, refinement_from_state  # noqa: E402
 from lib.paths import ActorPaths  # noqa: E402
-
-FLAME_KEYS = ("shape", "expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation", "static_offset",
-              "dynamic_offset")
+from lib.train.checkpoint import latest_checkpoint  # noqa: E402
+from lib.train.fit_tracking import kept_refit  # noqa: E402
 
 
 def rigidly_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,9 +62,9 @@ def main(argv: list[str]) -> None:
     plan = plan_actor(ActorSpec.from_config(cfg), model, masks)
     rows = slice(None) if kept is None else torch.as_tensor(kept)  # the tracked model's vertices
 
-    def at(params: dict, timesteps: list[int]) -> dict:
+    def at(params: dict, timesteps: list[int]) -> dict:  # the plan's shape and static offset are shared
         index = torch.as_tensor(timesteps)
-        return {k: v if k in ("shape", "static_offset") else v[index] for k, v in params.items() if k in FLAME_KEYS}
+        return {k: v if k in ("shape", "static_offset") else v[index] for k, v in params.items()}
 
     @torch.no_grad()
     def mesh(params: dict) -> torch.Tensor:
@@ -71,14 +73,17 @@ def main(argv: list[str]) -> None:
     def error_mm(verts: torch.Tensor, true: torch.Tensor) -> str:
         return f"{(verts - true).norm(dim=-1).mean().item() * 1000:.3f}"
 
-    paths = ActorPaths(cfg)
+    paths, export = ActorPaths(cfg), VhapExport.from_config(cfg)
     training = load_refinement(paths)
-    sets = [("train, training's corrections", training)]
-    for refit in sorted((paths.regressor / "tracking_refit").glob("*.pt")):
-        sets.append((f"{refit.stem}, refitted", refinement_from_state(load_torch(refit, RuntimeError, "")["refinement"])))
-    for name, refinement in sets:
+    checkpoint = latest_checkpoint(paths.regressor_checkpoints)
+    sets = [("train, training's corrections", training,
+             "none (no regressor checkpoint, or trained without train.refine_flame)")]
+    for split in ("val", "test") if checkpoint is not None else ():
+        refit = kept_refit(cfg, export, split, scored_frames(cfg, export, split), checkpoint)
+        sets.append((f"{split}, refitted", refit, "none kept for this checkpoint and these settings (test.py keeps one)"))
+    for name, refinement, missing in sets:
         if refinement is None:
-            print(f"{name}: none (no regressor checkpoint, or trained without train.refine_flame)")
+            print(f"{name}: {missing}")
             continue
         timesteps = refinement.timesteps.tolist()
         written = at(plan.written, timesteps)

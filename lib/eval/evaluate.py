@@ -69,6 +69,13 @@ def pick_frames(frames: list, count: int) -> list:
     return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
 
 
+def scored_frames(cfg, export: VhapExport, split: str) -> list:
+    """The frames test.py scores of a split: the test split's ``test.camera`` frames, every val frame; at
+    most ``test.max_frames`` of them (``pick_frames``)."""
+    frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
+    return pick_frames(frames, cfg.test.max_frames)
+
+
 @torch.no_grad()
 @locks_run_folder(lambda cfg: ActorPaths(cfg).regressor_eval, "the regressor evaluation folder")
 def evaluate(cfg, log=print) -> dict:
@@ -98,8 +105,7 @@ def evaluate(cfg, log=print) -> dict:
         if split == "val" and export.empty_split("val", "no val metrics", log):
             results["val"] = {"frames": 0, "skipped": f"the val split is empty ({export.split_path('val')})"}
             continue
-        frames = export.camera_frames(split, cfg.test.camera) if split == "test" else export.split(split)
-        frames = pick_frames(frames, cfg.test.max_frames)
+        frames = scored_frames(cfg, export, split)
         refit, tracking = _refit(cfg, avatar, data, export, split, frames, regressor["path"], log)
         rows = []
         with VideoWriter(out / f"{split}.mp4", cfg.test.fps) as video:

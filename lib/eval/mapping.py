@@ -44,7 +44,7 @@ import torch
 
 from lib.atomic import save_torch, write_json
 from lib.dataset.vhap import VhapExport
-from lib.eval.evaluate import pick_frames
+from lib.eval.evaluate import pick_frames, scored_frames
 from lib.eval.render import WHITE
 from lib.eval.video import VideoWriter, to_uint8, write_png
 from lib.flame.model import FlameModel
@@ -85,7 +85,7 @@ def evaluate_mapping(cfg, log=print) -> dict:
     avatar, regressor = load_regressor(cfg, paths, flame, device)
     data = ActorData(export, flame, device, keep_meshes=False, refinement=regressor["refinement"])
 
-    frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
+    frames = scored_frames(cfg, export, "test")
     tracking = {"refit": False}
     if "test" in cfg.test.refit_tracking:  # the same refitted tracking as the regressor's evaluation
         refit, tracking = split_refit(cfg, avatar, data, export, "test", frames, regressor["path"], log)
@@ -161,7 +161,7 @@ def self_reenactment_track(cfg, gem: GaussianEigenModel, net: MappingNetwork, ex
     as ``evaluate_mapping`` poses them, with the test split's refitted tracking that the regressor's
     evaluation kept (``data`` is refined with it in place); as tracked where none was kept.
     -> {coefficients: attribute -> [T, K_a], R [T, 3, 3], t [T, 3], timesteps [T]}"""
-    frames = pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames)
+    frames = scored_frames(cfg, export, "test")
     steps = sorted({f.timestep_index for f in frames})
     if "test" in cfg.test.refit_tracking:
         checkpoint = latest_checkpoint(ActorPaths(cfg).regressor_checkpoints)
