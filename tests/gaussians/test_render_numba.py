@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,37 @@ def test_any_feature_count_matches_the_torch_compositor(n_feat):
     (got,) = torch.autograd.grad(ours[0].sum(), features)
     (want,) = torch.autograd.grad(ref[0].sum(), features)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+
+def test_tile_lists_are_front_to_back_with_ties_in_index_order_and_bound_their_pairs():
+    # Many Gaussians on few depth values, on two cameras: each tile's list holds exactly the boxes that
+    # touch it, front to back, ties in index order (gsplat's stable sort), and the pair record's bound is
+    # the tile area those boxes cover.
+    g = torch.Generator().manual_seed(5)
+    n, width, height, n_cams = 6000, 70, 50, 2
+    means2d = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) * 1.2 - 5
+    conics = torch.stack([torch.full((n,), 0.05), torch.zeros(n), torch.full((n,), 0.08)], -1)
+    conics += 0.02 * torch.rand(n, 3, generator=g) * torch.tensor([1.0, 0.0, 1.0])
+    opacities = 0.1 + 0.9 * torch.rand(n, generator=g)
+    depths = torch.randint(1, 12, (n,), generator=g).float()
+    cams = torch.randint(0, n_cams, (n,), generator=g)
+    b = render_numba.bin_tiles(means2d, conics, opacities, depths, cams, n_cams, width, height, True)
+    tiles_x, tiles_y = b.tiles_x, b.tiles_y
+    lists = [[] for _ in range(n_cams * tiles_x * tiles_y)]
+    area = [0] * len(lists)
+    for i in sorted(range(n), key=lambda i: (float(depths[i]), i)):
+        if b.x1[i] < b.x0[i] or b.y1[i] < b.y0[i]:
+            continue
+        for ty in range(b.y0[i] // 16, b.y1[i] // 16 + 1):
+            for tx in range(b.x0[i] // 16, b.x1[i] // 16 + 1):
+                t = int(cams[i]) * tiles_x * tiles_y + ty * tiles_x + tx
+                lists[t].append(i)
+                rows = min(b.y1[i], ty * 16 + 15) - max(b.y0[i], ty * 16) + 1
+                area[t] += rows * (min(b.x1[i], tx * 16 + 15) - max(b.x0[i], tx * 16) + 1)
+    assert sum(map(len, lists)) > 2 * n  # boxes span several tiles
+    assert [b.tile_ids[b.tile_start[t]:b.tile_start[t + 1]].tolist() for t in range(len(lists))] == lists
+    assert np.diff(b.pair_start).tolist() == area
+    counts = np.diff(b.tile_start)
+    assert sorted(b.tiles.tolist()) == np.flatnonzero(counts).tolist()  # every non-empty tile, heaviest first
+    assert (np.diff(counts[b.tiles]) <= 0).all()
