@@ -19,8 +19,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || ./install.sh
 PY=.venv/bin/python
-# OpenMP threads that spin while waiting run 10-200x slower on a shared 2-core machine.
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 FILES=() OVERRIDES=()  # section.key=value arguments apply to CONFIG and MAPPING_CONFIG (not the source actor)
 for arg in "$@"; do if [[ $arg == *=* ]]; then OVERRIDES+=("$arg"); else FILES+=("$arg"); fi; done
 if [ ${#FILES[@]} -gt 3 ]; then

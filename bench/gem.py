@@ -18,22 +18,17 @@ after ./run.sh: --config configs/default.yml. With --parts, the native path's fr
 
     .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2] [--parts] [--config CONFIG [overrides]]
 """
+import argparse
+import math
 import os
-
-# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a machine shared with
-# other processes, spinning threads of a 2-thread run stall each other (measured: 2 threads 3x slower
-# than 1); with passive waits they are no slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
+import torch  # noqa: E402
 
 from lib.gaussians.render import render  # noqa: E402
 from lib.geometry.rotations import axis_angle_to_matrix, normalize_quat  # noqa: E402

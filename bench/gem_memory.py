@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
+import torch
 
 from lib.config import SCHEMA  # noqa: E402
 from lib.models.frame_store import FrameStore  # noqa: E402

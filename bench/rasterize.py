@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from lib.geometry.rasterize import interpolate, rasterize, rasterize_camera, rasterize_uv
 
 

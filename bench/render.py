@@ -15,23 +15,18 @@ Times are medians of wall clock and of process CPU time; on a shared machine com
 averages printed at the start and the end (other processes on the same cores slow both sides).
 """
 
+import argparse
+import math
 import os
-
-# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On a machine shared with
-# other processes, spinning threads of a 2-thread run stall each other (measured: 2 threads 3x slower
-# than 1); with passive waits they are no slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import statistics
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
+import torch  # noqa: E402
 
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci  # noqa: E402
 

@@ -26,23 +26,20 @@ The fabricated data is deleted afterwards (``--keep`` keeps it).
     .venv/bin/python bench/scale.py [--timesteps 500 1000 2000] [--parts loader gem test throughput]
                                     [--test-frames 1000] [--workdir DIR] [--keep]
 """
+import argparse
+import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import cv2
+import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -29,10 +29,11 @@ from unittest import mock
 
 import cv2
 import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lib.train.data  # noqa: E402
 from lib.cli import run  # noqa: E402

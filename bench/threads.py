@@ -15,22 +15,22 @@ both through the same thread pool, so the only difference is the work.
 
     .venv/bin/python bench/threads.py [--threads 2] [--rounds 7]
 """
+import argparse
+import math
 import os
+import statistics
+import sys
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp (see bench/render.py)
+import numpy as np
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from numba import njit  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from render import head_scene  # noqa: E402

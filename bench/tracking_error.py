@@ -20,9 +20,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
+import torch
 
 from lib.config import load_config  # noqa: E402
 from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, plan_actor  # noqa: E402

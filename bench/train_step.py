@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
+import torch
 
 from lib.config import SCHEMA, load_config  # noqa: E402
 from lib.dataset.synthetic_actor import make_rig  # noqa: E402

@@ -17,20 +17,19 @@ and at a window's (--height pixels high).
 
     .venv/bin/python bench/web_export.py CONFIG [overrides] [--frames 8] [--browser-frames 20] [--height 800] [--browser-only]
 """
+import argparse
+import itertools
 import os
+import sys
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
+import torch  # noqa: E402
 
 from lib.config import load_config  # noqa: E402
 from lib.eval.evaluate import pick_frames  # noqa: E402

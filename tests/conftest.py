@@ -1,11 +1,9 @@
 """Suite-wide settings, applied before any test module imports torch, and the tiny synthetic actor
 (80x55 images, 10 cameras, 2 x 3 timesteps) with its masks (in its own data.masks_dir) and mesh PCA, made once per test session
 when a test asks for it, with tiny regressor configs that train in seconds."""
+import lib  # noqa: F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
+
 import os
-
-# OpenMP threads that spin while waiting run 10-200x slower on a shared 2-core machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import shutil
 
 import pytest
