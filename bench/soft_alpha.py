@@ -41,7 +41,7 @@ from lib.config import load_config  # noqa: E402
 from lib.dataset.masks import render_masks  # noqa: E402
 from lib.dataset.synthetic_actor import generate  # noqa: E402
 from lib.dataset.vhap import VhapExport  # noqa: E402
-from lib.eval.evaluate import evaluate, pick_frames  # noqa: E402
+from lib.eval.evaluate import evaluate, scored_frames  # noqa: E402
 from lib.eval.render import render_gaussians  # noqa: E402
 from lib.eval.video import to_uint8  # noqa: E402
 from lib.flame.model import FlameModel, load_regions  # noqa: E402
@@ -67,12 +67,6 @@ def old_formula_gt(image, fg, keep, background):
 def soft_pixels(sample) -> torch.Tensor:
     """Kept pixels of fractional foreground alpha. -> [H, W] bool"""
     return (sample.fg > 0.05) & (sample.fg < 0.95) & (sample.keep > 0.5)
-
-
-def scored_frames(cfg, export: VhapExport) -> tuple[list, list]:
-    """The frames ``evaluate`` scores: the val split's, the test split's of camera test.camera."""
-    return (pick_frames(export.split("val"), cfg.test.max_frames),
-            pick_frames(export.camera_frames("test", cfg.test.camera), cfg.test.max_frames))
 
 
 @torch.no_grad()
@@ -141,7 +135,7 @@ def bench(args) -> None:
             train(cfg)
         runs[kind] = (cfg, evaluate(cfg))  # the exact ground truth: nothing is patched here
 
-    val, test = scored_frames(base, export)
+    val, test = (scored_frames(base, export, split) for split in ("val", "test"))
     frames, backgrounds = val + test, [(1.0, 1.0, 1.0), DARK]
     rendered, soft_psnr = {}, {}
     for kind, (cfg, _) in runs.items():

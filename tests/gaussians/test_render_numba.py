@@ -171,7 +171,6 @@ def test_any_feature_count_matches_the_torch_compositor(n_feat):
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
 
-
 def test_tile_lists_are_front_to_back_with_ties_in_index_order_and_bound_their_pairs():
     # Many Gaussians on few depth values, on two cameras: each tile's list holds exactly the boxes that
     # touch it, front to back, ties in index order (gsplat's stable sort), and the pair record's bound is
@@ -185,18 +184,18 @@ def test_tile_lists_are_front_to_back_with_ties_in_index_order_and_bound_their_p
     depths = torch.randint(1, 12, (n,), generator=g).float()
     cams = torch.randint(0, n_cams, (n,), generator=g)
     b = render_numba.bin_tiles(means2d, conics, opacities, depths, cams, n_cams, width, height, True)
-    tiles_x, tiles_y = b.tiles_x, b.tiles_y
+    tiles_x, tiles_y, tw, th = b.tiles_x, b.tiles_y, render_numba.TILE_W, render_numba.TILE_H
     lists = [[] for _ in range(n_cams * tiles_x * tiles_y)]
     area = [0] * len(lists)
     for i in sorted(range(n), key=lambda i: (float(depths[i]), i)):
         if b.x1[i] < b.x0[i] or b.y1[i] < b.y0[i]:
             continue
-        for ty in range(b.y0[i] // 16, b.y1[i] // 16 + 1):
-            for tx in range(b.x0[i] // 16, b.x1[i] // 16 + 1):
+        for ty in range(b.y0[i] // th, b.y1[i] // th + 1):
+            for tx in range(b.x0[i] // tw, b.x1[i] // tw + 1):
                 t = int(cams[i]) * tiles_x * tiles_y + ty * tiles_x + tx
                 lists[t].append(i)
-                rows = min(b.y1[i], ty * 16 + 15) - max(b.y0[i], ty * 16) + 1
-                area[t] += rows * (min(b.x1[i], tx * 16 + 15) - max(b.x0[i], tx * 16) + 1)
+                rows = min(b.y1[i], ty * th + th - 1) - max(b.y0[i], ty * th) + 1
+                area[t] += rows * (min(b.x1[i], tx * tw + tw - 1) - max(b.x0[i], tx * tw) + 1)
     assert sum(map(len, lists)) > 2 * n  # boxes span several tiles
     assert [b.tile_ids[b.tile_start[t]:b.tile_start[t + 1]].tolist() for t in range(len(lists))] == lists
     assert np.diff(b.pair_start).tolist() == area
