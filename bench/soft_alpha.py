@@ -29,6 +29,7 @@ from unittest import mock
 
 import cv2
 import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/__init__.py)
 
