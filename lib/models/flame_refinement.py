@@ -19,6 +19,16 @@ refined here (``lib.train.fit_tracking`` refits them to their unscored cameras w
 stage 4 (the mapping network's GEM poses) and the evaluations read them back (``load_refinement``) and
 pose those timesteps refined.
 
+Which point a rotation correction turns the head about (``pivot``). FLAME's global rotation turns the head
+about its root joint at the base of the neck, a lever of ten centimetres or more to the face: a correction of
+the rotation alone swings the face sideways too, so the rotation and translation corrections pull against
+each other and a first-order optimiser zigzags between them. With a pivot (the head-space offset from the
+root joint to the head's centre, ``ActorData.rotation_pivot``) the translation follows every rotation
+correction so that the pivot stays where it was: R' (c - j0) + j0 + t' = R (c - j0) + j0 + t + tau. The
+corrections then mean "turn about the head's centre, then move by tau", the two act nearly independently,
+and the same fit needs about half the steps (README, "Tracking jitter"). The pivot is stored with the
+corrections; one saved without it (zero) turns about the root joint, as FLAME does.
+
 The mean correction over the timesteps is a gauge: shifting every timestep's head one way and the
 avatar's Gaussians the other renders the same training images. Left free, the corrections drift into a
 common offset (a regressor trained on exact tracking moved its heads 0.5 mm on average, nearly all of it
@@ -31,6 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lib.geometry.rotations import axis_angle_to_matrix
+
 UNITS = {"rotation": 0.01, "translation": 0.001, "jaw_pose": 0.01, "expr": 0.1}  # rad, m, rad, coefficient
 RIGID = ("rotation", "translation")  # the head's global pose: the head-space mesh does not depend on it
 
@@ -38,14 +50,16 @@ RIGID = ("rotation", "translation")  # the head's global pose: the head-space me
 class FlameRefinement(nn.Module):
     """Corrections of the tracked parameters of ``timesteps`` (all zero at first). ``keys``: those learnt
     (the others stay zero and frozen); with only ``RIGID`` ones the head-space meshes are the tracked ones,
-    so training keeps them posed (``rigid``)."""
+    so training keeps them posed (``rigid``). ``pivot`` [3]: the head-space offset from FLAME's root joint
+    to the point a rotation correction turns the head about (None: the root joint itself)."""
 
-    def __init__(self, timesteps: list[int], n_expr: int, keys=tuple(UNITS)):
+    def __init__(self, timesteps: list[int], n_expr: int, keys=tuple(UNITS), pivot: Tensor | None = None):
         super().__init__()
         unknown = set(keys) - set(UNITS)
         if unknown or not keys:
             raise ValueError(f"FlameRefinement: keys must be some of {tuple(UNITS)}, got {tuple(keys)}")
         self.register_buffer("timesteps", torch.as_tensor(sorted(timesteps), dtype=torch.long))
+        self.register_buffer("pivot", torch.zeros(3) if pivot is None else pivot.detach().float().reshape(3).clone())
         T = len(timesteps)
         self.rotation = nn.Parameter(torch.zeros(T, 3))
         self.translation = nn.Parameter(torch.zeros(T, 3))
@@ -85,6 +99,11 @@ class FlameRefinement(nn.Module):
                 n = min(delta.shape[1], value.shape[1])
                 delta = torch.nn.functional.pad(delta[:, :n], (0, value.shape[1] - n))
             out[key] = value.index_add(0, idx, delta.to(value))
+        if "rotation" in self.keys and bool(self.pivot.any()):
+            # the translation that keeps the pivot in place: (R - R') (c - j0)
+            turn = axis_angle_to_matrix(params["rotation"][idx]) - axis_angle_to_matrix(out["rotation"][idx])
+            shift = turn @ self.pivot.to(turn)
+            out["translation"] = out["translation"].index_add(0, idx, shift.to(out["translation"]))
         return out
 
     def penalty(self, timesteps: list[int]) -> Tensor:
@@ -102,6 +121,8 @@ class FlameRefinement(nn.Module):
             value -= value.mean(0, keepdim=True)
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        if "pivot" not in state:  # saved before corrections had a pivot: they turn about the root joint
+            state = {**state, "pivot": torch.zeros(3)}
         out = super().load_state_dict(state, strict, assign)
         self._row = {int(t): i for i, t in enumerate(self.timesteps.tolist())}
         return out

@@ -160,6 +160,17 @@ class ActorData:
             return split_global_pose(self.flame, take_timesteps(self.params, torch.tensor([i], device=self.device)))
 
     @torch.no_grad()
+    def rotation_pivot(self) -> Tensor:
+        """The head-space offset [3] from FLAME's root joint to the head's centre (the mean vertex of the
+        first timestep's head-space mesh): where a ``FlameRefinement``'s rotation corrections turn the head."""
+        if self._posed is not None:
+            verts, j0 = self._posed[0][:1], self._posed[3][:1]
+        else:
+            first = take_timesteps(self.params, torch.tensor([0], device=self.device))
+            verts, _, _, j0 = split_global_pose_and_root(self.flame, first)
+        return verts[0].mean(0) - j0[0]
+
+    @torch.no_grad()
     def meshes(self, timesteps: list[int]) -> Tensor:
         """Head-space meshes of timesteps. -> verts_head [T, V, 3]"""
         rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)

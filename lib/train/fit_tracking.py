@@ -64,7 +64,8 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
     refined them)."""
     device = data.device
     timesteps = sorted(frames)
-    refinement = FlameRefinement(timesteps, data.params["expr"].shape[1], cfg.test.refit_keys).to(device)
+    refinement = FlameRefinement(timesteps, data.params["expr"].shape[1], cfg.test.refit_keys,
+                                 data.rotation_pivot()).to(device)
     steps, lr = cfg.test.refit_steps, cfg.test.refit_lr
     opt = torch.optim.Adam(refinement.parameters(), lr=lr)
     white = torch.tensor(WHITE, device=device)
@@ -120,7 +121,7 @@ def _refit_plan(cfg, export: VhapExport, split: str, scored: list[Frame], checkp
     stat = Path(checkpoint).stat()  # the file's identity: a retrained run may write a checkpoint of the same name
     key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool),
            "frames": sum(len(v) for v in pool.values()), "steps": cfg.test.refit_steps, "lr": cfg.test.refit_lr,
-           "keys": list(cfg.test.refit_keys),
+           "keys": list(cfg.test.refit_keys), "turned_about": "the head's centre",
            **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
     return pool, key, ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
 

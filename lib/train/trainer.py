@@ -86,7 +86,7 @@ def train(cfg, log=print) -> GaussianAvatar:
     refinement = None
     if cfg.train.refine_flame:  # corrections of the train timesteps' tracked parameters, learnt alongside
         refinement = FlameRefinement([t for t, _ in export.timesteps("train")], data.params["expr"].shape[1],
-                                     cfg.train.refine_keys).to(device)
+                                     cfg.train.refine_keys, data.rotation_pivot()).to(device)
     opt = make_optimizer(avatar, cfg, refinement)
     vgg = perceptual_loss(cfg, cfg.loss.vgg, log)
     vgg = vgg.to(device) if vgg is not None else None

@@ -5,8 +5,8 @@ from lib.config import load_config
 from lib.dataset.vhap import VhapExport
 from lib.eval.render import render_gaussians
 from lib.flame.model import FlameModel
-from lib.models.avatar import build_avatar, load_regressor
-from lib.models.flame_refinement import UNITS, FlameRefinement, load_refinement
+from lib.models.avatar import build_avatar, load_regressor, rigid_pose
+from lib.models.flame_refinement import UNITS, FlameRefinement, load_refinement, refinement_from_state
 from lib.paths import ActorPaths, resolve
 from lib.train import trainer
 from lib.train.data import ActorData
@@ -28,6 +28,41 @@ def test_corrections_are_added_in_their_units_to_the_refined_timesteps_only():
     assert torch.allclose(out["expr"][0], torch.tensor([UNITS["expr"], 0, 0, 0, 0]))  # the first n_expr columns
     assert out["shape"] is params["shape"] and out["static_offset"] is None
     assert refinement.penalty([5]) == 0 and refinement.penalty([7]) > 0
+
+
+def test_a_rotation_correction_turns_the_head_about_its_pivot():
+    """With a pivot, the translation follows a rotation correction so that the pivot stays where it was, and a
+    translation correction then moves it by exactly that; without one the head turns about the root joint."""
+    j0, pivot = torch.tensor([0.01, -0.02, 0.005]), torch.tensor([0.003, 0.09, 0.04])
+    params = {"rotation": torch.tensor([[0.1, 0.3, -0.05]]), "translation": torch.tensor([[0.02, 0.01, 0.3]])}
+
+    def world(p, point):  # a head-space point posed as FLAME poses it (rotation about the rest root j0)
+        R, t = rigid_pose(p["rotation"], p["translation"], j0[None])
+        return (R[0] @ point + t[0])
+
+    for about, stays in ((pivot, j0 + pivot), (None, j0)):
+        refinement = FlameRefinement([3], n_expr=2, keys=("rotation", "translation"), pivot=about)
+        with torch.no_grad():
+            refinement.rotation[0] = torch.tensor([4.0, -6.0, 3.0])  # 0.01 rad units
+        turned = refinement.corrected(params, [3])
+        assert not torch.allclose(turned["rotation"], params["rotation"])
+        assert torch.allclose(world(turned, stays), world(params, stays), atol=1e-7)
+        moved = (world(turned, j0 + pivot) - world(params, j0 + pivot)).norm()
+        assert (moved < 1e-7) == (about is not None)  # about the root joint the head's centre swings
+        with torch.no_grad():
+            refinement.translation[0] = torch.tensor([2.0, 0.0, -1.0])  # mm
+        shifted = refinement.corrected(params, [3])
+        assert torch.allclose(world(shifted, stays) - world(turned, stays), torch.tensor([0.002, 0.0, -0.001]),
+                              atol=1e-7)
+
+
+def test_corrections_saved_without_a_pivot_turn_about_the_root_joint():
+    saved = FlameRefinement([3, 4], n_expr=2).state_dict()
+    del saved["pivot"]  # as checkpoints written before the pivot hold them
+    loaded = FlameRefinement([3, 4], n_expr=2, pivot=torch.ones(3))
+    loaded.load_state_dict(saved)
+    assert torch.equal(loaded.pivot, torch.zeros(3))
+    assert torch.equal(refinement_from_state(saved).pivot, torch.zeros(3))
 
 
 def test_the_refinement_pulls_a_mistracked_head_back_onto_its_images(run_config):
@@ -74,6 +109,8 @@ def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run
     assert refinement.timesteps.tolist() == train_steps  # held-out timesteps are never refined
     assert refinement.rotation.abs().sum() > 0  # the sampled timesteps moved
     flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    pivot = ActorData(export, flame, torch.device("cpu")).rotation_pivot()
+    assert torch.allclose(refinement.pivot, pivot) and pivot.norm() > 0.01  # turned about the head's centre
     _, info = load_regressor(cfg, ActorPaths(cfg), flame, torch.device("cpu"))
     plain = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
     refined = ActorData(export, flame, torch.device("cpu"), keep_meshes=False, refinement=info["refinement"])
