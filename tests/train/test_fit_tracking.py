@@ -31,8 +31,8 @@ def test_the_fit_reads_the_scored_timesteps_from_other_cameras_only(run_config):
 
 def _mistracked(run_config, overrides, translation=(0.004, -0.003, 0.0), rotation=(0.0, 0.05, 0.0)):
     """A test timestep whose ground truth is the avatar's own renders at the tracked pose, then the tracker
-    off there by ``translation`` (m) and ``rotation`` (axis-angle, rad). -> (cfg, avatar, data, scored frame, {timestep: fitting frames},
-    error(refinement): the scored camera's mean absolute error against its ground truth)"""
+    off there by ``translation`` (m) and ``rotation`` (axis-angle, rad). -> (cfg, avatar, data, scored frame,
+    {timestep: fitting frames}, error(refinement): the scored camera's mean absolute error against its truth)"""
     config, base = run_config
     cfg = load_config(config, base + ["loss.ssim=0", "loss.flame_refine=1e-4"] + overrides)
     torch.manual_seed(0)
