@@ -16,7 +16,7 @@ coefficients, the identity frame's pose and camera, scaled to each resolution), 
 after ./run.sh: --config configs/default.yml. With --parts, the native path's frame split into its parts
 (basis product, projection, binning, compositing kernel; the rest is glue), per resolution and thread count.
 
-    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only] [--threads 1 2] [--parts] [--config CONFIG [overrides]]
+    .venv/bin/python bench/gem.py [--frames 200] [--cpu-only | --cuda-only] [--threads 1 2] [--parts] [--config CONFIG [overrides]]
 """
 import argparse
 import math
@@ -295,6 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200, help="frames per timing (CPU: a tenth)")
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA figures (a GPU machine's time is short)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to compare")
     parser.add_argument("--quick", action="store_true", help="CPU: fewer frames")
     parser.add_argument("--parts", action="store_true", help="CPU: time the native frame's parts instead")
@@ -313,6 +314,8 @@ def main() -> None:
             print(f"  N={n:7d}: GEM {gem_fps:7.1f} fps ({1e3 / gem_fps:.3f} ms)  gsplat alone {raster_fps:7.1f} fps "
                   f"({1e3 / raster_fps:.3f} ms)  ratio {gem_fps / raster_fps:.3f} (goal >= 0.85); "
                   f"evaluation alone {1e3 / eval_fps:.3f} ms")
+        if args.cuda_only:
+            return
     cpu_bench(args.threads, quick=args.quick, config=args.config)
 
 if __name__ == "__main__":

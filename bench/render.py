@@ -9,7 +9,7 @@ backward, with 1 and 2 threads in one run. The 12,808-Gaussian cases are the def
 adds a naive tiled torch compositor (16x16 tiles padded to the busiest, dense cumprod, autograd).
 CUDA (if present): gsplat at 802x550 with 65,536 Gaussians.
 
-    .venv/bin/python bench/render.py [--quick] [--naive] [--threads 1 2]
+    .venv/bin/python bench/render.py [--quick] [--naive] [--threads 1 2] [--cuda-only]
 
 Times are medians of wall clock and of process CPU time; on a shared machine compare the load
 averages printed at the start and the end (other processes on the same cores slow both sides).
@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, only the 12,808-Gaussian cases")
     parser.add_argument("--naive", action="store_true", help="also time the naive tiled torch compositor")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to compare")
+    parser.add_argument("--cuda-only", action="store_true", help="only the gsplat case (a GPU machine's time is short)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
     print(f"torch {torch.__version__}, threads {args.threads} (cores usable: {len(os.sched_getaffinity(0))}), "
@@ -228,7 +229,7 @@ def main() -> None:
     cases = [(12808, 200, 137), (12808, 802, 550)]
     if not args.quick:
         cases = [(5000, 128, 88), (20000, 256, 176)] + cases
-    for n, height, width in cases:
+    for n, height, width in cases if not args.cuda_only else ():
         cpu_case(n, height, width, repeats, args.threads, with_naive=args.naive and height <= 256)
     if torch.cuda.is_available():
         cuda_case(65536, 802, 550, repeats)

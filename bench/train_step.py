@@ -1,12 +1,15 @@
 """Benchmark one training iteration of the regressor and its parts.
 
-    .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N]
+    .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N] [--data]
 
 Builds the synthetic head (in a temporary folder), a mesh PCA of random expressions, the avatar of
 CONFIG's ``regressor`` section (default: configs/default.yml) and a NeRSemble-framed camera of the
 synthetic rig; then times full training steps (it/s) and, separately, each part of a step with its
 backward pass: network (generator + colour head + assembly), renderer, losses, optimiser. ``--gem``
 (the default on CUDA) uses GEM's settings: 802x550 images, UV 256, the schema's widths.
+With ``--data``, data loading too: CONFIG's actor (generated or exported, with ``render_masks.py`` run)
+through the training loader (``data.workers`` processes), alone (images/s it supplies) and inside full
+steps that train on its images (the share of a step spent waiting for the next image).
 Times are medians of wall clock (CUDA synchronised) and of process CPU time; on a shared machine
 compare the load averages printed at the start and the end.
 """
@@ -29,6 +32,7 @@ import torch
 
 from lib.config import SCHEMA, load_config  # noqa: E402
 from lib.dataset.synthetic_actor import make_rig  # noqa: E402
+from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.flame.model import FlameModel  # noqa: E402
 from lib.flame.safe_pickle import load_pickle  # noqa: E402
 from lib.flame.synthetic import ensure_head_model  # noqa: E402
@@ -37,6 +41,7 @@ from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose 
 from lib.models.mesh_pca import MeshPCA  # noqa: E402
 from lib.eval.render import render_gaussians  # noqa: E402
 from lib.train.losses import composite_gt, mouth_weight, photometric, regularisers  # noqa: E402
+from lib.train.data import TrainingImages  # noqa: E402
 from lib.train.trainer import make_optimizer  # noqa: E402
 
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--gem", action="store_true", help="GEM's settings (default on CUDA)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    parser.add_argument("--data", action="store_true", help="also time data loading from CONFIG's actor")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gem = args.gem or device.type == "cuda"
@@ -113,8 +119,8 @@ def main() -> None:
     avatar.bf16 = bf16
     step = [0]
 
-    def losses(rgb, g):
-        terms = photometric(rgb, gt, weight, cfg.loss.l1, cfg.loss.ssim)
+    def losses(rgb, g, target=gt, w=weight):
+        terms = photometric(rgb, target, w, cfg.loss.l1, cfg.loss.ssim)
         terms.update(regularisers(g.position_residual, g.scales, cfg.loss.position, cfg.loss.scale))
         return sum(terms.values())
 
@@ -183,7 +189,53 @@ def main() -> None:
     print("per part (forward + backward), median ms and share of their sum:")
     for k, v in med.items():
         print(f"  {k:10s} {v:8.2f} ms  {100 * v / total:5.1f}%")
+    if args.data:
+        avatar.load_state_dict(initial[0])
+        opt.load_state_dict(initial[1])
+        time_data_loading(cfg, avatar, opt, verts, R, t, losses, args.steps, device)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+def time_data_loading(cfg, avatar, opt, verts, R, t, losses, steps: int, device: torch.device) -> None:
+    """The training loader alone (images/s), then full steps on its images with the wait for each image timed."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    export = VhapExport.from_config(cfg)
+    frames = export.split("train")
+    n = 4 * steps
+    images = TrainingImages(export, frames, cfg, 0, 1, 0, 2 * n + 4, device)
+    images.at(0)  # the workers start and fill their queues
+    sync()
+    t0 = time.perf_counter()
+    for k in range(1, n + 1):
+        images.at(k)
+    sync()
+    alone = n / (time.perf_counter() - t0)
+    print(f"data loading alone: {alone:.1f} images/s ({cfg.data.workers} workers, {len(frames)} training images of "
+          f"{export.root})")
+    waits, totals = [], []
+    for k in range(n + 1, 2 * n + 1):
+        sync()
+        t0 = time.perf_counter()
+        sample, bg, gt = images.at(k)
+        sync()
+        t1 = time.perf_counter()
+        i = k % verts.shape[0]
+        g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
+        cam = sample.frame.camera
+        rgb = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], cam.width, cam.height, bg)
+        weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
+        opt.zero_grad(set_to_none=True)
+        losses(rgb, g, gt, weight).backward()
+        torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sync()
+        waits.append(t1 - t0)
+        totals.append(time.perf_counter() - t0)
+    wait, total = 1e3 * statistics.median(waits), 1e3 * statistics.median(totals)
+    print(f"full step on the loader's images: {total:.1f} ms ({1e3 / total:.1f} it/s), of which waiting for the "
+          f"image {wait:.2f} ms ({100 * wait / total:.1f}%; mean {100 * sum(waits) / sum(totals):.1f}%)")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def split_refit(cfg, avatar, data: ActorData, export: VhapExport, split: str, sc
             "lr": cfg.test.refit_lr, "keys": list(cfg.test.refit_keys)}
     kept = _load_kept(split, pool, key, path, log)
     if kept is not None:
-        return kept, info
+        return kept.to(data.device), info  # read on the CPU; it corrects parameters on data's device
     refit = refit_tracking(avatar, data, pool, cfg)
     save_torch(path, {"key": key, "refinement": refit.state_dict()})
     log(f"{split}: tracking of {len(pool)} timesteps refitted to {key['frames']} frames of other cameras "

@@ -95,7 +95,9 @@ def train(cfg, log=print) -> GaussianAvatar:
     start_over(cfg, paths.regressor_checkpoints, info, log)
     latest = latest_checkpoint(paths.regressor_checkpoints)
     if latest is not None:
-        state = load_checkpoint(latest, map_location=device)
+        # read on the CPU: loading copies the weights to the device, and Adam's step counts stay on the CPU
+        # (on the GPU every step would read them back, two syncs per parameter)
+        state = load_checkpoint(latest)
         check_resume(state, cfg, "regressor", latest)
         load_into(avatar, state["model"], latest, "regressor")
         load_into(opt, state.get("optimizer"), latest, "optimizer")

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The CUDA path end to end in one go, for a GPU machine lent for a few minutes:
+#
+#     tests/gpu/run_all.sh [SECONDS]        (from the repository root, on a CUDA machine)
+#
+# SECONDS (default 540) is the whole run's budget: training gets what the steps before it leave, less
+# what test.py needs. Every step prints its figures as it finishes, so a run cut short keeps them.
+#   1. install: the wheels in .whl/ (gsplat, imageio-ffmpeg) into /tmp/site when they are not importable
+#   2. the full-size synthetic actor (configs/default_cuda.yml: 802x550, 16 cameras) is generated in the
+#      background on all but two cores while the GPU steps run on those two
+#   3. gsplat's CUDA kernels are built (first use; TORCH_CUDA_ARCH_LIST is the card's)
+#   4. tests/gpu/check_render_parity.py   CPU renderer against gsplat
+#   5. bench/render.py --cuda-only         gsplat alone
+#   6. bench/gem.py --cuda-only            GEM frames/s against gsplat alone
+#   7. render_masks.py, then bench/train_step.py --data   the step, its parts and data loading
+#   8. pca_mesh.py, train.py (time-limited, a val PSNR point every half minute), test.py (val, test)
+# Everything goes to $OUT/log.txt (OUT defaults to experiments/gpu_run); the run's PSNR curve, metrics
+# and one val and one test image are copied beside it.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+BUDGET=${1:-540}
+TEST_RESERVE=90  # seconds kept for test.py (start-up, val and test with the refit, videos)
+CONFIG=${CONFIG:-configs/default_cuda.yml}
+# Overrides for every command. The default halves the actor's timesteps (12 frames per sequence instead
+# of 24) so that generating it hides behind the GPU steps and training gets the minutes; OVERRIDES= keeps
+# the config's actor.
+read -r -a over <<< "${OVERRIDES-synthetic.frames_per_sequence=12}"
+PY=${PYTHON:-python3}
+OUT=${OUT:-experiments/gpu_run}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+trap 'sleep 1' EXIT  # tee writes the last lines
+export PYTHONUNBUFFERED=1
+
+stage() { echo; echo "=== [$SECONDS s] $*"; }
+cores=$(nproc)
+pin_gpu="taskset -c 0-1"  # the GPU steps' two cores; the generator gets the others
+[ "$cores" -ge 4 ] || pin_gpu=""
+
+stage "machine"
+nvidia-smi -L || { echo "no NVIDIA GPU: this script is for a CUDA machine"; exit 1; }
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', \
+torch.version.cuda, '|', torch.cuda.get_device_name(0)); assert torch.cuda.is_available()" || exit 1
+echo "cores: $cores"
+
+stage "install"
+if ! "$PY" -c "import gsplat, imageio_ffmpeg" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "gsplat or imageio-ffmpeg missing and no wheels in .whl/"; exit 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -c "import gsplat; print('gsplat', gsplat.__version__)" || exit 1
+
+stage "synthetic actor: generation started in the background"
+gen_pin=""
+[ "$cores" -ge 4 ] && gen_pin="taskset -c 2-$((cores - 1))"
+(t0=$SECONDS; $gen_pin nice -n 5 "$PY" -m lib.dataset.synthetic_actor "$CONFIG" "${over[@]}" && echo "generated in $((SECONDS - t0)) s") \
+    > "$OUT/generate.log" 2>&1 &
+gen_pid=$!
+
+stage "gsplat: CUDA kernels built"
+export MAX_JOBS=${MAX_JOBS:-$cores}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c \
+    "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
+"$PY" -c "import time; t = time.time(); from gsplat.cuda._backend import _C; \
+print(f'gsplat JIT build and load: {time.time() - t:.1f} s (arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)')"
+
+stage "parity: tests/gpu/check_render_parity.py"
+$pin_gpu "$PY" tests/gpu/check_render_parity.py
+
+stage "bench/render.py --cuda-only"
+$pin_gpu "$PY" bench/render.py --cuda-only
+
+stage "bench/gem.py --cuda-only"
+$pin_gpu "$PY" bench/gem.py --cuda-only
+
+stage "synthetic actor: waiting for the generator"
+if wait "$gen_pid"; then
+    tail -n 2 "$OUT/generate.log"
+    stage "render_masks.py"
+    $pin_gpu "$PY" render_masks.py "$CONFIG" "${over[@]}" | tail -n 3
+    stage "bench/train_step.py $CONFIG --data"
+    $pin_gpu "$PY" bench/train_step.py "$CONFIG" --data
+else
+    cat "$OUT/generate.log"
+    echo "generation failed: the training steps are skipped"
+    stage "bench/train_step.py $CONFIG"
+    $pin_gpu "$PY" bench/train_step.py "$CONFIG"
+    exit 1
+fi
+
+stage "pca_mesh.py"
+"$PY" pca_mesh.py "$CONFIG" "${over[@]}" | tail -n 3
+
+minutes=$("$PY" -c "print(f'{max(($BUDGET - $SECONDS - $TEST_RESERVE - 30) / 60, 0.5):.2f}')")
+stage "train.py for $minutes min"
+"$PY" train.py "$CONFIG" "${over[@]}" train.time_limit_minutes="$minutes" train.curve_every_minutes=0.5 \
+    train.checkpoint_every=100000 2>&1 | grep -v -E "^\s*(\S+:\s+)?[0-9]+%\|" | tail -n 25
+run=$("$PY" -c "import sys; from lib.config import load_config; from lib.paths import ActorPaths; \
+print(ActorPaths(load_config(sys.argv[1])).regressor)" "$CONFIG")
+cat "$run/psnr_curve.csv"
+
+stage "test.py (val, test)"
+"$PY" test.py "$CONFIG" "${over[@]}" "test.splits=[val,test]" 2>&1 | grep -v -E "[0-9]+%\|" | tail -n 25
+for f in "$run/psnr_curve.csv" "$run/psnr_curve.png" "$run/eval/metrics.json"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+done
+for split in val test; do
+    first=$(ls "$run/eval/$split"/*.png 2>/dev/null | head -n 1)
+    [ -n "$first" ] && cp "$first" "$OUT/${split}_$(basename "$first")"
+done
+stage "done"
