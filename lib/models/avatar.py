@@ -109,7 +109,7 @@ def canonical_mesh(flame: FlameModel, identity: dict[str, Tensor | None],
     """
     src = canonical if canonical is not None else identity
     jaw = (src["jaw_pose"] if canonical is not None else
-           torch.tensor([[math.radians(jaw_deg), 0.0, 0.0]]))
+           torch.tensor([[math.radians(jaw_deg), 0.0, 0.0]], device=flame.v_template.device))
     expr = src["expr"] if canonical is not None else None
     verts, _ = flame(shape=src["shape"], expr=expr, neck_pose=identity["neck_pose"], jaw_pose=jaw,
                      static_offset=src["static_offset"])

@@ -60,7 +60,7 @@ def head_scene(n: int, sh_degree: int | None, seed: int):
 
 
 def run(params, viewmats, Ks, sh_degree, background, weights, device):
-    leaves = [p.to(device).requires_grad_() for p in params]
+    leaves = [p.detach().to(device).requires_grad_() for p in params]  # a leaf on each device
     t0 = time.perf_counter()
     out = render(*leaves, viewmats.to(device), Ks.to(device), WIDTH, HEIGHT,
                  background=background.to(device), sh_degree=sh_degree)  # fmt: skip
