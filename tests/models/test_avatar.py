@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,11 @@ def test_pca_deformation_rides_the_projected_mesh_and_ignores_what_the_pca_canno
             assert torch.allclose(a.colors, b.colors)
     assert jitter.abs().max() > 1e-4
     assert torch.allclose(pca_avatar(projected, R, t).means, tracked(projected, R, t).means, atol=1e-6)
+
+
+def test_the_canonical_mesh_is_made_on_the_device_of_the_flame_model(setup):
+    """The meta device stands in for a GPU: a tensor made on the CPU beside the model's fails there as it
+    does on CUDA (the opened jaw was made on the CPU, and bench/train_step.py failed on an H200)."""
+    flame = copy.deepcopy(setup["flame"]).to("meta")
+    verts = canonical_mesh(flame, {"shape": None, "neck_pose": None, "static_offset": None}, None, 20.0)
+    assert verts.device.type == "meta" and verts.shape == setup["canon"].shape
