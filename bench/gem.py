@@ -360,8 +360,10 @@ def main() -> None:
             if graphed_fps is not None:
                 print(f"  N={n:7d}: GEM, evaluation as a CUDA graph {graphed_fps:7.1f} fps ({1e3 / graphed_fps:.3f} ms)"
                       f"  ratio {graphed_fps / raster_fps:.3f}")
-        if args.cuda_only:
-            return
+    if args.cuda_only:
+        if not torch.cuda.is_available():
+            print("CUDA not available: nothing timed (--cuda-only)")
+        return
     cpu_bench(args.threads, quick=args.quick, config=args.config)
 
 if __name__ == "__main__":

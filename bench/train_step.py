@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N] [--data]
 
-Builds the synthetic head (in a temporary folder), a mesh PCA of random expressions, the avatar of
+Builds the synthetic head (CONFIG's when it is there, else in a temporary folder), a mesh PCA of random expressions, the avatar of
 CONFIG's ``regressor`` section (default: configs/default.yml) and a NeRSemble-framed camera of the
 synthetic rig; then times full training steps (it/s) and, separately, each part of a step with its
 backward pass: network (generator + colour head + assembly), renderer, losses, optimiser. ``--gem``
@@ -35,7 +35,8 @@ from lib.dataset.synthetic_actor import make_rig  # noqa: E402
 from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.flame.model import FlameModel  # noqa: E402
 from lib.flame.safe_pickle import load_pickle  # noqa: E402
-from lib.flame.synthetic import ensure_head_model  # noqa: E402
+from lib.flame.synthetic import ensure_head_model, head_model_complete  # noqa: E402
+from lib.paths import resolve  # noqa: E402
 from lib.geometry.obj_io import read_obj  # noqa: E402
 from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose  # noqa: E402
 from lib.models.mesh_pca import MeshPCA  # noqa: E402
@@ -46,7 +47,8 @@ from lib.train.trainer import make_optimizer  # noqa: E402
 
 
 def build(cfg, gem: bool, device: torch.device, folder: Path):
-    paths = ensure_head_model(folder)
+    head = resolve(cfg.synthetic.head_dir)  # the config's synthetic head when it is made, else one in `folder`
+    paths = ensure_head_model(head) if head_model_complete(head, cfg.synthetic.head_mouth) else ensure_head_model(folder)
     flame = FlameModel.from_file(paths["flame_model"]).to(device)
     obj = read_obj(paths["uv_obj"])
     regions = load_pickle(paths["masks"])
