@@ -146,3 +146,25 @@ def test_the_canonical_mesh_is_made_on_the_device_of_the_flame_model(setup):
     flame = copy.deepcopy(setup["flame"]).to("meta")
     verts = canonical_mesh(flame, {"shape": None, "neck_pose": None, "static_offset": None}, None, 20.0)
     assert verts.device.type == "meta" and verts.shape == setup["canon"].shape
+
+
+def test_bf16_autocast_on_the_generator_hands_float32_gaussians_close_to_float32_ones(setup):
+    """train.bf16 (CUDA) runs the generator under bf16 autocast; the assembly after it must stay float32. CPU
+    autocast takes the same path here."""
+    avatar = copy.deepcopy(setup["avatar"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in avatar.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # away from the zero-initialised output layer
+    pose = (setup["head"][:1], setup["R"][:1], setup["t"][:1])
+    exact = avatar(*pose)
+    avatar.bf16 = True
+    half = avatar(*pose)
+    for name in ("means", "quats", "scales", "opacities", "colors"):
+        a, b = getattr(exact, name), getattr(half, name)
+        assert b.dtype == torch.float32, name
+        if name != "colors":  # the colour head runs outside autocast
+            assert (a - b).abs().max() > 0, name  # autocast did run the generator in bf16
+        assert torch.allclose(a, b, rtol=0.05, atol=0.05 * a.abs().max().item()), name
+    sum(getattr(half, name).sum() for name in ("means", "scales", "colors")).backward()
+    assert all(torch.isfinite(p.grad).all() for p in avatar.parameters() if p.grad is not None)
