@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N] [--data]
 
-Builds the synthetic head (CONFIG's when it is there, else in a temporary folder), a mesh PCA of random expressions, the avatar of
-CONFIG's ``regressor`` section (default: configs/default.yml) and a NeRSemble-framed camera of the
-synthetic rig; then times full training steps (it/s) and, separately, each part of a step with its
+Builds the synthetic head (CONFIG's when it is there, else in a temporary folder), a mesh PCA of random
+expressions, the avatar of CONFIG's ``regressor`` section (default: configs/default.yml) and a
+NeRSemble-framed camera of the synthetic rig; then times full training steps (it/s) and, separately, each part of a step with its
 backward pass: network (generator + colour head + assembly), renderer, losses, optimiser. ``--gem``
 (the default on CUDA) uses GEM's settings: 802x550 images, UV 256, the schema's widths.
 With ``--data``, data loading too: CONFIG's actor (generated or exported, with ``render_masks.py`` run)
@@ -36,13 +36,13 @@ from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.flame.model import FlameModel  # noqa: E402
 from lib.flame.safe_pickle import load_pickle  # noqa: E402
 from lib.flame.synthetic import ensure_head_model, head_model_complete  # noqa: E402
-from lib.paths import resolve  # noqa: E402
 from lib.geometry.obj_io import read_obj  # noqa: E402
 from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose  # noqa: E402
 from lib.models.mesh_pca import MeshPCA  # noqa: E402
+from lib.paths import resolve  # noqa: E402
 from lib.eval.render import render_gaussians  # noqa: E402
-from lib.train.losses import composite_gt, mouth_weight, photometric, regularisers  # noqa: E402
 from lib.train.data import TrainingImages  # noqa: E402
+from lib.train.losses import composite_gt, mouth_weight, photometric, regularisers  # noqa: E402
 from lib.train.trainer import make_optimizer  # noqa: E402
 
 
