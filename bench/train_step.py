@@ -74,19 +74,22 @@ def build(cfg, gem: bool, device: torch.device, folder: Path):
     return avatar, (verts, R, t), camera
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall clock times it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median wall and process-CPU milliseconds of fn() after two warm-up calls."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     for _ in range(2):
         fn()
-    sync()
+    sync(device)
     wall, cpu = [], []
     for _ in range(repeats):
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        sync()
+        sync(device)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
@@ -126,15 +129,19 @@ def main() -> None:
         terms.update(regularisers(g.position_residual, g.scales, cfg.loss.position, cfg.loss.scale))
         return sum(terms.values())
 
-    def full_step():
-        i = step[0] % verts.shape[0]
-        step[0] += 1
+    def train_on(i, viewmat, Ks, width, height, background, target, w):
+        """One whole step on expression i, rendered in that camera and fitted to target."""
+        i %= verts.shape[0]
         g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
-        rgb = render_gaussians(g, 0, vm, K, W, H, bg)
+        rgb = render_gaussians(g, 0, viewmat, Ks, width, height, background)
         opt.zero_grad(set_to_none=True)
-        losses(rgb, g).backward()
+        losses(rgb, g, target, w).backward()
         torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip)
         opt.step()
+
+    def full_step():
+        step[0] += 1
+        train_on(step[0] - 1, vm, K, W, H, bg, gt, weight)
 
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
@@ -144,10 +151,13 @@ def main() -> None:
     # Fitting a random target drifts the Gaussians (and the renderer's work) away from a real run's:
     # both measurements start from the same initial state.
     initial = copy.deepcopy((avatar.state_dict(), opt.state_dict()))
+
+    def start_again():
+        avatar.load_state_dict(initial[0])
+        opt.load_state_dict(initial[1])
     wall, cpu = timed(full_step, args.steps, device)
     print(f"full step: {wall:.1f} ms ({1e3 / wall:.1f} it/s), process CPU {cpu:.1f} ms")
-    avatar.load_state_dict(initial[0])
-    opt.load_state_dict(initial[1])
+    start_again()
 
     # The same step cut into parts, each with its own backward pass (tensors handed over as leaves).
     parts = {"network": [], "renderer": [], "losses": [], "optimiser": []}
@@ -156,8 +166,7 @@ def main() -> None:
         marks = [time.perf_counter()]
 
         def mark():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             marks.append(time.perf_counter())
         g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
         fields = [g.means, g.quats, g.scales, g.opacities, g.colors]
@@ -192,47 +201,38 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:10s} {v:8.2f} ms  {100 * v / total:5.1f}%")
     if args.data:
-        avatar.load_state_dict(initial[0])
-        opt.load_state_dict(initial[1])
-        time_data_loading(cfg, avatar, opt, verts, R, t, losses, args.steps, device)
+        start_again()
+        time_data_loading(cfg, train_on, args.steps, device)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
-def time_data_loading(cfg, avatar, opt, verts, R, t, losses, steps: int, device: torch.device) -> None:
-    """The training loader alone (images/s), then full steps on its images with the wait for each image timed."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def time_data_loading(cfg, train_on, steps: int, device: torch.device) -> None:
+    """The training loader alone (images/s), then full steps (``train_on``) on its images with the wait for each
+    image timed."""
     export = VhapExport.from_config(cfg)
     frames = export.split("train")
     n = 4 * steps
     images = TrainingImages(export, frames, cfg, 0, 1, 0, 2 * n + 4, device)
     images.at(0)  # the workers start and fill their queues
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for k in range(1, n + 1):
         images.at(k)
-    sync()
+    sync(device)
     alone = n / (time.perf_counter() - t0)
     print(f"data loading alone: {alone:.1f} images/s ({cfg.data.workers} workers, {len(frames)} training images of "
           f"{export.root})")
     waits, totals = [], []
     for k in range(n + 1, 2 * n + 1):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         sample, bg, gt = images.at(k)
-        sync()
+        sync(device)
         t1 = time.perf_counter()
-        i = k % verts.shape[0]
-        g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
         cam = sample.frame.camera
-        rgb = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], cam.width, cam.height, bg)
-        weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
-        opt.zero_grad(set_to_none=True)
-        losses(rgb, g, gt, weight).backward()
-        torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sync()
+        train_on(k, sample.viewmat[None], sample.K[None], cam.width, cam.height, bg, gt,
+                 mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px))
+        sync(device)
         waits.append(t1 - t0)
         totals.append(time.perf_counter() - t0)
     wait, total = 1e3 * statistics.median(waits), 1e3 * statistics.median(totals)

@@ -77,7 +77,7 @@ if [ "$PHASE" != train ]; then
         > "$OUT/generate.log" 2>&1 &
     gen_pid=$!
 
-    stage "gsplat: CUDA kernels built"
+    [ "${CPU_DRY_RUN:-0}" = 1 ] || stage "gsplat: CUDA kernels built"
     [ "${CPU_DRY_RUN:-0}" = 1 ] || "$PY" -c "import time; t = time.time(); from gsplat.cuda._backend import _C; \
     print(f'gsplat JIT build and load: {time.time() - t:.1f} s (arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)')"
 
