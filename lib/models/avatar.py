@@ -31,6 +31,7 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +56,13 @@ GEOMETRY_CHANNELS = 11  # Δposition 3, Δrotation 4, Δscale 3, Δopacity 1
 POSITION_UNIT = 0.01
 INITIAL_OPACITY = 0.7
 DEFORMS = ("tracked", "pca")  # regressor.deform: the mesh the Gaussians ride
+
+
+class TexelOutputs(NamedTuple):
+    """What the avatar's networks give per Gaussian (``GaussianAvatar.texel_outputs``)."""
+
+    residual: Tensor  # [B, N, 11] Δposition (cm), Δrotation, Δscale (log), Δopacity (logit)
+    colour: Tensor  # [1, N, 3] RGB logits
 
 
 @dataclass
@@ -187,8 +195,7 @@ class GaussianAvatar(nn.Module):
         the corrections reach the mesh through the geometry the Gaussians ride (as in GaussianAvatars), not
         through the network's input, where they would act as a per-frame code that the held-out frames
         (tracked, never refined) lack. The projected mesh keeps its gradient (``deform: pca``)."""
-        coeffs = self.pca.coefficients(verts_head, self.n_pca)
-        projected = self.pca.reconstruct(coeffs)
+        coeffs, projected = self._projection(verts_head)
         with torch.no_grad():
             normals = uv.vertex_normals(projected, self.faces)
             tm = self.texels
@@ -197,17 +204,35 @@ class GaussianAvatar(nn.Module):
 
     def forward(self, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
         """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N)."""
-        tm = self.texels
+        outputs, riding = self.texel_outputs(verts_head)
+        return self.assemble(outputs, riding, R, t)
+
+    def texel_outputs(self, verts_head: Tensor) -> tuple[TexelOutputs, Tensor]:
+        """The networks' half of ``forward``: their per-Gaussian outputs for head-space meshes [B, V, 3], and the
+        mesh the Gaussians ride (``regressor.deform``)."""
         normal_map, coeffs, projected = self.network_input(verts_head)
-        if self.deform == "pca":  # the Gaussians ride the mesh the network sees: tracking jitter filtered out
-            verts_head = projected
         with torch.autocast(verts_head.device.type, torch.bfloat16, enabled=self.bf16):
             maps = self.generator(normal_map, coeffs)
-        residual = uv.gather_texels(maps.float(), tm)  # [B, N, 11]
-        d_pos, d_rot, d_scale, d_opa = residual.split([3, 4, 3, 1], dim=-1)
-        d_pos = d_pos * POSITION_UNIT
-        rgb = uv.gather_texels(self.colour(self.position_map), tm)  # [1, N, 3]
+        tm = self.texels
+        outputs = TexelOutputs(uv.gather_texels(maps.float(), tm), uv.gather_texels(self.colour(self.position_map), tm))
+        # the Gaussians ride the mesh the network sees (pca): tracking jitter outside its span filtered out
+        return outputs, projected if self.deform == "pca" else verts_head
 
+    def riding_mesh(self, verts_head: Tensor) -> Tensor:
+        """The mesh the Gaussians ride for head-space meshes [B, V, 3] (``regressor.deform``), without the networks."""
+        return self._projection(verts_head)[1] if self.deform == "pca" else verts_head
+
+    def _projection(self, verts_head: Tensor) -> tuple[Tensor, Tensor]:
+        """Whitened mesh-PCA coefficients [B, n] of head-space meshes and their projection [B, V, 3]."""
+        coeffs = self.pca.coefficients(verts_head, self.n_pca)
+        return coeffs, self.pca.reconstruct(coeffs)
+
+    def assemble(self, outputs: TexelOutputs, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
+        """The Gaussians of the networks' outputs on the head-space mesh they ride [B, V, 3] under the global
+        pose R [B, 3, 3], t [B, 3]: the geometry's half of ``forward``."""
+        tm = self.texels
+        d_pos, d_rot, d_scale, d_opa = outputs.residual.split([3, 4, 3, 1], dim=-1)
+        d_pos = d_pos * POSITION_UNIT
         # The mesh is data (its frames need no gradient) unless the tracked FLAME parameters are being refined.
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(x.requires_grad for x in (verts_head, R, t))):
             origin = uv.surface_points(verts_head, self.faces, tm)
@@ -220,7 +245,7 @@ class GaussianAvatar(nn.Module):
         quats = normalize_quat(quat_multiply(matrix_to_quat(to_world), local))
         scales = torch.exp(self.canonical_log_scales[None, :, None] + d_scale)
         opacities = torch.sigmoid(math.log(INITIAL_OPACITY / (1 - INITIAL_OPACITY)) + d_opa[..., 0])
-        colors = torch.sigmoid(rgb).expand(means.shape[0], -1, -1)
+        colors = torch.sigmoid(outputs.colour).expand(means.shape[0], -1, -1)
         return Gaussians(means, quats, scales, opacities, colors, d_pos)
 
 

@@ -15,10 +15,12 @@ cameras' frames, the avatar frozen; the scored camera's frames are never read. I
 for the frames the avatar is asked to show, not a fit to the images it is scored on.
 
 The avatar's network input is the mesh without the corrections' gradient (``GaussianAvatar.network_input``),
-so the fit moves the geometry the Gaussians ride, as training's refinement does. A refit of the global
-pose alone (``test.refit_keys``: rotation, translation) leaves the head-space mesh, and so the network's
-output, as tracked: the avatar is evaluated once per timestep and each step turns its Gaussians
-(``turned``) and renders them, a fraction of a step through the network. A refit is fitted with
+so the fit moves the geometry the Gaussians ride, as training's refinement does, and the networks run once
+per timestep, at the starting tracking. A refit of the global pose alone (``test.refit_keys``: rotation,
+translation) leaves the head-space mesh as tracked: each step turns the timestep's Gaussians (``turned``)
+and renders them. A refit of jaw and expression too re-poses FLAME every step and places the networks'
+held outputs (``held_outputs``) on the new mesh (``GaussianAvatar.assemble``): their input's values lag
+the corrections (a millimetre or so) where their gradient never reached it. A refit is fitted with
 the regressor and kept beside it (``split_refit``), so the mapping network's self-reenactment poses GEM
 with the same tracking the regressor's evaluation scored.
 """
@@ -34,6 +36,7 @@ from lib.atomic import load_torch, save_torch
 from lib.dataset.vhap import SPLITS, Frame, VhapExport
 from lib.eval.render import WHITE, render_gaussians
 from lib.geometry.rotations import matrix_to_quat, normalize_quat, quat_multiply
+from lib.models.avatar import TexelOutputs
 from lib.models.flame_refinement import FlameRefinement, refinement_from_state
 from lib.paths import ActorPaths
 from lib.train.data import ActorData
@@ -73,8 +76,10 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
     for p in frozen:
         p.requires_grad_(False)
     try:
-        # the global pose alone: each timestep's Gaussians in head space, evaluated once
+        # The networks run once per timestep, at the starting tracking: the global pose alone turns the
+        # timestep's head-space Gaussians; jaw and expression re-pose the mesh the networks' outputs ride.
         heads = {t: head_gaussians(avatar, data, t) for t in timesteps} if refinement.rigid else {}
+        outputs = {} if refinement.rigid else {t: held_outputs(avatar, data, t) for t in timesteps}
         with torch.enable_grad():
             for step in range(steps):
                 for group in opt.param_groups:
@@ -86,7 +91,8 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
                     if heads:
                         g = turned(heads[t], *data.driving(t, refinement)[1:])
                     else:
-                        g = avatar(*data.driving(t, refinement))
+                        verts_head, R, trans = data.driving(t, refinement)
+                        g = avatar.assemble(outputs[t], avatar.riding_mesh(verts_head), R, trans)
                     render = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width,
                                               frame.camera.height, white)
                     weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
@@ -107,6 +113,12 @@ def head_gaussians(avatar, data: ActorData, timestep: int):
     return avatar(verts_head, torch.eye(3, device=R.device)[None], R.new_zeros(1, 3))
 
 
+@torch.no_grad()
+def held_outputs(avatar, data: ActorData, timestep: int) -> TexelOutputs:
+    """The avatar's networks' outputs of a timestep at its starting tracking, held while a refit moves the mesh."""
+    return avatar.texel_outputs(data.driving(timestep)[0])[0]
+
+
 def turned(head, R: Tensor, t: Tensor):
     """Head-space Gaussians under the global pose world = x @ R^T + t (R [1, 3, 3], t [1, 3]): what the
     avatar computes with that pose, as its head-space output does not depend on it."""
@@ -121,7 +133,7 @@ def _refit_plan(cfg, export: VhapExport, split: str, scored: list[Frame], checkp
     stat = Path(checkpoint).stat()  # the file's identity: a retrained run may write a checkpoint of the same name
     key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool),
            "frames": sum(len(v) for v in pool.values()), "steps": cfg.test.refit_steps, "lr": cfg.test.refit_lr,
-           "keys": list(cfg.test.refit_keys), "turned_about": "the head's centre",
+           "keys": list(cfg.test.refit_keys), "turned_about": "the head's centre", "networks": "held",
            **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
     return pool, key, ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
 
