@@ -14,7 +14,7 @@ from lib.paths import ActorPaths, resolve
 from lib.train import trainer
 from lib.train.data import ActorData, Sample
 from lib.geometry.rotations import axis_angle_to_matrix
-from lib.train.fit_tracking import fitting_frames, head_gaussians, refit_tracking, turned
+from lib.train.fit_tracking import fitting_frames, head_gaussians, held_outputs, refit_tracking, turned
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
@@ -120,6 +120,30 @@ def test_turned_head_space_gaussians_are_the_avatar_at_that_pose(run_config):
     for name in ("scales", "opacities", "colors"):
         assert torch.equal(getattr(got, name), getattr(want, name))
     assert not torch.allclose(got.means, head_gaussians(avatar, data, t).means, atol=1e-3)
+
+
+@pytest.mark.parametrize("deform", ["tracked", "pca"])
+def test_held_outputs_on_the_starting_mesh_are_the_avatar_and_follow_a_new_mesh(run_config, deform):
+    """The refit of jaw and expression places the networks' outputs, held at the starting tracking, on each
+    step's mesh: at the starting tracking that is the avatar itself, whichever mesh its Gaussians ride."""
+    config, base = run_config
+    cfg = load_config(config, base + [f"regressor.deform={deform}"])
+    torch.manual_seed(0)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    avatar = build_avatar(cfg, ActorPaths(cfg), flame)
+    data = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
+    t = export.camera_frames("test", 8)[0].timestep_index
+    verts_head, R, trans = data.driving(t)
+    held = held_outputs(avatar, data, t)
+    with torch.no_grad():
+        want = avatar(verts_head, R, trans)
+        got = avatar.assemble(held, avatar.riding_mesh(verts_head), R, trans)
+        for name in ("means", "quats", "scales", "opacities", "colors"):
+            assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-6), name
+        other = data.driving(export.timesteps("train")[0][0])[0]  # another expression: the Gaussians ride it
+        assert not torch.allclose(avatar.assemble(held, avatar.riding_mesh(other), R, trans).means, want.means,
+                                  atol=1e-4)
 
 
 def test_the_evaluation_reports_each_refitted_split_as_tracked_too(run_config):
