@@ -170,6 +170,10 @@ class ActorData:
             verts, _, _, j0 = split_global_pose_and_root(self.flame, first)
         return verts[0].mean(0) - j0[0]
 
+    def flame_params(self, timesteps: list[int]) -> dict[str, Tensor | None]:
+        """The FLAME parameters of timesteps as tracked, with the corrections ``refine`` added. -> key -> [T, ...]"""
+        return take_timesteps(self.params, torch.tensor([self._row[t] for t in timesteps], device=self.device))
+
     @torch.no_grad()
     def meshes(self, timesteps: list[int]) -> Tensor:
         """Head-space meshes of timesteps. -> verts_head [T, V, 3]"""

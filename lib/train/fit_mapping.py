@@ -69,8 +69,10 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
 
     cfg: the avatar's config: the signal's kind and the actor whose PCA files project it. export, data:
     whose motion it is: the avatar's own, or a source actor's for cross-identity reenactment, whose
-    config (its identity timestep and camera) is then source_cfg. data (the posed meshes) is needed by
-    the mesh_pca and encoder signals. fit: fit the encoder signal's per-actor PCA to these timesteps
+    config (its identity timestep and camera) is then source_cfg. data (the tracking, with whatever
+    refinement or refit the caller applied to it) is needed by the mesh_pca and encoder signals; the flame
+    signal reads it too when given (else the export's files), so that every signal describes the tracking
+    the avatar and GEM were posed with. fit: fit the encoder signal's per-actor PCA to these timesteps
     (training) instead of loading it.
     """
     motion_cfg = cfg if source_cfg is None else source_cfg
@@ -88,7 +90,9 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
         encoder_cfg = cfg if source_cfg is None else _with_mapping(source_cfg, cfg)
         return encoder_signal(encoder_cfg, export, data, timesteps, identity, ActorPaths(cfg).encoder_pca, fit).cpu()
     steps = [identity, *timesteps]
-    if kind == "flame":
+    if kind == "flame" and data is not None:  # the tracking the avatar is posed with (refined, refitted)
+        signal = flame_signal(data.flame_params(steps)).cpu()
+    elif kind == "flame":
         signal = torch.cat([flame_signal(export.load_flame(files[t])) for t in steps])
     else:
         pca = MeshPCA.load(ActorPaths(cfg).mesh_pca).to(data.device)

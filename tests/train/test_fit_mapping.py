@@ -17,7 +17,7 @@ from lib.eval import mapping as mapping_eval
 from lib.eval.evaluate import pick_frames
 from lib.eval.mapping import evaluate_mapping, reenact
 from lib.flame.model import FlameModel
-from lib.models.flame_refinement import refinement_from_state
+from lib.models.flame_refinement import FlameRefinement, refinement_from_state
 from lib.models.gem import GaussianEigenModel, render_gem
 from lib.models.mapping import split_coefficients
 from lib.paths import REPO_ROOT, ActorPaths, resolve
@@ -253,3 +253,24 @@ def test_warm_up_fine_tunes_the_basis_keeps_it_orthonormal_and_evaluation_render
     resumed = load_checkpoint(latest_checkpoint(paths.mapping_checkpoints))
     # after the warm-up the basis is frozen: the photometric steps train the network only
     assert torch.equal(resumed["gem"]["blocks"]["positions"][0]["basis"], state["gem"]["blocks"]["positions"][0]["basis"])
+
+
+def test_the_flame_signal_is_the_tracking_the_avatar_is_posed_with(tiny_actor_config):
+    """Given the actor's data, the flame signal reads its tracking: the export's files as tracked, and with the
+    corrections of a refit (or of training's refinement) of jaw and expression once they are added."""
+    cfg = load_config(tiny_actor_config)
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, FlameModel.from_config(cfg), torch.device("cpu"), keep_meshes=False)
+    steps = [t for t, _ in export.timesteps("test")][:2]
+    as_tracked = driving_signals(cfg, export, steps)
+    assert torch.equal(driving_signals(cfg, export, steps, data), as_tracked)
+    n_expr = data.params["expr"].shape[1]
+    refit = FlameRefinement(steps, n_expr, ["jaw_pose", "expr"])
+    with torch.no_grad():
+        refit.expr.fill_(1.0)  # 0.1 of a coefficient each (UNITS)
+        refit.jaw_pose.fill_(2.0)  # 0.02 rad
+    data.refine(refit)
+    moved = driving_signals(cfg, export, steps, data) - as_tracked  # the identity timestep is not refitted
+    assert torch.allclose(moved[:, :n_expr], torch.full((2, n_expr), 0.1), atol=1e-6)
+    assert torch.allclose(moved[:, n_expr:n_expr + 3], torch.full((2, 3), 0.02), atol=1e-6)
+    assert torch.equal(moved[:, n_expr + 3:], torch.zeros(2, 6))  # the eyes are not refitted
