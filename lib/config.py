@@ -158,7 +158,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "camera": Key(8, "camera of the test split (and of the spin's centre view)", ge=0),
         "max_frames": Key(0, "frames rendered per split (0 = all), evenly spaced", ge=0),
         "refit_tracking": Key(["test"], "splits whose scored timesteps get their FLAME tracking refitted to the other cameras' frames before scoring, the avatar frozen and the scored camera never read (lib/train/fit_tracking.py); [] = as tracked (and as training refined them)", choices=("val", "test")),
-        "refit_keys": Key(["rotation", "translation", "jaw_pose", "expr"], "which tracked FLAME parameters test.refit_tracking corrects; the global pose alone ([rotation, translation]) turns Gaussians the avatar computed once per timestep, so a step renders without the network", choices=("rotation", "translation", "jaw_pose", "expr"), length=(1, None)),
+        "refit_keys": Key(["rotation", "translation", "jaw_pose", "expr"], "which tracked FLAME parameters test.refit_tracking corrects; the networks run once per timestep either way: the global pose alone ([rotation, translation]) turns the timestep's Gaussians, jaw and expression re-pose FLAME under the networks' held outputs (a step about 1.5x as long)", choices=("rotation", "translation", "jaw_pose", "expr"), length=(1, None)),
         "refit_steps": Key(30, "test.refit_tracking: Adam steps, each rendering every scored timestep once", ge=1),
         "refit_lr": Key(0.05, "test.refit_tracking: Adam rate of the corrections (in FlameRefinement's units), decaying linearly to a tenth", gt=0),
         "spin_views": Key(100, "views of the orbit video", ge=1),
