@@ -102,14 +102,20 @@ def test_turning_about_the_head_centre_fits_closer_than_about_the_root_joint(run
     assert error(about_centre) < 0.6 * error(about_root) < 0.6 * error()
 
 
-def test_turned_head_space_gaussians_are_the_avatar_at_that_pose(run_config):
-    cfg = load_config(*run_config)
+def _untrained(run_config, overrides=()):
+    """An untrained avatar of the tiny actor, its data and a test timestep. -> (export, avatar, data, timestep)"""
+    config, base = run_config
+    cfg = load_config(config, base + list(overrides))
     torch.manual_seed(0)
     flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
     export = VhapExport.from_config(cfg)
     avatar = build_avatar(cfg, ActorPaths(cfg), flame)
     data = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
-    t = export.camera_frames("test", 8)[0].timestep_index
+    return export, avatar, data, export.camera_frames("test", 8)[0].timestep_index
+
+
+def test_turned_head_space_gaussians_are_the_avatar_at_that_pose(run_config):
+    _, avatar, data, t = _untrained(run_config)
     verts_head, R, trans = data.driving(t)
     R = axis_angle_to_matrix(torch.tensor([[0.1, -0.3, 0.2]])) @ R  # a pose far from the tracked one
     with torch.no_grad():
@@ -126,14 +132,7 @@ def test_turned_head_space_gaussians_are_the_avatar_at_that_pose(run_config):
 def test_held_outputs_on_the_starting_mesh_are_the_avatar_and_follow_a_new_mesh(run_config, deform):
     """The refit of jaw and expression places the networks' outputs, held at the starting tracking, on each
     step's mesh: at the starting tracking that is the avatar itself, whichever mesh its Gaussians ride."""
-    config, base = run_config
-    cfg = load_config(config, base + [f"regressor.deform={deform}"])
-    torch.manual_seed(0)
-    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
-    export = VhapExport.from_config(cfg)
-    avatar = build_avatar(cfg, ActorPaths(cfg), flame)
-    data = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
-    t = export.camera_frames("test", 8)[0].timestep_index
+    export, avatar, data, t = _untrained(run_config, [f"regressor.deform={deform}"])
     verts_head, R, trans = data.driving(t)
     held = held_outputs(avatar, data, t)
     with torch.no_grad():
