@@ -170,14 +170,20 @@ class ActorData:
             verts, _, _, j0 = split_global_pose_and_root(self.flame, first)
         return verts[0].mean(0) - j0[0]
 
-    def flame_params(self, timesteps: list[int]) -> dict[str, Tensor | None]:
-        """The FLAME parameters of timesteps as tracked, with the corrections ``refine`` added. -> key -> [T, ...]"""
-        return take_timesteps(self.params, torch.tensor([self._row[t] for t in timesteps], device=self.device))
+    def _rows(self, timesteps: list[int]) -> Tensor:
+        """The rows of ``params`` that hold timesteps. -> [T] long"""
+        return torch.tensor([self._row[t] for t in timesteps], device=self.device)
+
+    def flame_params(self, timesteps: list[int], keys: tuple[str, ...]) -> dict[str, Tensor]:
+        """Per-timestep FLAME parameters (``keys``) of timesteps as tracked, with the corrections ``refine`` added.
+        -> key -> [T, ...]"""
+        rows = self._rows(timesteps)
+        return {k: self.params[k][rows] for k in keys}
 
     @torch.no_grad()
     def meshes(self, timesteps: list[int]) -> Tensor:
         """Head-space meshes of timesteps. -> verts_head [T, V, 3]"""
-        rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)
+        rows = self._rows(timesteps)
         if self._posed is not None:
             return self._posed[0][rows]
         return split_global_pose(self.flame, take_timesteps(self.params, rows))[0]
@@ -185,7 +191,7 @@ class ActorData:
     @torch.no_grad()
     def gem_pose(self, timesteps: list[int]) -> tuple[Tensor, Tensor]:
         """The GEM pose (``lib.models.gem.gem_pose``) of timesteps. -> R [T, 3, 3], t [T, 3]"""
-        rows = torch.tensor([self._row[t] for t in timesteps], device=self.device)
+        rows = self._rows(timesteps)
         # in chunks: posing computes the meshes too, which would be [T, V, 3] at once
         poses = [gem_pose(self.flame, take_timesteps(self.params, rows[i:i + POSE_BATCH]))
                  for i in range(0, len(rows), POSE_BATCH)]

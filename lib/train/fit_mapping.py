@@ -41,8 +41,8 @@ from lib.models.flame_refinement import load_refinement
 from lib.models.gem import GaussianEigenModel, GemError, render_gem
 from lib.models.image_encoder import encoder_signal
 from lib.models.mapping import (
-    MappingNetwork, coefficient_loss, coefficient_parts, flame_signal, flatten_coefficients, relative_to_identity,
-    split_coefficients, variance_weights,
+    FLAME_SIGNAL_KEYS, MappingNetwork, coefficient_loss, coefficient_parts, flame_signal, flatten_coefficients,
+    relative_to_identity, split_coefficients, variance_weights,
 )
 from lib.lock import locks_run_folder
 from lib.models.mesh_pca import MeshPCA
@@ -91,7 +91,7 @@ def driving_signals(cfg, export: VhapExport, timesteps: list[int], data: ActorDa
         return encoder_signal(encoder_cfg, export, data, timesteps, identity, ActorPaths(cfg).encoder_pca, fit).cpu()
     steps = [identity, *timesteps]
     if kind == "flame" and data is not None:  # the tracking the avatar is posed with (refined, refitted)
-        signal = flame_signal(data.flame_params(steps)).cpu()
+        signal = flame_signal(data.flame_params(steps, FLAME_SIGNAL_KEYS)).cpu()
     elif kind == "flame":
         signal = torch.cat([flame_signal(export.load_flame(files[t])) for t in steps])
     else:
