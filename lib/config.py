@@ -54,6 +54,9 @@ class Key:
         return ", ".join(parts)
 
 
+# The tracked FLAME parameters a per-timestep refinement can correct (lib.models.flame_refinement.UNITS).
+REFINABLE = ("rotation", "translation", "neck_pose", "jaw_pose", "eyes_pose", "expr")
+
 # fmt: off
 SCHEMA: dict[str, dict[str, Key]] = {
     "actor": {
@@ -119,7 +122,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lr": Key(5e-4, "Adam learning rate of the generator and colour head", gt=0),
         "lr_features": Key(5e-4, "Adam learning rate of the learned UV feature maps", ge=0),
         "refine_flame": Key(False, "learn per-timestep corrections of the tracked FLAME rotation, translation, jaw and expression of the train timesteps with the avatar (lib/models/flame_refinement.py); stored with the checkpoint and used by stages 3-4 and the evaluations of those timesteps; held-out test timesteps are not refined here (test.refit_tracking refits them for scoring)"),
-        "refine_keys": Key(["rotation", "translation", "jaw_pose", "expr"], "which tracked FLAME parameters train.refine_flame corrects; the global pose alone ([rotation, translation]) keeps the posed meshes, so a step poses no FLAME", choices=("rotation", "translation", "jaw_pose", "expr"), length=(1, None)),
+        "refine_keys": Key(["rotation", "translation", "jaw_pose", "expr"], "which tracked FLAME parameters train.refine_flame corrects; the global pose alone ([rotation, translation]) keeps the posed meshes, so a step poses no FLAME", choices=REFINABLE, length=(1, None)),
         "refine_centred": Key(True, "train.refine_flame: remove each corrected key's mean over the train timesteps after every step, so the corrections fix frame-to-frame jitter and leave the tracker's average pose (which the held-out sequences share) as the reference (lib/models/flame_refinement.py)"),
         "lr_flame": Key(1e-2, "Adam learning rate of the FLAME corrections, in their units (0.01 rad, 1 mm, 0.1 expression); a timestep's corrections get a gradient only at its own steps (a few dozen in a CPU run), and torch's Adam carries them on between those, by about sqrt(train timesteps) times the rate per own step (README, \"Tracking jitter\"): 1e-3 left them where the tracker put them", gt=0),
         "lr_schedule": Key("multistep", "learning-rate decay over the run", choices=("multistep", "exponential", "constant")),
@@ -158,7 +161,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "camera": Key(8, "camera of the test split (and of the spin's centre view)", ge=0),
         "max_frames": Key(0, "frames rendered per split (0 = all), evenly spaced", ge=0),
         "refit_tracking": Key(["test"], "splits whose scored timesteps get their FLAME tracking refitted to the other cameras' frames before scoring, the avatar frozen and the scored camera never read (lib/train/fit_tracking.py); [] = as tracked (and as training refined them)", choices=("val", "test")),
-        "refit_keys": Key(["rotation", "translation", "jaw_pose", "expr"], "which tracked FLAME parameters test.refit_tracking corrects; the networks run once per timestep either way: the global pose alone ([rotation, translation]) turns the timestep's Gaussians, jaw and expression re-pose FLAME under the networks' held outputs (a step about 1.5x as long)", choices=("rotation", "translation", "jaw_pose", "expr"), length=(1, None)),
+        "refit_keys": Key(["rotation", "translation", "jaw_pose", "expr"], "which tracked FLAME parameters test.refit_tracking corrects; the networks run once per timestep either way: the global pose alone ([rotation, translation]) turns the timestep's Gaussians, the others (neck, jaw, eyes, expression) re-pose FLAME under the networks' held outputs (a step about 1.5x as long)", choices=REFINABLE, length=(1, None)),
         "refit_steps": Key(30, "test.refit_tracking: Adam steps, each rendering every scored timestep once", ge=1),
         "refit_lr": Key(0.05, "test.refit_tracking: Adam rate of the corrections (in FlameRefinement's units), decaying linearly to a tenth", gt=0),
         "spin_views": Key(100, "views of the orbit video", ge=1),

@@ -2,15 +2,15 @@
 
 A tracker's FLAME fit jitters from frame to frame; the Gaussians ride that mesh, so the jitter reaches
 them. As GaussianAvatars does, the regressor's training can correct the tracked parameters of each
-training timestep while it learns the avatar: the head's rotation and translation, the jaw and the
-expression. Each correction is a learnt value p times a fixed unit (``UNITS``: 0.01 rad, 1 mm, 0.1 of an
-expression coefficient), so one Adam rate (``train.lr_flame``) moves them all at comparable speeds and
+training timestep while it learns the avatar: the head's rotation and translation, the neck, the jaw, the
+eyes and the expression (GaussianAvatars' set). Each correction is a learnt value p times a fixed unit
+(``UNITS``: 0.01 rad, 1 mm, 0.1 of an expression coefficient), so one Adam rate (``train.lr_flame``) moves them all at comparable speeds and
 one weight (``loss.flame_refine``) pulls them back towards the tracker: the loss of a step adds
 loss.flame_refine · mean(p_t²) over the step's own timestep t.
 
 Which parameters: ``train.refine_keys``. The global pose alone (rotation, translation: ``RIGID``) leaves the
 head-space mesh as tracked, so training keeps the posed meshes and turns them (``ActorData.driving``)
-instead of evaluating FLAME every step; jaw or expression corrections re-pose FLAME per step.
+instead of evaluating FLAME every step; corrections of the others re-pose FLAME per step.
 
 Which timesteps: those of the train split, and only them. The val split shows the same timesteps from
 the held-out camera, so its renders use the refined parameters (as a novel view of a refined sequence);
@@ -41,9 +41,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lib.config import REFINABLE
 from lib.geometry.rotations import axis_angle_to_matrix
 
-UNITS = {"rotation": 0.01, "translation": 0.001, "jaw_pose": 0.01, "expr": 0.1}  # rad, m, rad, coefficient
+UNITS = {"rotation": 0.01, "translation": 0.001, "neck_pose": 0.01, "jaw_pose": 0.01, "eyes_pose": 0.01,
+         "expr": 0.1}  # rad, m, rad, rad, rad, coefficient
+assert tuple(UNITS) == REFINABLE, "lib.config.REFINABLE names the keys of UNITS, in order"
+SIZES = {"rotation": 3, "translation": 3, "neck_pose": 3, "jaw_pose": 3, "eyes_pose": 6}  # expr: n_expr
 RIGID = ("rotation", "translation")  # the head's global pose: the head-space mesh does not depend on it
 
 
@@ -61,10 +65,8 @@ class FlameRefinement(nn.Module):
         self.register_buffer("timesteps", torch.as_tensor(sorted(timesteps), dtype=torch.long))
         self.register_buffer("pivot", torch.zeros(3) if pivot is None else pivot.detach().float().reshape(3).clone())
         T = len(timesteps)
-        self.rotation = nn.Parameter(torch.zeros(T, 3))
-        self.translation = nn.Parameter(torch.zeros(T, 3))
-        self.jaw_pose = nn.Parameter(torch.zeros(T, 3))
-        self.expr = nn.Parameter(torch.zeros(T, n_expr))
+        for key in UNITS:
+            setattr(self, key, nn.Parameter(torch.zeros(T, SIZES.get(key, n_expr))))
         self.keys = tuple(k for k in UNITS if k in keys)
         for key in UNITS:
             getattr(self, key).requires_grad_(key in self.keys)
@@ -93,6 +95,8 @@ class FlameRefinement(nn.Module):
         out = dict(params)
         idx = torch.as_tensor(at, device=self.rotation.device)
         for key in self.keys:  # the others are zero
+            if key not in params:  # a parameter the caller does not pose with
+                continue
             delta = getattr(self, key)[rows] * UNITS[key]
             value = params[key]
             if key == "expr":
@@ -123,6 +127,8 @@ class FlameRefinement(nn.Module):
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         if "pivot" not in state:  # saved before corrections had a pivot: they turn about the root joint
             state = {**state, "pivot": torch.zeros(3)}
+        # saved before the neck and the eyes could be refined: theirs are zero
+        state = {**{k: torch.zeros_like(getattr(self, k)) for k in UNITS}, **state}
         out = super().load_state_dict(state, strict, assign)
         self._row = {int(t): i for i, t in enumerate(self.timesteps.tolist())}
         return out

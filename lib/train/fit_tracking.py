@@ -9,7 +9,8 @@ from where the avatar puts it: several dB lost to the tracker, not to the avatar
 The protocol scores one camera per split: ``test.camera`` on the held-out sequence (test) and the
 frontal camera on the training timesteps (val). Every other camera of those timesteps is an image the
 tracker had too (VHAP tracks every camera), and none of them is scored. So before scoring, the
-per-timestep corrections of ``FlameRefinement`` (rotation, translation, jaw, expression, in its units,
+per-timestep corrections of ``FlameRefinement`` (those of ``test.refit_keys`` among rotation, translation,
+neck, jaw, eyes and expression, in its units,
 pulled towards the tracker by ``loss.flame_refine`` as in training) are fitted by Adam to those other
 cameras' frames, the avatar frozen; the scored camera's frames are never read. It is a better tracker
 for the frames the avatar is asked to show, not a fit to the images it is scored on.
@@ -18,8 +19,8 @@ The avatar's network input is the mesh without the corrections' gradient (``Gaus
 so the fit moves the geometry the Gaussians ride, as training's refinement does, and the networks run once
 per timestep, at the starting tracking. A refit of the global pose alone (``test.refit_keys``: rotation,
 translation) leaves the head-space mesh as tracked: each step turns the timestep's Gaussians (``turned``)
-and renders them. A refit of jaw and expression too re-poses FLAME every step and places the networks'
-held outputs (``held_outputs``) on the new mesh (``GaussianAvatar.assemble``): their input's values lag
+and renders them. A refit of any other key (neck, jaw, eyes, expression) re-poses FLAME every step and
+places the networks' held outputs (``held_outputs``) on the new mesh (``GaussianAvatar.assemble``): their input's values lag
 the corrections (a millimetre or so) where their gradient never reached it. A refit is fitted with
 the regressor and kept beside it (``split_refit``), so the mapping network's self-reenactment poses GEM
 with the same tracking the regressor's evaluation scored.

@@ -4,7 +4,7 @@ import torch
 from lib.config import load_config
 from lib.dataset.vhap import VhapExport
 from lib.eval.render import render_gaussians
-from lib.flame.model import FlameModel
+from lib.flame.model import FlameModel, load_regions
 from lib.models.avatar import build_avatar, load_regressor, rigid_pose
 from lib.models.flame_refinement import UNITS, FlameRefinement, load_refinement, refinement_from_state
 from lib.paths import ActorPaths, resolve
@@ -63,6 +63,42 @@ def test_corrections_saved_without_a_pivot_turn_about_the_root_joint():
     loaded.load_state_dict(saved)
     assert torch.equal(loaded.pivot, torch.zeros(3))
     assert torch.equal(refinement_from_state(saved).pivot, torch.zeros(3))
+
+
+def test_corrections_saved_before_the_neck_and_eyes_were_refined_load_as_zero():
+    saved = FlameRefinement([3, 4], n_expr=2).state_dict()
+    for key in ("neck_pose", "eyes_pose"):  # as checkpoints written before these two keys hold them
+        del saved[key]
+    loaded = refinement_from_state(saved)
+    assert loaded.neck_pose.shape == (2, 3) and loaded.eyes_pose.shape == (2, 6)
+    assert loaded.neck_pose.abs().sum() == 0 and loaded.eyes_pose.abs().sum() == 0
+
+
+def test_neck_and_eye_corrections_re_pose_flame_where_they_act(run_config):
+    """The neck and eyes keys (refined as GaussianAvatars refines them): an eye correction moves the eyeballs
+    and nothing else, a neck correction bends the head-space mesh, and both get gradients through FLAME."""
+    cfg = load_config(*run_config)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
+    t = export.split("train")[0].timestep_index
+    before = data.driving(t)[0][0]
+    regions = load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0])
+    eyes = torch.zeros(len(before), dtype=torch.bool)
+    eyes[torch.as_tensor(regions["left_eyeball"])] = eyes[torch.as_tensor(regions["right_eyeball"])] = True
+    for key, value in (("eyes_pose", [0.0, 8.0, 0.0, 0.0, 8.0, 0.0]), ("neck_pose", [6.0, 0.0, 0.0])):
+        refinement = FlameRefinement([t], data.params["expr"].shape[1], keys=(key,))
+        assert not refinement.rigid
+        with torch.no_grad():
+            getattr(refinement, key)[0] = torch.tensor(value)  # 0.01 rad units
+        verts, R, trans = data.driving(t, refinement)
+        moved = (verts[0] - before).norm(dim=-1) > 1e-6
+        if key == "eyes_pose":
+            assert moved[eyes].float().mean() > 0.5 and not moved[~eyes].any()
+        else:
+            assert moved.float().mean() > 0.5
+        verts.sum().backward()
+        assert getattr(refinement, key).grad.abs().sum() > 0
 
 
 def test_the_refinement_pulls_a_mistracked_head_back_onto_its_images(run_config):
@@ -177,7 +213,7 @@ def test_a_refinement_of_the_global_pose_turns_the_kept_mesh_as_posing_flame_wou
     posed = ActorData(export, flame, torch.device("cpu"), keep_meshes=False)
     t = export.split("train")[0].timestep_index
     refinement = FlameRefinement([t], kept.params["expr"].shape[1], keys=("rotation", "translation"))
-    assert refinement.rigid and [p.requires_grad for p in refinement.parameters()] == [True, True, False, False]
+    assert refinement.rigid and [p.requires_grad for p in refinement.parameters()] == [True, True] + [False] * 4
     with torch.no_grad():
         refinement.rotation[0] = torch.tensor([3.0, -5.0, 2.0])
         refinement.translation[0] = torch.tensor([4.0, 1.0, -2.0])
