@@ -4,9 +4,9 @@ A tracker's FLAME fit jitters from frame to frame; the Gaussians ride that mesh,
 them. As GaussianAvatars does, the regressor's training can correct the tracked parameters of each
 training timestep while it learns the avatar: the head's rotation and translation, the neck, the jaw, the
 eyes and the expression (GaussianAvatars' set). Each correction is a learnt value p times a fixed unit
-(``UNITS``: 0.01 rad, 1 mm, 0.1 of an expression coefficient), so one Adam rate (``train.lr_flame``) moves them all at comparable speeds and
-one weight (``loss.flame_refine``) pulls them back towards the tracker: the loss of a step adds
-loss.flame_refine · mean(p_t²) over the step's own timestep t.
+(``UNITS``: 0.01 rad, 1 mm, 0.1 of an expression coefficient), so one Adam rate (``train.lr_flame``)
+moves them all at comparable speeds and one weight (``loss.flame_refine``) pulls them back towards the
+tracker: the loss of a step adds loss.flame_refine · mean(p_t²) over the step's own timestep t.
 
 Which parameters: ``train.refine_keys``. The global pose alone (rotation, translation: ``RIGID``) leaves the
 head-space mesh as tracked, so training keeps the posed meshes and turns them (``ActorData.driving``)
