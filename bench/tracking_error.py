@@ -14,6 +14,8 @@ posed head vertices and the true ones:
   lib/models/flame_refinement.py);
 - the least error any rigid correction of the tracked head could reach (each timestep's tracked mesh
   aligned to the truth by rotation and translation): the floor of a head-pose refinement.
+First, over all timesteps, what each key's jitter alone costs (the truth with that one key as written) and
+the floor a rigid correction leaves of it: which keys a refinement (``train.refine_keys``) must correct.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import lib  # noqa: E402,F401  (before torch: how its OpenMP threads wait, lib/_
 
 import torch
 
-from lib.config import load_config  # noqa: E402
+from lib.config import REFINABLE, load_config  # noqa: E402
 from lib.dataset.synthetic_actor import ActorSpec, HeadFiles, plan_actor  # noqa: E402
 from lib.dataset.vhap import VhapExport  # noqa: E402
 from lib.eval.evaluate import scored_frames  # noqa: E402
@@ -73,6 +75,13 @@ def main(argv: list[str]) -> None:
 
     def error_mm(verts: torch.Tensor, true: torch.Tensor) -> str:
         return f"{(verts - true).norm(dim=-1).mean().item() * 1000:.3f}"
+
+    everything = list(range(len(plan.sequence)))
+    true_all = mesh(at(plan.params, everything))
+    for key in REFINABLE:
+        alone = mesh(at({**plan.params, key: plan.written[key]}, everything))
+        print(f"{key}'s jitter alone: head vertex error in mm {error_mm(alone, true_all)}, "
+              f"best rigid correction {error_mm(rigidly_aligned(alone, true_all), true_all)}")
 
     paths, export = ActorPaths(cfg), VhapExport.from_config(cfg)
     training = load_refinement(paths)
