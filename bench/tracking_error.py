@@ -76,10 +76,9 @@ def main(argv: list[str]) -> None:
     def error_mm(verts: torch.Tensor, true: torch.Tensor) -> str:
         return f"{(verts - true).norm(dim=-1).mean().item() * 1000:.3f}"
 
-    everything = list(range(len(plan.sequence)))
-    true_all = mesh(at(plan.params, everything))
+    true_all = mesh(plan.params)
     for key in REFINABLE:
-        alone = mesh(at({**plan.params, key: plan.written[key]}, everything))
+        alone = mesh({**plan.params, key: plan.written[key]})
         print(f"{key}'s jitter alone: head vertex error in mm {error_mm(alone, true_all)}, "
               f"best rigid correction {error_mm(rigidly_aligned(alone, true_all), true_all)}")
 

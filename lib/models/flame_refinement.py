@@ -42,12 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from lib.config import REFINABLE
+from lib.dataset.vhap import FLAME_PARAM_SHAPES
 from lib.geometry.rotations import axis_angle_to_matrix
 
 UNITS = {"rotation": 0.01, "translation": 0.001, "neck_pose": 0.01, "jaw_pose": 0.01, "eyes_pose": 0.01,
          "expr": 0.1}  # rad, m, rad, rad, rad, coefficient
 assert tuple(UNITS) == REFINABLE, "lib.config.REFINABLE names the keys of UNITS, in order"
-SIZES = {"rotation": 3, "translation": 3, "neck_pose": 3, "jaw_pose": 3, "eyes_pose": 6}  # expr: n_expr
 RIGID = ("rotation", "translation")  # the head's global pose: the head-space mesh does not depend on it
 
 
@@ -66,7 +66,8 @@ class FlameRefinement(nn.Module):
         self.register_buffer("pivot", torch.zeros(3) if pivot is None else pivot.detach().float().reshape(3).clone())
         T = len(timesteps)
         for key in UNITS:
-            setattr(self, key, nn.Parameter(torch.zeros(T, SIZES.get(key, n_expr))))
+            width = FLAME_PARAM_SHAPES[key][-1] or n_expr  # the exported width; expr: the model's
+            setattr(self, key, nn.Parameter(torch.zeros(T, width)))
         self.keys = tuple(k for k in UNITS if k in keys)
         for key in UNITS:
             getattr(self, key).requires_grad_(key in self.keys)
@@ -95,8 +96,6 @@ class FlameRefinement(nn.Module):
         out = dict(params)
         idx = torch.as_tensor(at, device=self.rotation.device)
         for key in self.keys:  # the others are zero
-            if key not in params:  # a parameter the caller does not pose with
-                continue
             delta = getattr(self, key)[rows] * UNITS[key]
             value = params[key]
             if key == "expr":

@@ -20,8 +20,8 @@ so the fit moves the geometry the Gaussians ride, as training's refinement does,
 per timestep, at the starting tracking. A refit of the global pose alone (``test.refit_keys``: rotation,
 translation) leaves the head-space mesh as tracked: each step turns the timestep's Gaussians (``turned``)
 and renders them. A refit of any other key (neck, jaw, eyes, expression) re-poses FLAME every step and
-places the networks' held outputs (``held_outputs``) on the new mesh (``GaussianAvatar.assemble``): their input's values lag
-the corrections (a millimetre or so) where their gradient never reached it. A refit is fitted with
+places the networks' held outputs (``held_outputs``) on the new mesh (``GaussianAvatar.assemble``): their
+input's values lag the corrections (a millimetre or so) where their gradient never reached it. A refit is fitted with
 the regressor and kept beside it (``split_refit``), so the mapping network's self-reenactment poses GEM
 with the same tracking the regressor's evaluation scored.
 """

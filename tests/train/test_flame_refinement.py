@@ -20,8 +20,9 @@ def test_corrections_are_added_in_their_units_to_the_refined_timesteps_only():
     with torch.no_grad():
         refinement.translation[1] = torch.tensor([2.0, 0.0, -1.0])
         refinement.expr[1] = torch.tensor([1.0, 0.0, 0.0])
-    params = {"rotation": torch.zeros(3, 3), "translation": torch.ones(3, 3), "jaw_pose": torch.zeros(3, 3),
-              "expr": torch.zeros(3, 5), "shape": torch.zeros(1, 4), "static_offset": None}
+    params = {"rotation": torch.zeros(3, 3), "translation": torch.ones(3, 3), "neck_pose": torch.zeros(3, 3),
+              "jaw_pose": torch.zeros(3, 3), "eyes_pose": torch.zeros(3, 6), "expr": torch.zeros(3, 5),
+              "shape": torch.zeros(1, 4), "static_offset": None}
     out = refinement.corrected(params, [7, 5, 4])  # rows: timestep 7 (refined), 5 (not), 4 (refined, zero)
     assert torch.allclose(out["translation"][0], torch.tensor([1.0 + 2 * UNITS["translation"], 1.0, 1.0 - UNITS["translation"]]))
     assert torch.equal(out["translation"][1:], params["translation"][1:])
