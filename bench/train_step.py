@@ -1,11 +1,13 @@
 """Benchmark one training iteration of the regressor and its parts.
 
-    .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N] [--data]
+    .venv/bin/python bench/train_step.py [CONFIG] [--gem] [--steps N] [--threads N] [--views N] [--data]
 
 Builds the synthetic head (CONFIG's when it is there, else in a temporary folder), a mesh PCA of random
 expressions, the avatar of CONFIG's ``regressor`` section (default: configs/default.yml) and a
 NeRSemble-framed camera of the synthetic rig; then times full training steps (it/s) and, separately, each part of a step with its
-backward pass: network (generator + colour head + assembly), renderer, losses, optimiser. ``--gem``
+backward pass: network (generator + colour head + assembly), renderer, losses, optimiser; with
+``--views N`` (``train.views_per_step``) also whole steps rendering N cameras of one timestep from one
+evaluation of the networks, and the images per second each step size trains on. ``--gem``
 (the default on CUDA) uses GEM's settings: 802x550 images, UV 256, the schema's widths.
 With ``--data``, data loading too: CONFIG's actor (generated or exported, with ``render_masks.py`` run)
 through the training loader (``data.workers`` processes), alone (images/s it supplies) and inside full
@@ -70,8 +72,8 @@ def build(cfg, gem: bool, device: torch.device, folder: Path):
                             pick("convs_per_level"), tuple(pick("removed_regions")), pick("init_scale"),
                             pick("deform")).to(device)
     scale = 1.0 if gem else cfg.synthetic.scale
-    camera = make_rig(flame.v_template.cpu(), {k: np.asarray(v) for k, v in regions.items()}, 16, scale)[8]
-    return avatar, (verts, R, t), camera
+    rig = make_rig(flame.v_template.cpu(), {k: np.asarray(v) for k, v in regions.items()}, 16, scale)
+    return avatar, (verts, R, t), rig[8:] + rig[:8]  # the frontal camera first
 
 
 def sync(device: torch.device) -> None:
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--gem", action="store_true", help="GEM's settings (default on CUDA)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    parser.add_argument("--views", type=int, default=1, help="also time steps of 2..N views (train.views_per_step)")
     parser.add_argument("--data", action="store_true", help="also time data loading from CONFIG's actor")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +112,8 @@ def main() -> None:
     cfg = load_config(args.config)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        avatar, (verts, R, t), cam = build(cfg, gem, device, Path(folder))
+        avatar, (verts, R, t), rig = build(cfg, gem, device, Path(folder))
+    cam = rig[0]
     opt = make_optimizer(avatar, cfg)
     W, H = cam.width, cam.height
     vm, K = cam.viewmat[None].to(device), cam.K[None].to(device)
@@ -158,6 +162,18 @@ def main() -> None:
     wall, cpu = timed(full_step, args.steps, device)
     print(f"full step: {wall:.1f} ms ({1e3 / wall:.1f} it/s), process CPU {cpu:.1f} ms")
     start_again()
+    for n in range(2, args.views + 1):  # n cameras spread around the head, one evaluation of the networks
+        cams = [rig[(k * len(rig)) // n] for k in range(n)]
+        vms, Kn = torch.stack([c.viewmat for c in cams]).to(device), torch.stack([c.K for c in cams]).to(device)
+        bgs, gts = bg.expand(n, 3), gt.expand(n, H, W, 3)
+
+        def views_step(vms=vms, Kn=Kn, bgs=bgs, gts=gts, n=n):
+            step[0] += 1
+            train_on(step[0] - 1, vms, Kn, W, H, bgs, gts, weight.expand(n, H, W))
+        views_wall, _ = timed(views_step, args.steps, device)
+        print(f"full step of {n} views: {views_wall:.1f} ms ({1e3 / views_wall:.1f} it/s, {n * 1e3 / views_wall:.1f} "
+              f"images/s against {1e3 / wall:.1f} with one view)")
+        start_again()
 
     # The same step cut into parts, each with its own backward pass (tensors handed over as leaves).
     parts = {"network": [], "renderer": [], "losses": [], "optimiser": []}

@@ -117,7 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "train": {
         "stage": Key("regressor", "what train.py / test.py train and evaluate", choices=("regressor", "mapping")),
-        "iterations": Key(1000000, "optimiser steps (batch 1 per process)", ge=1),
+        "iterations": Key(1000000, "optimiser steps (one timestep per process and step)", ge=1),
+        "views_per_step": Key(1, "regressor: cameras of the step's timestep rendered from one evaluation of the networks (their losses averaged); fewer when the timestep has fewer cameras of the image's size (README, \"Views per step\")", ge=1),
         "time_limit_minutes": Key(0.0, "stop after this many training minutes (0 = off); the lr schedule then follows the time used when it is further along than the steps", ge=0),
         "lr": Key(5e-4, "Adam learning rate of the generator and colour head", gt=0),
         "lr_features": Key(5e-4, "Adam learning rate of the learned UV feature maps", ge=0),

@@ -7,7 +7,8 @@ re-composited on the step's background through the export's own foreground alpha
 elsewhere (``lib.train.losses.composite_gt``).
 
 Images reach the training loop through ``torch.utils.data``: ``TrainingImages`` is a DataLoader over
-step numbers. The image and background of step s are drawn from a generator seeded by
+step numbers. The image and background of step s (the images and backgrounds, with
+``train.views_per_step`` > 1: other cameras of its timestep) are drawn from a generator seeded by
 (train.seed, s, rank), so a resumed run draws what the uninterrupted one would have, whatever the
 number of workers. Under torchrun, rank r draws from its own share of the frames (every world_size-th
 one from r). ``data.workers`` processes decode ahead of the loop (``0``: the loop decodes itself);
@@ -205,42 +206,62 @@ class ActorData:
 # ---------------------------------------------------------------- training images
 
 class TrainingDraws(Dataset):
-    """Map-style dataset indexed by training step: the step's frame (from ``frames``) and background,
-    drawn from a generator seeded by (seed, step, rank), with the frame's pixels.
+    """Map-style dataset indexed by training step: the step's frames (from ``frames``) and backgrounds,
+    drawn from a generator seeded by (seed, step, rank), with the frames' pixels.
 
-    An item is a dict: step, index (into frames), pixels uint8 [H * W * 6] (``read_pixels``), background
-    float32 [3];
+    A step draws a frame uniformly, then up to ``views`` - 1 other cameras of the same timestep (and
+    image size) without replacement, all of which the step renders from one evaluation of the networks
+    (``train.views_per_step``); fewer when the timestep has fewer cameras. One view draws exactly what
+    it drew before views existed. Each view gets its own background.
+
+    An item is a dict: step, indices (into frames), pixels (one uint8 [H * W * 6] per view,
+    ``read_pixels``), background float32 [views, 3];
     or {step, error} when a file is bad, so the error reaches the training process as itself.
     """
 
     def __init__(self, export: VhapExport, frames: list[Frame], seed: int, rank: int,
-                 random_background: bool, background: tuple[float, float, float], cache: ImageCache | None):
-        self.export, self.frames, self.seed, self.rank = export, frames, seed, rank
+                 random_background: bool, background: tuple[float, float, float], cache: ImageCache | None,
+                 views: int = 1):
+        self.export, self.frames, self.seed, self.rank, self.views = export, frames, seed, rank, views
         self.random_background, self.background = random_background, np.asarray(background, dtype=np.float32)
         self.cache = cache
+        groups: dict[tuple[int, int, int], list[int]] = {}  # the frames one step may render together
+        for i, f in enumerate(frames):
+            groups.setdefault((f.timestep_index, f.camera.width, f.camera.height), []).append(i)
+        self.others = [[j for j in groups[(f.timestep_index, f.camera.width, f.camera.height)] if j != i]
+                       for i, f in enumerate(frames)]
 
     def __len__(self) -> int:
         return 2 ** 62  # any step; ``StepSampler`` says which
 
-    def draw(self, step: int) -> tuple[int, np.ndarray]:
-        """(frame index, background [3]) of a step."""
+    def draw(self, step: int) -> tuple[list[int], np.ndarray]:
+        """(frame indices, backgrounds [views, 3]) of a step."""
         rng = np.random.default_rng([self.seed, step, self.rank])
-        index = int(rng.integers(len(self.frames)))
-        bg = rng.random(3).astype(np.float32) if self.random_background else self.background
-        return index, bg
+        indices = [int(rng.integers(len(self.frames)))]
+        others = self.others[indices[0]]
+        if self.views > 1 and others:
+            picked = rng.choice(len(others), min(self.views - 1, len(others)), replace=False)
+            indices += [others[k] for k in picked]
+        n = len(indices)
+        bg = rng.random((n, 3)).astype(np.float32) if self.random_background else np.tile(self.background, (n, 1))
+        return indices, bg
 
     def __getitem__(self, step: int) -> dict:
-        index, bg = self.draw(step)
-        frame = self.frames[index]
+        indices, bg = self.draw(step)
         try:
-            pixels = self.cache.get(index) if self.cache else None
-            if pixels is None:
-                pixels = read_pixels(self.export, frame)
-                if self.cache is not None:
-                    self.cache.put(index, pixels)
+            pixels = [self._pixels(i) for i in indices]
         except ProjectError as e:
             return {"step": step, "error": e}
-        return {"step": step, "index": index, "pixels": torch.from_numpy(pixels), "background": torch.from_numpy(bg)}
+        return {"step": step, "indices": indices, "pixels": [torch.from_numpy(p) for p in pixels],
+                "background": torch.from_numpy(bg)}
+
+    def _pixels(self, index: int) -> np.ndarray:
+        pixels = self.cache.get(index) if self.cache else None
+        if pixels is None:
+            pixels = read_pixels(self.export, self.frames[index])
+            if self.cache is not None:
+                self.cache.put(index, pixels)
+        return pixels
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -271,10 +292,13 @@ class TrainingImages:
 
         images = TrainingImages(export, frames, cfg, rank, world_size, start=step, stop=total, device=device)
         sample, bg, gt = images.at(step)
+
+    or, with ``views`` > 1 (several cameras of one timestep per step, ``TrainingDraws``):
+        samples, bg, gt = images.views(step)
     """
 
     def __init__(self, export: VhapExport, frames: list[Frame], cfg, rank: int, world_size: int, start: int,
-                 stop: int, device: torch.device, local_world_size: int | None = None):
+                 stop: int, device: torch.device, local_world_size: int | None = None, views: int = 1):
         if len(frames) < world_size:
             raise DatasetError(f"{export.root}: {world_size} processes but only {len(frames)} training images; "
                                "run fewer processes")
@@ -284,7 +308,7 @@ class TrainingImages:
         budget = int(cfg.data.cache_gb * GB / max(local, 1))
         cache = ImageCache([f.camera.width * f.camera.height * CHANNELS for f in frames], budget) if budget else None
         self.draws = TrainingDraws(export, frames, cfg.train.seed, rank, cfg.train.random_background,
-                                   tuple(cfg.data.background), cache)
+                                   tuple(cfg.data.background), cache, views)
         workers = cfg.data.workers
         # items in step order (``TrainingDraws``); ``at`` turns them into samples on the device
         self.loader = DataLoader(self.draws, batch_size=None, sampler=StepSampler(start, stop), num_workers=workers,
@@ -293,8 +317,16 @@ class TrainingImages:
         self._items = None
 
     def at(self, step: int) -> tuple[Sample, Tensor, Tensor]:
-        """The training image of ``step`` (steps are asked for in increasing order; skipped ones are
-        dropped) -> (sample, bg [3], gt [1, H, W, 3] on bg)"""
+        """The training image of ``step`` (one view per step) -> (sample, bg [3], gt [1, H, W, 3] on bg)"""
+        samples, bg, gt = self.views(step)
+        if len(samples) != 1:
+            raise ValueError(f"step {step} drew {len(samples)} views; ask for them with views()")
+        return samples[0], bg[0], gt
+
+    def views(self, step: int) -> tuple[list[Sample], Tensor, Tensor]:
+        """The training images of ``step``: one timestep seen by up to ``views`` cameras of one image size
+        (steps are asked for in increasing order; skipped ones are dropped)
+        -> (samples, bg [n, 3], gt [n, H, W, 3], each view on its own bg)"""
         while True:
             item = self._next()
             if "error" in item:
@@ -303,9 +335,9 @@ class TrainingImages:
                 break
         if item["step"] != step:
             raise ValueError(f"step {step} was asked for after step {item['step']}")
-        sample = to_sample(self.frames[item["index"]], item["pixels"], self.device)
+        samples = [to_sample(self.frames[i], p, self.device) for i, p in zip(item["indices"], item["pixels"])]
         bg = item["background"].to(self.device)
-        return sample, bg, sample.ground_truth(bg)
+        return samples, bg, torch.cat([s.ground_truth(b) for s, b in zip(samples, bg)])
 
     def _next(self) -> dict:
         if self._items is None:

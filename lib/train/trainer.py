@@ -1,9 +1,10 @@
 """Training of the Gaussian texture regressor (stage 2): its setup and its step, top to bottom; the
 loop around the step (schedule, NaN guard, logging, checkpoints) is ``lib.train.loop``'s.
 
-One step: a random training image (camera and timestep), a random background colour, the avatar's
-Gaussians for that timestep rendered into that camera, L1 (mouth-weighted) + SSIM (+ VGG) against
-the ground truth composited on the same background, the regularisers, Adam with gradient clipping
+One step: a random training image (camera and timestep), with train.views_per_step > 1 other cameras
+of its timestep too, a random background colour per image, the avatar's Gaussians for that timestep
+(one evaluation of the networks) rendered into those cameras, L1 (mouth-weighted) + SSIM (+ VGG)
+against the ground truths composited on the same backgrounds (means over the images), the regularisers, Adam with gradient clipping
 and a step-wise learning-rate schedule. Checkpoints every ``train.checkpoint_every`` steps are
 atomic and a rerun resumes from the newest. A non-finite gradient restores the last good state
 kept in memory. Rank 0 logs TensorBoard scalars, progress images and the val PSNR-versus-minutes
@@ -121,15 +122,16 @@ def train(cfg, log=print) -> GaussianAvatar:
     curve_next = elapsed + 60.0 * cfg.train.curve_every_minutes if curve else math.inf
     if step == 0 and curve:
         _curve_point(paths, avatar, data, val_frames, step, 0.0, refinement, fresh=True)
-    images = TrainingImages(export, frames, cfg, info.rank, info.world_size, step, total, device)
+    images = TrainingImages(export, frames, cfg, info.rank, info.world_size, step, total, device,
+                            views=cfg.train.views_per_step)
 
     def train_step(step: int) -> StepOutput:
-        sample, bg, gt = images.at(step)
-        frame = sample.frame
+        samples, bg, gt = images.views(step)  # one timestep, one or more cameras
+        frame = samples[0].frame
         gaussians = model(*data.driving(frame.timestep_index, refinement))
-        render = render_gaussians(gaussians, 0, sample.viewmat[None], sample.K[None],
-                                  frame.camera.width, frame.camera.height, bg)
-        weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
+        render = render_gaussians(gaussians, 0, torch.stack([s.viewmat for s in samples]),
+                                  torch.stack([s.K for s in samples]), frame.camera.width, frame.camera.height, bg)
+        weight = mouth_weight(torch.stack([s.mouth for s in samples]), cfg.loss.mouth, cfg.loss.mouth_blur_px)
         terms = photometric(render, gt, weight, cfg.loss.l1, cfg.loss.ssim)
         terms.update(regularisers(gaussians.position_residual, gaussians.scales, cfg.loss.position, cfg.loss.scale))
         if vgg is not None and step >= cfg.loss.vgg_from:

@@ -23,12 +23,13 @@ from lib.train.data import LoaderError, TrainingImages, read_pixels
 CPU = torch.device("cpu")
 
 
-def _images(cfg, workers=0, rank=0, world=1, start=0, stop=40, **data):
+def _images(cfg, workers=0, rank=0, world=1, start=0, stop=40, views=1, **data):
     cfg.data.workers = workers
     for key, value in data.items():
         setattr(cfg.data, key, value)
     export = VhapExport.from_config(cfg)
-    return TrainingImages(export, export.split("train"), cfg, rank, world, start, stop, CPU, local_world_size=1)
+    return TrainingImages(export, export.split("train"), cfg, rank, world, start, stop, CPU, local_world_size=1,
+                          views=views)
 
 
 def _draws(images, steps):
@@ -93,6 +94,31 @@ def test_draws_do_not_depend_on_workers_cache_or_resuming(tiny_actor_config):
             torch.testing.assert_close(gt, ref_gt, rtol=0, atol=0)
     # and the draws are random: several frames and backgrounds over 12 steps
     assert len({p for p, _, _ in reference}) > 3 and len({tuple(b) for _, b, _ in reference}) > 3
+
+
+def test_a_step_of_several_views_sees_its_timestep_from_distinct_cameras(tiny_actor_config):
+    cfg = load_config(tiny_actor_config)
+    export = VhapExport.from_config(cfg)
+    cameras = {}  # timestep -> the train split's images of it
+    for f in export.split("train"):
+        cameras.setdefault(f.timestep_index, set()).add(f.image_path)
+    single, several, loaded = _images(cfg), _images(cfg, views=3), _images(cfg, workers=1, views=3)
+    for step in range(12):
+        one, _, _ = single.at(step)
+        samples, bg, gt = several.views(step)
+        t = samples[0].frame.timestep_index
+        paths = [s.frame.image_path for s in samples]
+        assert paths[0] == one.frame.image_path  # the first view is the one-view step's image
+        assert len(set(paths)) == len(paths) == min(3, len(cameras[t])) and set(paths) <= cameras[t]
+        assert bg.shape == (len(paths), 3) and gt.shape[0] == len(paths)
+        for k, s in enumerate(samples):  # each view on its own background
+            torch.testing.assert_close(gt[k:k + 1], s.ground_truth(bg[k]), rtol=0, atol=0)
+        samples_w, bg_w, gt_w = loaded.views(step)  # and workers draw the same
+        assert [s.frame.image_path for s in samples_w] == paths
+        torch.testing.assert_close(gt_w, gt, rtol=0, atol=0)
+    assert min(len(c) for c in cameras.values()) >= 3  # so every step above drew three views
+    with pytest.raises(ValueError, match="drew 3 views"):
+        _images(cfg, views=3).at(0)  # a one-view caller is told, not handed the first view
 
 
 def test_the_sample_holds_the_exports_pixels(tiny_actor_config):

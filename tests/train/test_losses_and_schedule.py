@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lib.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from lib.train.losses import composite_gt, mouth_weight, ssim
+from lib.train.losses import composite_gt, mouth_weight, photometric, ssim
 from lib.train.schedule import lr_factor, progress
 
 
@@ -11,6 +11,20 @@ def test_ssim_is_one_for_equal_images_and_lower_for_noise():
     a = torch.rand(1, 32, 32, 3)
     assert ssim(a, a).item() == pytest.approx(1.0, abs=1e-5)
     assert ssim(a, (a + 0.2 * torch.randn_like(a)).clamp(0, 1)).item() < 0.9
+
+
+def test_the_photometric_terms_of_several_views_are_the_mean_of_each_views():
+    """train.views_per_step: a step's loss over n views is the mean of n one-view losses, so the terms keep
+    their scale (and their weights their meaning) whatever the number of views."""
+    g = torch.Generator().manual_seed(3)
+    render, gt = torch.rand(3, 24, 20, 3, generator=g), torch.rand(3, 24, 20, 3, generator=g)
+    weight = mouth_weight((torch.rand(3, 24, 20, generator=g) > 0.8).float(), 10.0, 2)
+    together = photometric(render, gt, weight, 0.4, 0.8)
+    alone = [photometric(render[i:i + 1], gt[i:i + 1], weight[i:i + 1], 0.4, 0.8) for i in range(3)]
+    for term in ("l1", "ssim"):
+        mean = sum(a[term] for a in alone) / 3
+        assert together[term].item() == pytest.approx(mean.item(), rel=1e-5)
+        assert max(abs(a[term].item() - mean.item()) for a in alone) > 1e-4  # views that differ
 
 
 def test_mouth_weight_is_one_outside_and_raised_inside_the_mouth():

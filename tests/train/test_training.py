@@ -159,9 +159,10 @@ def test_evaluation_writes_metrics_renders_and_videos(run_config, render_log):
 
 
 def test_a_one_camera_export_trains_and_evaluates_reporting_its_empty_val_split(tiny_actor_factory):
-    """VHAP's union of a single camera has an empty val split: what only val feeds is said and skipped."""
+    """VHAP's union of a single camera has an empty val split: what only val feeds is said and skipped;
+    a step asked for more views than the one camera trains on that one."""
     config = tiny_actor_factory(synthetic={"n_cameras": 1}, actor={"identity_camera": 0}, test={"camera": 0},
-                                train={"iterations": 2, "curve_every_minutes": 1e-6})
+                                train={"iterations": 2, "curve_every_minutes": 1e-6, "views_per_step": 2})
     cfg = load_config(config)
     empty = f"val split is empty in {resolve(cfg.actor.data_dir) / 'transforms_val.json'}"
     lines = []
