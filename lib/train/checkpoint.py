@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lib.atomic import load_torch, save_torch
-from lib.config import RESUMABLE
+from lib.config import RESUMABLE, SCHEMA
 from lib.errors import ProjectError, check_finite
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -38,11 +38,17 @@ def shaping_config(cfg, stage: str) -> dict[str, Any]:
 
 
 def check_resume(state: dict, cfg, stage: str, path: str | Path) -> None:
-    """Refuse to resume from checkpoint ``path`` when a key that shapes the model has another value now."""
+    """Refuse to resume from checkpoint ``path`` when a key that shapes the model has another value now.
+    A key the checkpoint does not record (added to the schema after it was written) may keep its default:
+    a new key's default is the behaviour before it (e.g. ``train.views_per_step`` 1)."""
     recorded = state.get("shaping")
     if not isinstance(recorded, dict):
         return  # a checkpoint from before shaping records: nothing to compare
-    current = shaping_config(cfg, stage)
+    current, recorded = shaping_config(cfg, stage), dict(recorded)
+    for name in set(current) - set(recorded):
+        section, key = name.split(".", 1)
+        if current[name] == SCHEMA[section][key].default:
+            recorded[name] = current[name]
     missing = object()
     differ = [k for k in sorted(set(recorded) | set(current)) if recorded.get(k, missing) != current.get(k, missing)]
     if differ:

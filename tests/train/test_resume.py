@@ -49,6 +49,17 @@ def test_the_mapping_stage_compares_its_own_and_its_upstream_keys():
         check_resume(state, load_config(None, ["train.stage=mapping", "gem.positions=20"]), "mapping", "ckpt.pt")
 
 
+def test_a_key_newer_than_the_checkpoint_resumes_at_its_default_only():
+    """A checkpoint written before a key existed records no value for it: its default (the old behaviour)
+    resumes, another value is refused."""
+    cfg = load_config(None)
+    state = {"shaping": shaping_config(cfg, "regressor")}
+    del state["shaping"]["train.views_per_step"]
+    check_resume(state, cfg, "regressor", "ckpt.pt")
+    with pytest.raises(CheckpointError, match=r"train\.views_per_step: '\(absent\)' -> 3"):
+        check_resume(state, load_config(None, ["train.views_per_step=3"]), "regressor", "ckpt.pt")
+
+
 def test_two_named_runs_of_one_actor_live_side_by_side(run_config):
     config, overrides = run_config
     first = _train(config, overrides + ["train.iterations=2"])
