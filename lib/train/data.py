@@ -225,11 +225,13 @@ class TrainingDraws(Dataset):
         self.export, self.frames, self.seed, self.rank, self.views = export, frames, seed, rank, views
         self.random_background, self.background = random_background, np.asarray(background, dtype=np.float32)
         self.cache = cache
-        groups: dict[tuple[int, int, int], list[int]] = {}  # the frames one step may render together
-        for i, f in enumerate(frames):
-            groups.setdefault((f.timestep_index, f.camera.width, f.camera.height), []).append(i)
-        self.others = [[j for j in groups[(f.timestep_index, f.camera.width, f.camera.height)] if j != i]
-                       for i, f in enumerate(frames)]
+        self.together: list[list[int]] = []  # with views > 1, each frame's group: one timestep, one image size
+        if views > 1:
+            keys = [(f.timestep_index, f.camera.width, f.camera.height) for f in frames]
+            groups: dict[tuple[int, int, int], list[int]] = {}
+            for i, key in enumerate(keys):
+                groups.setdefault(key, []).append(i)
+            self.together = [groups[key] for key in keys]  # shared lists, one per group
 
     def __len__(self) -> int:
         return 2 ** 62  # any step; ``StepSampler`` says which
@@ -238,8 +240,8 @@ class TrainingDraws(Dataset):
         """(frame indices, backgrounds [views, 3]) of a step."""
         rng = np.random.default_rng([self.seed, step, self.rank])
         indices = [int(rng.integers(len(self.frames)))]
-        others = self.others[indices[0]]
-        if self.views > 1 and others:
+        others = [j for j in self.together[indices[0]] if j != indices[0]] if self.together else []
+        if others:
             picked = rng.choice(len(others), min(self.views - 1, len(others)), replace=False)
             indices += [others[k] for k in picked]
         n = len(indices)

@@ -4,11 +4,11 @@ loop around the step (schedule, NaN guard, logging, checkpoints) is ``lib.train.
 One step: a random training image (camera and timestep), with train.views_per_step > 1 other cameras
 of its timestep too, a random background colour per image, the avatar's Gaussians for that timestep
 (one evaluation of the networks) rendered into those cameras, L1 (mouth-weighted) + SSIM (+ VGG)
-against the ground truths composited on the same backgrounds (means over the images), the regularisers, Adam with gradient clipping
-and a step-wise learning-rate schedule. Checkpoints every ``train.checkpoint_every`` steps are
-atomic and a rerun resumes from the newest. A non-finite gradient restores the last good state
-kept in memory. Rank 0 logs TensorBoard scalars, progress images and the val PSNR-versus-minutes
-curve; under torchrun all ranks train (DDP averages the gradients).
+against the ground truths composited on the same backgrounds (means over the images), the
+regularisers, Adam with gradient clipping and a step-wise learning-rate schedule. Checkpoints every
+``train.checkpoint_every`` steps are atomic and a rerun resumes from the newest. A non-finite gradient
+restores the last good state kept in memory. Rank 0 logs TensorBoard scalars, progress images and the
+val PSNR-versus-minutes curve; under torchrun all ranks train (DDP averages the gradients).
 """
 from __future__ import annotations
 
