@@ -50,7 +50,9 @@ A frame is skipped when its two masks exist and are not older than its foregroun
 parameter file (a regenerated or re-tracked export gets new masks); every file is written to a
 temporary name and renamed, the mouth mask before the keep mask, so an interrupted run leaves no
 partial file and no frame whose keep mask is newer than its mouth mask, and a rerun continues where
-it stopped. The masks render on the device of the FLAME model they are given.
+it stopped. The masks render on the device of the FLAME model they are given. With train.refine_flame
+and train.refine_masks, training renders its images' masks at each step from the corrected mesh
+instead (``frame_masks`` through ``lib.train.data.remasked``); the evaluations read these files.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lib.cli import end_with_parent
 from lib.dataset.image_cache import ImageCache
-from lib.dataset.masks import mask_paths, missing_masks_message
+from lib.dataset.masks import MaskRegions, frame_masks, mask_paths, missing_masks_message
 from lib.dataset.vhap import SPLITS, DatasetError, Frame, VhapExport, stack_flame_params, take_timesteps
 from lib.errors import ProjectError
 from lib.flame.model import POSE_BATCH, FlameModel
@@ -72,6 +72,18 @@ class Sample:
     def ground_truth(self, background: Tensor) -> Tensor:
         """The image's kept head on ``background`` [3] (``composite_gt``). -> [1, H, W, 3]"""
         return composite_gt(self.image[None], self.fg[None], self.keep[None], background[None])
+
+
+@torch.no_grad()
+def remasked(samples: list[Sample], background: Tensor, regions: MaskRegions, verts: Tensor,
+             joints: Tensor) -> tuple[list[Sample], Tensor]:
+    """Samples of one timestep with keep and mouth masks rendered from the mesh ``verts`` [V, 3] with joint
+    frames ``joints`` [J, 4, 4] (``lib.dataset.masks.frame_masks``, in the samples' cameras) instead of
+    those read from the masks folder, and their ground truths on ``background`` [n, 3] anew.
+    -> (samples, gt [n, H, W, 3])"""
+    keep, mouth = frame_masks(verts, joints, regions, [s.frame.camera for s in samples])
+    samples = [replace(s, keep=k.to(s.keep), mouth=m.to(s.mouth)) for s, k, m in zip(samples, keep, mouth)]
+    return samples, torch.cat([s.ground_truth(b) for s, b in zip(samples, background)])
 
 
 def read_pixels(export: VhapExport, frame: Frame) -> np.ndarray:
@@ -159,6 +171,16 @@ class ActorData:
             return tuple(x[i:i + 1] for x in self._posed[:3])
         with torch.no_grad():
             return split_global_pose(self.flame, take_timesteps(self.params, torch.tensor([i], device=self.device)))
+
+    @torch.no_grad()
+    def world_mesh(self, timestep: int, refinement: FlameRefinement | None = None) -> tuple[Tensor, Tensor]:
+        """One timestep's posed mesh and joint frames in world space, with the corrections of
+        ``refinement`` where it refines the timestep (no gradient). -> verts [V, 3], joints [J, 4, 4]"""
+        params = take_timesteps(self.params, self._rows([timestep]))
+        if refinement is not None:
+            params = refinement.corrected(params, [timestep])
+        verts, joints = self.flame(**params)
+        return verts[0], joints[0]
 
     @torch.no_grad()
     def rotation_pivot(self) -> Tensor:

@@ -4,10 +4,11 @@ loop around the step (schedule, NaN guard, logging, checkpoints) is ``lib.train.
 One step: a random training image (camera and timestep), with train.views_per_step > 1 other cameras
 of its timestep too, a random background colour per image, the avatar's Gaussians for that timestep
 (one evaluation of the networks) rendered into those cameras, L1 (mouth-weighted) + SSIM (+ VGG)
-against the ground truths composited on the same backgrounds (means over the images), the
-regularisers, Adam with gradient clipping and a step-wise learning-rate schedule. Checkpoints every
-``train.checkpoint_every`` steps are atomic and a rerun resumes from the newest. A non-finite gradient
-restores the last good state kept in memory. Rank 0 logs TensorBoard scalars, progress images and the
+against the ground truths composited on the same backgrounds (means over the images; with
+train.refine_masks on keep masks rendered from the step's corrected mesh), the regularisers, Adam
+with gradient clipping and a step-wise learning-rate schedule. Checkpoints every
+``train.checkpoint_every`` steps are atomic and a rerun resumes from the newest. A non-finite
+gradient restores the last good state kept in memory. Rank 0 logs TensorBoard scalars, progress images and the
 val PSNR-versus-minutes curve; under torchrun all ranks train (DDP averages the gradients).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from lib.config import save_config
 from lib.dataset.vhap import VhapExport
 from lib.eval.curve import curve_frames, plot_curve
 from lib.eval.render import render_gaussians, score_frames
-from lib.flame.model import FlameModel
+from lib.dataset.masks import MaskRegions
+from lib.flame.model import FlameModel, load_regions
 from lib.gaussians.render import warm_up
 from lib.lock import locks_run_folder
 from lib.models.avatar import GaussianAvatar, build_avatar
@@ -33,7 +35,7 @@ from lib.train import distributed
 from lib.train.checkpoint import (
     check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, shaping_config,
 )
-from lib.train.data import ActorData, TrainingImages
+from lib.train.data import ActorData, TrainingImages, remasked
 from lib.train.losses import mouth_weight, photometric, regularisers
 from lib.train.loop import NanGuard, Phase, StepOutput, TrainingLoop, start_over
 from lib.train.schedule import configured_schedule
@@ -88,6 +90,10 @@ def train(cfg, log=print) -> GaussianAvatar:
     if cfg.train.refine_flame:  # corrections of the train timesteps' tracked parameters, learnt alongside
         refinement = FlameRefinement([t for t, _ in export.timesteps("train")], data.params["expr"].shape[1],
                                      cfg.train.refine_keys, data.rotation_pivot()).to(device)
+    regions = None  # with train.refine_masks, the training images' masks follow the corrected meshes
+    if refinement is not None and cfg.train.refine_masks:
+        n_verts = flame.v_template.shape[0]
+        regions = MaskRegions.from_masks(flame.faces, n_verts, load_regions(resolve(cfg.actor.flame_masks), n_verts))
     opt = make_optimizer(avatar, cfg, refinement)
     vgg = perceptual_loss(cfg, cfg.loss.vgg, log)
     vgg = vgg.to(device) if vgg is not None else None
@@ -128,6 +134,8 @@ def train(cfg, log=print) -> GaussianAvatar:
     def train_step(step: int) -> StepOutput:
         samples, bg, gt = images.views(step)  # one timestep, one or more cameras
         frame = samples[0].frame
+        if regions is not None:
+            samples, gt = remasked(samples, bg, regions, *data.world_mesh(frame.timestep_index, refinement))
         gaussians = model(*data.driving(frame.timestep_index, refinement))
         render = render_gaussians(gaussians, 0, torch.stack([s.viewmat for s in samples]),
                                   torch.stack([s.K for s in samples]), frame.camera.width, frame.camera.height, bg)

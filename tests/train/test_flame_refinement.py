@@ -1,7 +1,10 @@
 """Per-timestep refinement of the tracked FLAME parameters (train.refine_flame, lib/models/flame_refinement.py)."""
+import shutil
+
 import torch
 
 from lib.config import load_config
+from lib.dataset.masks import MaskRegions
 from lib.dataset.vhap import VhapExport
 from lib.eval.render import render_gaussians
 from lib.flame.model import FlameModel, load_regions
@@ -9,7 +12,7 @@ from lib.models.avatar import build_avatar, load_regressor, rigid_pose
 from lib.models.flame_refinement import UNITS, FlameRefinement, load_refinement, refinement_from_state
 from lib.paths import ActorPaths, resolve
 from lib.train import trainer
-from lib.train.data import ActorData
+from lib.train.data import ActorData, read_pixels, remasked, to_sample
 from lib.train.fit_gem import fit_gem
 
 QUIET = lambda *a, **k: None  # noqa: E731
@@ -227,3 +230,59 @@ def test_a_refinement_of_the_global_pose_turns_the_kept_mesh_as_posing_flame_wou
     assert refinement.rotation.grad.abs().sum() > 0 and refinement.translation.grad.abs().sum() > 0
     assert refinement.expr.grad is None and refinement.penalty([t]) > 0
     assert set(refinement.corrected(posed.params, posed.timesteps)) == set(posed.params)
+
+
+def test_masks_rendered_at_a_step_match_those_on_disk_and_follow_the_corrections(run_config):
+    """train.refine_masks: without corrections the masks rendered from a timestep's mesh are exactly those
+    render_masks.py wrote; a correction lifting the head lifts the neck cut with it, and the ground truth
+    is composited on the new keep mask."""
+    cfg = load_config(*run_config)
+    flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
+    export = VhapExport.from_config(cfg)
+    data = ActorData(export, flame, torch.device("cpu"))
+    n = flame.v_template.shape[0]
+    regions = MaskRegions.from_masks(flame.faces, n, load_regions(resolve(cfg.actor.flame_masks), n))
+    t = export.split("train")[0].timestep_index
+    frames = [f for f in export.split("train") if f.timestep_index == t][:2]
+    samples = [to_sample(f, torch.from_numpy(read_pixels(export, f)), torch.device("cpu")) for f in frames]
+    bg = torch.tensor([[0.2, 0.5, 0.8], [1.0, 0.0, 0.0]])
+    refinement = FlameRefinement([t], data.params["expr"].shape[1])
+    same, gt = remasked(samples, bg, regions, *data.world_mesh(t, refinement))
+    for a, b in zip(same, samples):
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.mouth, b.mouth) and a.keep.min() == 0
+    assert torch.equal(gt, torch.cat([s.ground_truth(c) for s, c in zip(samples, bg)]))
+    with torch.no_grad():
+        refinement.translation[0] = torch.tensor([0.0, 20.0, 0.0])  # mm, up
+    lifted, gt = remasked(samples, bg, regions, *data.world_mesh(t, refinement))
+    for a, b, c, g in zip(lifted, samples, bg, gt):
+        assert a.keep.sum() < b.keep.sum()  # fewer rows lie above the cut
+        assert torch.equal(g[None], a.ground_truth(c)) and not torch.equal(g[None], b.ground_truth(c))
+
+
+def test_a_step_with_refined_masks_takes_its_ground_truth_from_the_corrected_mesh(run_config, monkeypatch):
+    """train.refine_masks: every step renders its masks from its timestep's corrected mesh, and the loss sees
+    that ground truth; off, no step renders masks."""
+    config, overrides = run_config
+    calls, seen = [], []
+    real_remasked, real_photometric = trainer.remasked, trainer.photometric
+
+    def spy_remasked(samples, bg, regions, verts, joints):
+        out = real_remasked(samples, bg, regions, verts, joints)
+        calls.append((samples[0].frame.timestep_index, out[1]))
+        return out
+
+    def spy_photometric(render, gt, *args):
+        seen.append(gt)
+        return real_photometric(render, gt, *args)
+
+    monkeypatch.setattr(trainer, "remasked", spy_remasked)
+    monkeypatch.setattr(trainer, "photometric", spy_photometric)
+    trainer.train(load_config(config, overrides + ["train.refine_flame=true", "train.refine_masks=true"]), log=QUIET)
+    assert len(calls) == len(seen) == 6 and all(gt is s for (_, gt), s in zip(calls, seen))
+    train_steps = {t for t, _ in VhapExport.from_config(load_config(config, overrides)).timesteps("train")}
+    assert {t for t, _ in calls} <= train_steps
+    calls.clear()
+    off = load_config(config, overrides + ["train.refine_flame=true", "run.name=masks_off"])
+    shutil.copytree(ActorPaths(load_config(config, overrides)).stage_dir("mesh_pca"), ActorPaths(off).stage_dir("mesh_pca"))
+    trainer.train(off, log=QUIET)
+    assert calls == [] and len(seen) == 12
