@@ -175,6 +175,11 @@ class MaskRegions:
                    torch.cat([region_faces(faces, masks["neck"]), flags(neck_cap)]),
                    torch.cat([mouth, flags(mouth_cap)]), head)
 
+    @classmethod
+    def of_model(cls, model: FlameModel, masks: dict) -> "MaskRegions":
+        """``from_masks`` for a FLAME model's faces and vertex count."""
+        return cls.from_masks(model.faces, model.v_template.shape[0], masks)
+
     def capped(self, verts: Tensor) -> Tensor:
         """Posed vertices [V, 3] with the caps' centres appended. -> [V + n_rims, 3]"""
         if not self.rims:
@@ -271,7 +276,7 @@ def _up_to_date(paths: MaskPaths, frame: Frame) -> bool:
 def _render_masks(export: VhapExport, model: FlameModel, masks: dict, log) -> dict:
     start = time.time()
     device = model.v_template.device
-    regions = MaskRegions.from_masks(model.faces, model.v_template.shape[0], masks)
+    regions = MaskRegions.of_model(model, masks)
     frames: dict[Path, Frame] = {}
     for split in ("train", "val", "test"):
         for frame in export.split(split):

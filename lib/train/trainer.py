@@ -8,8 +8,9 @@ against the ground truths composited on the same backgrounds (means over the ima
 train.refine_masks on keep masks rendered from the step's corrected mesh), the regularisers, Adam
 with gradient clipping and a step-wise learning-rate schedule. Checkpoints every
 ``train.checkpoint_every`` steps are atomic and a rerun resumes from the newest. A non-finite
-gradient restores the last good state kept in memory. Rank 0 logs TensorBoard scalars, progress images and the
-val PSNR-versus-minutes curve; under torchrun all ranks train (DDP averages the gradients).
+gradient restores the last good state kept in memory. Rank 0 logs TensorBoard scalars, progress
+images and the val PSNR-versus-minutes curve; under torchrun all ranks train (DDP averages the
+gradients).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lib.config import save_config
+from lib.dataset.masks import MaskRegions
 from lib.dataset.vhap import VhapExport
 from lib.eval.curve import curve_frames, plot_curve
 from lib.eval.render import render_gaussians, score_frames
-from lib.dataset.masks import MaskRegions
 from lib.flame.model import FlameModel, load_regions
 from lib.gaussians.render import warm_up
 from lib.lock import locks_run_folder
@@ -92,8 +93,7 @@ def train(cfg, log=print) -> GaussianAvatar:
                                      cfg.train.refine_keys, data.rotation_pivot()).to(device)
     regions = None  # with train.refine_masks, the training images' masks follow the corrected meshes
     if refinement is not None and cfg.train.refine_masks:
-        n_verts = flame.v_template.shape[0]
-        regions = MaskRegions.from_masks(flame.faces, n_verts, load_regions(resolve(cfg.actor.flame_masks), n_verts))
+        regions = MaskRegions.of_model(flame, load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0]))
     opt = make_optimizer(avatar, cfg, refinement)
     vgg = perceptual_loss(cfg, cfg.loss.vgg, log)
     vgg = vgg.to(device) if vgg is not None else None

@@ -147,6 +147,5 @@ def test_masks_label_what_is_seen_through_the_open_mouth_as_mouth_and_keep_it(op
     seen = rasterize_camera(verts, closed, camera.viewmat[None], camera.K[None], camera.height, camera.width)
     gap = seen.pix_to_face[0] >= len(flame.faces)  # pixels where the strip is the front-most surface
     assert gap.sum() > 20
-    keep, mouth = frame_masks(verts[0], joints[0], MaskRegions.from_masks(flame.faces, flame.v_template.shape[0],
-                                                                          regions), [camera])
+    keep, mouth = frame_masks(verts[0], joints[0], MaskRegions.of_model(flame, regions), [camera])
     assert mouth[0][gap].float().mean() > 0.99 and keep[0][gap].float().mean() > 0.99

@@ -240,8 +240,7 @@ def test_masks_rendered_at_a_step_match_those_on_disk_and_follow_the_corrections
     flame = FlameModel.from_file(resolve(cfg.actor.flame_model))
     export = VhapExport.from_config(cfg)
     data = ActorData(export, flame, torch.device("cpu"))
-    n = flame.v_template.shape[0]
-    regions = MaskRegions.from_masks(flame.faces, n, load_regions(resolve(cfg.actor.flame_masks), n))
+    regions = MaskRegions.of_model(flame, load_regions(resolve(cfg.actor.flame_masks), flame.v_template.shape[0]))
     t = export.split("train")[0].timestep_index
     frames = [f for f in export.split("train") if f.timestep_index == t][:2]
     samples = [to_sample(f, torch.from_numpy(read_pixels(export, f)), torch.device("cpu")) for f in frames]
