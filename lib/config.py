@@ -114,6 +114,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "removed_regions": Key(["neck"], "FLAME mask regions whose texels carry no Gaussian"),
         "init_scale": Key(1.0, "factor on the canonical Gaussians' scale (RMS distance to 3 nearest neighbours)", gt=0),
         "deform": Key("tracked", "mesh the Gaussians ride: the tracked mesh, or its projection on the first n_pca mesh-PCA components (the network's input; filters tracking jitter)", choices=("tracked", "pca")),
+        "cut_band": Key(0.01, "metres: Gaussians this close to the neck cut (the neck region, or the chin's height for the hair) keep the tracked global pose where training or test.py's refit corrects it, fading to the corrected pose across the band, so the render's cut follows the tracking as the keep masks' does (lib/models/avatar.py); 0 = every Gaussian follows the corrections", ge=0),
     },
     "train": {
         "stage": Key("regressor", "what train.py / test.py train and evaluate", choices=("regressor", "mapping")),

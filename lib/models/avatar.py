@@ -23,13 +23,22 @@ components, the mesh the network sees (``pca``, as the published method drives t
 tracking jitter outside the PCA's span does not reach the Gaussians). Texels of the neck region carry no
 Gaussian (the ground-truth masks exclude neck and torso). With ``actor.close_mouth`` the hole between
 the lips is closed by faces with a UV chart of their own (``lib.geometry.mouth``), whose texels carry
-Gaussians like the rest. Conventions: metres, quaternions wxyz.
+Gaussians like the rest.
+
+The neck cut follows the tracking (``regressor.cut_band``). The keep masks cut the head from the neck where
+the export's tracked mesh puts the cut (``lib.dataset.masks``), so when the global pose is corrected
+(``train.refine_flame``, test.py's refit) the ground truth's cut still jitters with the tracker while the
+Gaussians would follow the corrections. Gaussians within ``cut_band`` of the cut on the canonical mesh (the
+neck region, and the chin's plane for the hair) therefore keep the tracked global pose, fading to the
+corrected one across the band (``cut_weights``, ``follow_tracking``); only their positions move, by the
+correction (about a millimetre), their rotations keep the corrected pose. Conventions: metres, quaternions
+wxyz.
 """
 from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -124,6 +133,26 @@ def canonical_mesh(flame: FlameModel, identity: dict[str, Tensor | None],
     return verts[0]
 
 
+def cut_weights(positions: Tensor, canonical_verts: Tensor, regions: dict[str, np.ndarray], band: float) -> Tensor:
+    """How much each Gaussian follows corrections of the tracked global pose: 0 at the neck cut, rising
+    smoothly (smoothstep) to 1 at ``band`` metres from it; all 1 with band 0. The distance to the cut of a
+    canonical position [N, 3] is the smaller of its distance to the nearest 'neck' vertex and its height above
+    the lowest vertex outside 'neck' and 'boundary' (the chin: the plane the keep masks cut the hair at,
+    ``lib.dataset.masks.cut_plane``; the canonical mesh's up axis is y). -> [N]"""
+    if band <= 0:
+        return torch.ones(positions.shape[0])
+    n = canonical_verts.shape[0]
+    neck = torch.as_tensor(np.asarray(regions["neck"], dtype=np.int64))
+    head = torch.ones(n, dtype=torch.bool)
+    for name in ("neck", "boundary"):
+        below = np.asarray(regions.get(name, []), dtype=np.int64)
+        head[torch.as_tensor(below[below < n])] = False
+    to_neck = torch.cdist(positions, canonical_verts[neck]).amin(1)
+    above_chin = (positions[:, 1] - canonical_verts[head, 1].min()).clamp(min=0)
+    x = (torch.minimum(to_neck, above_chin) / band).clamp(0, 1)
+    return x * x * (3 - 2 * x)
+
+
 class GaussianAvatar(nn.Module):
     """Posed head-space mesh + global pose -> Gaussians. Fixed geometry lives in buffers."""
 
@@ -131,7 +160,7 @@ class GaussianAvatar(nn.Module):
                  regions: dict[str, np.ndarray], pca: MeshPCA, size: int, n_pca: int,
                  widths: list[int], colour_width: int, feature_ch: int = 32, style_dim: int = 64,
                  convs_per_level: int = 1, removed_regions: tuple[str, ...] = ("neck",), init_scale: float = 1.0,
-                 deform: str = "tracked"):
+                 deform: str = "tracked", cut_band: float = 0.0):
         super().__init__()
         if deform not in DEFORMS:
             raise ConfigError(f"regressor.deform '{deform}': one of {DEFORMS}")
@@ -165,6 +194,8 @@ class GaussianAvatar(nn.Module):
         self.register_buffer("canonical_frames", frames)  # [N, 3, 3]
         self.register_buffer("canonical_quats", matrix_to_quat(frames))  # [N, 4]
         self.register_buffer("canonical_log_scales", uv.knn_log_scale(pos) + math.log(init_scale))  # [N]
+        # from the config, not the checkpoint: regressor.cut_band may change between training and evaluation
+        self.register_buffer("cut_weight", cut_weights(pos, cverts[0], regions, cut_band), persistent=False)  # [N]
         centre, extent = pos.mean(0), (pos - pos.mean(0)).abs().max()
         pos_map = uv.scatter_texels(((pos - centre) / extent)[None], tm)
         self.register_buffer("position_map", pos_map)  # [1, 3, S, S] normalised canonical positions
@@ -202,10 +233,12 @@ class GaussianAvatar(nn.Module):
             normal_map = uv.scatter_texels(uv.surface_points(normals, self.faces, tm), tm)
         return normal_map, coeffs.detach(), projected
 
-    def forward(self, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
-        """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N)."""
+    def forward(self, verts_head: Tensor, R: Tensor, t: Tensor, tracked: tuple[Tensor, Tensor] | None = None
+                ) -> Gaussians:
+        """verts_head [B, V, 3], global pose R [B, 3, 3], t [B, 3] -> Gaussians (B sets of N). tracked: the
+        global pose (R, t) as the export tracked it when R, t are corrected (``follow_tracking``)."""
         outputs, riding = self.texel_outputs(verts_head)
-        return self.assemble(outputs, riding, R, t)
+        return self.assemble(outputs, riding, R, t, tracked)
 
     def texel_outputs(self, verts_head: Tensor) -> tuple[TexelOutputs, Tensor]:
         """The networks' half of ``forward``: their per-Gaussian outputs for head-space meshes [B, V, 3], and the
@@ -227,7 +260,8 @@ class GaussianAvatar(nn.Module):
         coeffs = self.pca.coefficients(verts_head, self.n_pca)
         return coeffs, self.pca.reconstruct(coeffs)
 
-    def assemble(self, outputs: TexelOutputs, verts_head: Tensor, R: Tensor, t: Tensor) -> Gaussians:
+    def assemble(self, outputs: TexelOutputs, verts_head: Tensor, R: Tensor, t: Tensor,
+                 tracked: tuple[Tensor, Tensor] | None = None) -> Gaussians:
         """The Gaussians of the networks' outputs on the head-space mesh they ride [B, V, 3] under the global
         pose R [B, 3, 3], t [B, 3]: the geometry's half of ``forward``."""
         tm = self.texels
@@ -246,7 +280,21 @@ class GaussianAvatar(nn.Module):
         scales = torch.exp(self.canonical_log_scales[None, :, None] + d_scale)
         opacities = torch.sigmoid(math.log(INITIAL_OPACITY / (1 - INITIAL_OPACITY)) + d_opa[..., 0])
         colors = torch.sigmoid(outputs.colour).expand(means.shape[0], -1, -1)
-        return Gaussians(means, quats, scales, opacities, colors, d_pos)
+        return self.follow_tracking(Gaussians(means, quats, scales, opacities, colors, d_pos), R, t, tracked)
+
+    def follow_tracking(self, g: Gaussians, R: Tensor, t: Tensor, tracked: tuple[Tensor, Tensor] | None) -> Gaussians:
+        """Gaussians placed with the global pose R [B, 3, 3], t [B, 3], those near the neck cut moved back
+        towards where the tracked pose (R0, t0) puts them, by 1 - ``cut_weight`` (module docstring): the
+        cut then follows the tracking, as the keep masks' does. None, or the same pose: unchanged."""
+        if tracked is None:
+            return g
+        R0, t0 = (x.to(R) for x in tracked)
+        if torch.equal(R0, R) and torch.equal(t0, t):
+            return g
+        # a point placed by (R, t) sits at x = R^-1 (p - t) in head space; (R0, t0) places it at R0 x + t0
+        at_tracked = (g.means - t[:, None]) @ (R0 @ R.transpose(-1, -2)).transpose(-1, -2) + t0[:, None]
+        stay = (1.0 - self.cut_weight)[None, :, None]
+        return replace(g, means=g.means + stay * (at_tracked - g.means))
 
 
 def load_canonical_mesh(path: Path) -> Tensor:
@@ -282,7 +330,7 @@ def build_avatar(cfg, paths, flame: FlameModel) -> GaussianAvatar:
     return GaussianAvatar(
         faces, uvs, faces_uv, load_canonical_mesh(paths.canonical_mesh), regions, MeshPCA.load(paths.mesh_pca), r.uv_size, r.n_pca,
         r.widths, r.colour_width, r.feature_channels, r.style_dim, r.convs_per_level, tuple(r.removed_regions),
-        r.init_scale, r.deform)
+        r.init_scale, r.deform, r.cut_band)
 
 
 def load_regressor(cfg, paths, flame: FlameModel, device) -> tuple[GaussianAvatar, dict]:

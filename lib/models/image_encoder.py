@@ -234,7 +234,7 @@ def encoder_features(cfg, export: VhapExport, data, timesteps: list[int]) -> Ten
     for start in range(0, len(timesteps), batch):
         crops = []
         for t in timesteps[start:start + batch]:
-            verts_head, R, trans = data.driving(t)
+            verts_head, R, trans, _ = data.driving(t)
             verts = verts_head[0, face] @ R[0].T + trans[0]  # world = head @ R^T + t (split_global_pose)
             cam = frames[t].camera
             image = export.load_image(frames[t]).to(data.device)

@@ -26,6 +26,7 @@ import signal
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -119,6 +120,15 @@ def to_sample(frame: Frame, pixels: Tensor, device: torch.device) -> Sample:
     return Sample(frame, values[:plane * 3].view(H, W, 3), fg, keep, mouth, cam.viewmat.to(device), cam.K.to(device))
 
 
+class Driving(NamedTuple):
+    """What drives the avatar at one timestep: ``GaussianAvatar.forward``'s arguments, in order."""
+
+    verts_head: Tensor  # [1, V, 3] the posed head-space mesh
+    R: Tensor  # [1, 3, 3] the global pose, world = verts_head @ R^T + t
+    t: Tensor  # [1, 3]
+    tracked: tuple[Tensor, Tensor] | None  # (R, t) as the export tracked them where R, t are corrected, else None
+
+
 class ActorData:
     """Driving signal of every timestep and the images of the splits.
 
@@ -142,6 +152,8 @@ class ActorData:
         self.params = stack_flame_params([files[t] for t in self.timesteps], device, export.n_shape, export.n_expr,
                                          flame.v_template.shape[0])  # [T, ...] per key
         self._posed = None  # verts_head [T, V, 3], R [T, 3, 3], t [T, 3], rest root j0 [T, 3]
+        self._tracked = {k: self.params[k].clone() for k in RIGID}  # the global pose before any correction
+        self._refined: set[int] = set()  # the timesteps whose parameters hold corrections (``refine``)
         if refinement is not None:
             self.refine(refinement)
         if keep_meshes:
@@ -152,25 +164,40 @@ class ActorData:
     def refine(self, refinement: FlameRefinement) -> None:
         """Add learnt corrections to the tracked parameters of the timesteps they cover, from now on."""
         self.params = refinement.to(self.device).corrected(self.params, self.timesteps)
+        self._refined |= set(refinement.timesteps.tolist()) & set(self.timesteps)
         if self._posed is not None:
             self._posed = split_global_pose_and_root(self.flame, self.params)
 
-    def driving(self, timestep: int, refinement: FlameRefinement | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(verts_head [1, V, 3], R [1, 3, 3], t [1, 3]) of one timestep; with a refinement being learnt,
-        posed with its corrections (differentiable in them). A refinement of the global pose alone
-        (``FlameRefinement.rigid``) turns the kept mesh: no FLAME evaluation."""
+    def driving(self, timestep: int, refinement: FlameRefinement | None = None) -> Driving:
+        """The avatar's driving of one timestep (``Driving``); with a refinement being learnt, posed with its
+        corrections (differentiable in them). A refinement of the global pose alone
+        (``FlameRefinement.rigid``) turns the kept mesh: no FLAME evaluation. Where the global pose is
+        corrected (here or by the refinement the data was made with), ``tracked`` holds the export's own."""
         i = self._row[timestep]
+        corrected = timestep in self._refined
         if refinement is not None and refinement.rows([timestep])[1]:
+            corrected = True
             if refinement.rigid and self._posed is not None:
                 pose = refinement.corrected({k: self.params[k][i:i + 1] for k in RIGID}, [timestep])
-                R, t = rigid_pose(pose["rotation"], pose["translation"], self._posed[3][i:i + 1])
-                return self._posed[0][i:i + 1], R, t
-            params = take_timesteps(self.params, torch.tensor([i], device=self.device))
-            return split_global_pose(self.flame, refinement.corrected(params, [timestep]))
-        if self._posed is not None:
-            return tuple(x[i:i + 1] for x in self._posed[:3])
-        with torch.no_grad():
-            return split_global_pose(self.flame, take_timesteps(self.params, torch.tensor([i], device=self.device)))
+                j0 = self._posed[3][i:i + 1]
+                R, t = rigid_pose(pose["rotation"], pose["translation"], j0)
+                verts = self._posed[0][i:i + 1]
+            else:
+                params = take_timesteps(self.params, torch.tensor([i], device=self.device))
+                verts, R, t, j0 = split_global_pose_and_root(self.flame, refinement.corrected(params, [timestep]))
+        elif self._posed is not None:
+            verts, R, t, j0 = (x[i:i + 1] for x in self._posed)
+        else:
+            with torch.no_grad():
+                verts, R, t, j0 = split_global_pose_and_root(
+                    self.flame, take_timesteps(self.params, torch.tensor([i], device=self.device)))
+        return Driving(verts, R, t, self._tracked_pose(i, j0) if corrected else None)
+
+    @torch.no_grad()
+    def _tracked_pose(self, row: int, j0: Tensor) -> tuple[Tensor, Tensor]:
+        """The export's global pose (R [1, 3, 3], t [1, 3]) of a row of ``params`` about the rest root j0 [1, 3]."""
+        return rigid_pose(self._tracked["rotation"][row:row + 1], self._tracked["translation"][row:row + 1],
+                          j0.detach())
 
     @torch.no_grad()
     def world_mesh(self, timestep: int, refinement: FlameRefinement | None = None) -> tuple[Tensor, Tensor]:

@@ -63,7 +63,8 @@ def gem_space_gaussians(avatar: GaussianAvatar, data: ActorData, timesteps: list
     sets of N Gaussians at once). -> GaussianSet [1, N, ...] on the data's device, in timestep order"""
     R, t = data.gem_pose(timesteps)
     for i, step in enumerate(timesteps):
-        g = avatar(*data.driving(step))
+        d = data.driving(step)  # every Gaussian with the corrected pose, which to_gem_space undoes
+        g = avatar(d.verts_head, d.R, d.t)
         world = GaussianSet(g.means, g.quats, g.scales, g.opacities, g.colors)
         yield to_gem_space(world, R[i:i + 1], t[i:i + 1])
 

@@ -89,11 +89,11 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
                 for t in timesteps:
                     frame = frames[t][step % len(frames[t])]
                     sample = data.sample(frame)
+                    d = data.driving(t, refinement)  # the Gaussians at the cut keep the export's pose
                     if heads:
-                        g = turned(heads[t], *data.driving(t, refinement)[1:])
+                        g = avatar.follow_tracking(turned(heads[t], d.R, d.t), d.R, d.t, d.tracked)
                     else:
-                        verts_head, R, trans = data.driving(t, refinement)
-                        g = avatar.assemble(outputs[t], avatar.riding_mesh(verts_head), R, trans)
+                        g = avatar.assemble(outputs[t], avatar.riding_mesh(d.verts_head), d.R, d.t, d.tracked)
                     render = render_gaussians(g, 0, sample.viewmat[None], sample.K[None], frame.camera.width,
                                               frame.camera.height, white)
                     weight = mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px)
@@ -110,8 +110,8 @@ def refit_tracking(avatar, data: ActorData, frames: dict[int, list[Frame]], cfg)
 @torch.no_grad()
 def head_gaussians(avatar, data: ActorData, timestep: int):
     """The avatar's Gaussians of a timestep in head space (global pose R = I, t = 0), as tracked."""
-    verts_head, R, _ = data.driving(timestep)
-    return avatar(verts_head, torch.eye(3, device=R.device)[None], R.new_zeros(1, 3))
+    d = data.driving(timestep)
+    return avatar(d.verts_head, torch.eye(3, device=d.R.device)[None], d.R.new_zeros(1, 3))
 
 
 @torch.no_grad()
@@ -135,6 +135,7 @@ def _refit_plan(cfg, export: VhapExport, split: str, scored: list[Frame], checkp
     key = {"checkpoint": f"{checkpoint} {stat.st_size} {stat.st_mtime_ns}", "timesteps": sorted(pool),
            "frames": sum(len(v) for v in pool.values()), "steps": cfg.test.refit_steps, "lr": cfg.test.refit_lr,
            "keys": list(cfg.test.refit_keys), "turned_about": "the head's centre", "networks": "held",
+           "cut_band": cfg.regressor.cut_band,  # the Gaussians at the cut keep the tracked pose
            **{k: getattr(cfg.loss, k) for k in ("l1", "ssim", "mouth", "mouth_blur_px", "flame_refine")}}
     return pool, key, ActorPaths(cfg).regressor / "tracking_refit" / f"{split}.pt"
 

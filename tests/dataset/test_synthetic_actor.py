@@ -297,7 +297,7 @@ def test_union_export_relocates_each_sequence_and_is_posed_exactly(head, union_a
         truth = model(**plan.timestep_params(t))[0][0]  # the generator's mesh, in its own world
         without = model(**{a: v for a, v in plan.timestep_params(t).items() if a != "dynamic_offset"})[0][0]
         dynamic.append(float((truth - without).norm(dim=-1).max()))
-        head_verts, R, tr = data.driving(t)
+        head_verts, R, tr, _ = data.driving(t)
         posed = (head_verts @ R.transpose(-1, -2) + tr[:, None])[0]
         torch.testing.assert_close(posed, truth - mean, rtol=0, atol=2e-5)  # relocated by the sequence's mean
         for c in (0, FRONTAL_CAMERA):

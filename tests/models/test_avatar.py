@@ -10,8 +10,8 @@ from lib.flame.safe_pickle import load_pickle
 from lib.flame.synthetic import ensure_head_model
 from lib.geometry import uv
 from lib.geometry.obj_io import read_obj
-from lib.geometry.rotations import matrix_to_quat, quat_to_matrix
-from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose
+from lib.geometry.rotations import axis_angle_to_matrix, matrix_to_quat, quat_to_matrix
+from lib.models.avatar import GaussianAvatar, canonical_mesh, cut_weights, split_global_pose
 from lib.models.mesh_pca import MeshPCA
 from lib.models.texture_unet import ModulatedConv2d
 
@@ -73,6 +73,41 @@ def test_neck_gaussians_are_removed(setup):
     assert not av.region("neck").any()
     kept = set(av.texel_index.tolist())
     assert not kept & set(full.index[neck].tolist())
+
+
+def test_cut_weights_hold_the_gaussians_at_the_neck_cut_and_free_those_away_from_it(setup):
+    """regressor.cut_band: 0 (the tracked pose) next to the neck and at the chin's height, 1 (the corrected
+    pose) on the upper face, in between across the band; band 0 frees every Gaussian."""
+    av, canon, regions = setup["avatar"], setup["canon"], setup["regions"]
+    pos = av.canonical_positions
+    w = cut_weights(pos, canon, regions, 0.02)
+    assert w.shape == (av.n_gaussians,) and float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+    to_neck = torch.cdist(pos, canon[torch.as_tensor(regions["neck"]).long()]).amin(1)
+    assert float(w[to_neck.argsort()[:10]].max()) < 0.1  # the Gaussians nearest the neck
+    for name in ("forehead", "left_eyeball", "nose"):
+        assert torch.equal(w[av.region(name)], torch.ones(int(av.region(name).sum()))), name
+    assert 0.0 < float(w[(to_neck > 0.005) & (to_neck < 0.01)].mean()) < 1.0  # the fade
+    assert torch.equal(cut_weights(pos, canon, regions, 0.0), torch.ones(av.n_gaussians))
+    assert torch.equal(av.cut_weight, torch.ones(av.n_gaussians))  # the fixture's avatar: band 0
+
+
+def test_gaussians_at_the_cut_keep_the_tracked_pose_and_the_others_follow_the_correction(setup):
+    av = copy.deepcopy(setup["avatar"])
+    av.cut_weight = cut_weights(av.canonical_positions, setup["canon"], setup["regions"], 0.02)
+    head, R, t = setup["head"][:1], setup["R"][:1], setup["t"][:1]
+    R1, t1 = axis_angle_to_matrix(torch.tensor([[0.02, -0.01, 0.015]])) @ R, t + torch.tensor([[0.002, -0.001, 0.0]])
+    with torch.no_grad():
+        tracked, corrected = av(head, R, t), av(head, R1, t1)
+        mixed = av(head, R1, t1, (R, t))
+        assert torch.equal(av(head, R1, t1, (R1, t1)).means, corrected.means)  # nothing corrected: unchanged
+    w = av.cut_weight
+    assert (w < 0.05).sum() > 5 and (w == 1).sum() > 100 and ((w > 0.2) & (w < 0.8)).sum() > 5
+    # a straight fade from where the tracked pose puts a Gaussian to where the corrected one does (both rigid)
+    want = tracked.means + w[None, :, None] * (corrected.means - tracked.means)
+    assert torch.allclose(mixed.means, want, atol=1e-6)
+    assert torch.equal(mixed.means[:, w == 1], corrected.means[:, w == 1])
+    for name in ("quats", "scales", "opacities", "colors"):
+        assert torch.equal(getattr(mixed, name), getattr(corrected, name)), name
 
 
 def test_position_residuals_move_gaussians_in_the_posed_texel_frame(setup):

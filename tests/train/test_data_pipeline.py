@@ -224,7 +224,8 @@ def test_meshes_posed_on_demand_equal_the_ones_posed_up_front(tiny_actor_config)
     kept, lazy = ActorData(export, flame, CPU), ActorData(export, flame, CPU, keep_meshes=False)
     steps = kept.timesteps[::-1]
     for t in steps:
-        for a, b in zip(kept.driving(t), lazy.driving(t)):
+        assert kept.driving(t).tracked is None and lazy.driving(t).tracked is None  # nothing corrected
+        for a, b in zip(kept.driving(t)[:3], lazy.driving(t)[:3]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(kept.meshes(steps), lazy.meshes(steps), rtol=0, atol=1e-6)
     torch.testing.assert_close(kept.meshes(steps[:1])[0], kept.driving(steps[0])[0][0])

@@ -116,7 +116,7 @@ def _untrained(run_config, overrides=()):
 
 def test_turned_head_space_gaussians_are_the_avatar_at_that_pose(run_config):
     _, avatar, data, t = _untrained(run_config)
-    verts_head, R, trans = data.driving(t)
+    verts_head, R, trans, _ = data.driving(t)
     R = axis_angle_to_matrix(torch.tensor([[0.1, -0.3, 0.2]])) @ R  # a pose far from the tracked one
     with torch.no_grad():
         want = avatar(verts_head, R, trans + 0.01)
@@ -126,6 +126,13 @@ def test_turned_head_space_gaussians_are_the_avatar_at_that_pose(run_config):
     for name in ("scales", "opacities", "colors"):
         assert torch.equal(getattr(got, name), getattr(want, name))
     assert not torch.allclose(got.means, head_gaussians(avatar, data, t).means, atol=1e-3)
+    # with the cut kept at the tracked pose (regressor.cut_band), as a refit renders them
+    assert ((avatar.cut_weight > 0) & (avatar.cut_weight < 1)).any()
+    tracked = data.driving(t)[1:3]
+    with torch.no_grad():
+        want = avatar(verts_head, R, trans + 0.01, tracked)
+    got = avatar.follow_tracking(turned(head_gaussians(avatar, data, t), R, trans + 0.01), R, trans + 0.01, tracked)
+    assert torch.allclose(got.means, want.means, atol=1e-6)
 
 
 @pytest.mark.parametrize("deform", ["tracked", "pca"])
@@ -133,7 +140,7 @@ def test_held_outputs_on_the_starting_mesh_are_the_avatar_and_follow_a_new_mesh(
     """The refit of jaw and expression places the networks' outputs, held at the starting tracking, on each
     step's mesh: at the starting tracking that is the avatar itself, whichever mesh its Gaussians ride."""
     export, avatar, data, t = _untrained(run_config, [f"regressor.deform={deform}"])
-    verts_head, R, trans = data.driving(t)
+    verts_head, R, trans, _ = data.driving(t)
     held = held_outputs(avatar, data, t)
     with torch.no_grad():
         want = avatar(verts_head, R, trans)

@@ -95,7 +95,7 @@ def test_neck_and_eye_corrections_re_pose_flame_where_they_act(run_config):
         assert not refinement.rigid
         with torch.no_grad():
             getattr(refinement, key)[0] = torch.tensor(value)  # 0.01 rad units
-        verts, R, trans = data.driving(t, refinement)
+        verts, R, trans, _ = data.driving(t, refinement)
         moved = (verts[0] - before).norm(dim=-1) > 1e-6
         if key == "eyes_pose":
             assert moved[eyes].float().mean() > 0.5 and not moved[~eyes].any()
@@ -157,7 +157,8 @@ def test_training_stores_the_corrections_and_the_later_stages_pose_with_them(run
     moved = [not torch.equal(plain.driving(t)[0], refined.driving(t)[0]) for t in train_steps]
     assert any(moved)
     for t in test_steps:
-        assert all(torch.equal(a, b) for a, b in zip(plain.driving(t), refined.driving(t)))
+        assert all(torch.equal(a, b) for a, b in zip(plain.driving(t)[:3], refined.driving(t)[:3]))
+        assert refined.driving(t).tracked is None  # not refined: nothing to keep
     # resuming keeps the corrections; GEM is fitted on the refined poses
     before = refinement.state_dict()
     trainer.train(load_config(config, overrides + ["train.refine_flame=true", "train.iterations=6"]), log=QUIET)
@@ -199,7 +200,7 @@ def test_the_corrections_move_the_geometry_not_the_networks_input(run_config):
     avatar = build_avatar(cfg, ActorPaths(cfg), flame)
     seen = []
     avatar.generator.register_forward_hook(lambda module, args, out: seen.append(args))
-    verts, R, t = data.driving(0)
+    verts, R, t, _ = data.driving(0)
     verts = verts.clone().requires_grad_(True)
     g = avatar(verts, R, t)
     assert seen and not any(a.requires_grad for a in seen[0])
@@ -223,8 +224,11 @@ def test_a_refinement_of_the_global_pose_turns_the_kept_mesh_as_posing_flame_wou
         refinement.translation[0] = torch.tensor([4.0, 1.0, -2.0])
     fast = kept.driving(t, refinement)
     slow = posed.driving(t, refinement)
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast[:3], slow[:3]):
         assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(fast.tracked, slow.tracked):  # the export's pose, about the same root joint
+        assert torch.allclose(a, b, atol=1e-6)
+    torch.testing.assert_close(fast.tracked[0], kept.driving(t).R, rtol=0, atol=1e-7)  # as tracked
     assert not torch.equal(fast[1], kept.driving(t)[1])  # the correction turned the head
     (fast[1].sum() + fast[2].sum()).backward()
     assert refinement.rotation.grad.abs().sum() > 0 and refinement.translation.grad.abs().sum() > 0
