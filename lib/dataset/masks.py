@@ -132,6 +132,16 @@ def region_faces(faces: Tensor, vertices: np.ndarray) -> Tensor:
     return member[faces].all(dim=1)
 
 
+def head_vertices(n_verts: int, masks: dict) -> Tensor:
+    """[V] bool: the vertices outside 'neck' and 'boundary' (FLAME's 'boundary' is the neck's open bottom
+    rim); the cut passes through the lowest of them (``cut_plane``)."""
+    head = torch.ones(n_verts, dtype=torch.bool)
+    for name in ("neck", "boundary"):
+        below = np.asarray(masks.get(name, []), dtype=np.int64)
+        head[torch.as_tensor(below[below < n_verts])] = False
+    return head
+
+
 @dataclass(frozen=True)
 class MaskRegions:
     """What the masks need from FLAME_masks, as face sets of the model with its mouth and neck rims
@@ -152,10 +162,7 @@ class MaskRegions:
         mouth = region_faces(faces, masks["lips"])
         if "mouth" in masks:
             mouth |= region_faces(faces, masks["mouth"])
-        head = torch.ones(n_verts, dtype=torch.bool, device=faces.device)
-        for name in ("neck", "boundary"):  # FLAME's 'boundary' is the neck's open bottom rim
-            below = np.asarray(masks.get(name, []), dtype=np.int64)
-            head[torch.as_tensor(below[below < n_verts], device=faces.device)] = False
+        head = head_vertices(n_verts, masks).to(faces.device)
         member = lambda names: np.isin(np.arange(n_verts),  # noqa: E731
                                        np.concatenate([np.asarray(masks.get(n, []), dtype=np.int64) for n in names]))
         in_mouth, in_neck = member(("lips", "mouth")), member(("neck", "boundary"))

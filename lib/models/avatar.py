@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lib.config import ConfigError
+from lib.dataset.masks import head_vertices
 from lib.errors import check_finite
 from lib.flame.model import FlameModel, load_regions
 from lib.geometry import uv
@@ -137,16 +138,12 @@ def cut_weights(positions: Tensor, canonical_verts: Tensor, regions: dict[str, n
     """How much each Gaussian follows corrections of the tracked global pose: 0 at the neck cut, rising
     smoothly (smoothstep) to 1 at ``band`` metres from it; all 1 with band 0. The distance to the cut of a
     canonical position [N, 3] is the smaller of its distance to the nearest 'neck' vertex and its height above
-    the lowest vertex outside 'neck' and 'boundary' (the chin: the plane the keep masks cut the hair at,
-    ``lib.dataset.masks.cut_plane``; the canonical mesh's up axis is y). -> [N]"""
+    the lowest of ``lib.dataset.masks.head_vertices`` (the chin: the plane the keep masks cut the hair at,
+    ``cut_plane``; the canonical mesh's up axis is y). -> [N]"""
     if band <= 0:
         return torch.ones(positions.shape[0])
-    n = canonical_verts.shape[0]
     neck = torch.as_tensor(np.asarray(regions["neck"], dtype=np.int64))
-    head = torch.ones(n, dtype=torch.bool)
-    for name in ("neck", "boundary"):
-        below = np.asarray(regions.get(name, []), dtype=np.int64)
-        head[torch.as_tensor(below[below < n])] = False
+    head = head_vertices(canonical_verts.shape[0], regions)
     to_neck = torch.cdist(positions, canonical_verts[neck]).amin(1)
     above_chin = (positions[:, 1] - canonical_verts[head, 1].min()).clamp(min=0)
     x = (torch.minimum(to_neck, above_chin) / band).clamp(0, 1)
