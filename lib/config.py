@@ -152,6 +152,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "mouth": Key(150.0, "extra L1 weight inside the blurred mouth mask (1 + mouth * mask)", ge=0),
         "mouth_blur_px": Key(5, "radius in pixels of the Gaussian blur of the mouth mask", ge=0),
         "ssim": Key(0.8, "weight of 1 - SSIM (11-px Gaussian window)", ge=0),
+        "alpha": Key(0.0, "weight of the L1 between the render's alpha and the head's alpha (foreground alpha times keep mask)", ge=0),
         "vgg": Key(0.05, "weight of the VGG19 feature L1 (only when vgg_weights is set)", ge=0),
         "vgg_from": Key(300000, "iteration from which the VGG loss is on", ge=0),
         "vgg_weights": Key("", "torchvision-layout VGG19 state_dict file; empty = no VGG loss", is_path=True),

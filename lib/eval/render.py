@@ -6,18 +6,24 @@ import torch
 from torch import Tensor
 
 from lib.dataset.vhap import Frame
-from lib.gaussians.render import render
+from lib.gaussians.render import RenderOutput, render
 from lib.models.avatar import Gaussians
 from lib.train.metrics import image_metrics
 
 WHITE = (1.0, 1.0, 1.0)  # evaluation background: the exports' own
 
 
+def render_set(g: Gaussians, b: int, viewmats: Tensor, Ks: Tensor, width: int, height: int,
+               background: Tensor) -> RenderOutput:
+    """Set ``b`` of a Gaussians batch into cameras viewmats [C, 4, 4], Ks [C, 3, 3]: RGB, alpha and depth."""
+    return render(g.means[b], g.quats[b], g.scales[b], g.opacities[b], g.colors[b], viewmats, Ks,
+                  width, height, background)
+
+
 def render_gaussians(g: Gaussians, b: int, viewmats: Tensor, Ks: Tensor, width: int, height: int,
                      background: Tensor) -> Tensor:
-    """Set ``b`` of a Gaussians batch into cameras viewmats [C, 4, 4], Ks [C, 3, 3]. -> RGB [C, H, W, 3]"""
-    return render(g.means[b], g.quats[b], g.scales[b], g.opacities[b], g.colors[b], viewmats, Ks,
-                  width, height, background).rgb
+    """``render_set``'s RGB [C, H, W, 3]."""
+    return render_set(g, b, viewmats, Ks, width, height, background).rgb
 
 
 @torch.no_grad()

@@ -93,6 +93,14 @@ def photometric(render: Tensor, gt: Tensor, weight: Tensor, w_l1: float, w_ssim:
     return out
 
 
+def alpha_l1(alpha: Tensor, target: Tensor, w_alpha: float) -> dict[str, Tensor]:
+    """w_alpha · mean |alpha - target|: the render's accumulated opacity [B, H, W, 1] against the head's
+    alpha fg · keep [B, H, W]; no term when the weight is 0."""
+    if w_alpha == 0:
+        return {}
+    return {"alpha": w_alpha * (alpha[..., 0] - target).abs().mean()}
+
+
 def regularisers(position_residual: Tensor, scales: Tensor, w_pos: float, w_scale: float) -> dict[str, Tensor]:
     """w_pos · mean(Δposition²) and w_scale · mean(scale²); metres."""
     return {"position": w_pos * position_residual.pow(2).mean(), "scale": w_scale * scales.pow(2).mean()}

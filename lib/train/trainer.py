@@ -24,7 +24,7 @@ from lib.config import save_config
 from lib.dataset.masks import MaskRegions
 from lib.dataset.vhap import VhapExport
 from lib.eval.curve import curve_frames, plot_curve
-from lib.eval.render import render_gaussians, score_frames
+from lib.eval.render import render_set, score_frames
 from lib.flame.model import FlameModel, load_regions
 from lib.gaussians.render import warm_up
 from lib.lock import locks_run_folder
@@ -37,7 +37,7 @@ from lib.train.checkpoint import (
     check_resume, latest_checkpoint, load_checkpoint, load_into, save_checkpoint, shaping_config,
 )
 from lib.train.data import ActorData, TrainingImages, remasked
-from lib.train.losses import mouth_weight, photometric, regularisers
+from lib.train.losses import alpha_l1, mouth_weight, photometric, regularisers
 from lib.train.loop import NanGuard, Phase, StepOutput, TrainingLoop, start_over
 from lib.train.schedule import configured_schedule
 
@@ -137,10 +137,12 @@ def train(cfg, log=print) -> GaussianAvatar:
         if regions is not None:
             samples, gt = remasked(samples, bg, regions, *data.world_mesh(frame.timestep_index, refinement))
         gaussians = model(*data.driving(frame.timestep_index, refinement))
-        render = render_gaussians(gaussians, 0, torch.stack([s.viewmat for s in samples]),
-                                  torch.stack([s.K for s in samples]), frame.camera.width, frame.camera.height, bg)
+        out = render_set(gaussians, 0, torch.stack([s.viewmat for s in samples]), torch.stack([s.K for s in samples]),
+                         frame.camera.width, frame.camera.height, bg)
+        render = out.rgb
         weight = mouth_weight(torch.stack([s.mouth for s in samples]), cfg.loss.mouth, cfg.loss.mouth_blur_px)
         terms = photometric(render, gt, weight, cfg.loss.l1, cfg.loss.ssim)
+        terms.update(alpha_l1(out.alpha, torch.stack([s.alpha for s in samples]), cfg.loss.alpha))
         terms.update(regularisers(gaussians.position_residual, gaussians.scales, cfg.loss.position, cfg.loss.scale))
         if vgg is not None and step >= cfg.loss.vgg_from:
             terms["vgg"] = cfg.loss.vgg * vgg(render, gt)

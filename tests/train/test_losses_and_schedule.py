@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lib.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from lib.train.losses import composite_gt, mouth_weight, photometric, ssim
+from lib.train.losses import alpha_l1, composite_gt, mouth_weight, photometric, ssim
 from lib.train.schedule import lr_factor, progress
 
 
@@ -32,6 +32,15 @@ def test_mouth_weight_is_one_outside_and_raised_inside_the_mouth():
     mouth[:, 18:22, 15:25] = 1
     w = mouth_weight(mouth, 150.0, 3)
     assert w[0, 0, 0] == pytest.approx(1.0) and w[0, 20, 20] > 50
+
+
+def test_the_alpha_term_is_the_weighted_mean_distance_to_the_heads_alpha_and_absent_at_weight_zero():
+    alpha = torch.tensor([[[[1.0], [0.25]], [[0.0], [0.5]]]])  # [1, 2, 2, 1], the render's
+    fg = torch.tensor([[[1.0, 0.75], [1.0, 0.5]]])  # soft foreground alpha
+    keep = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])  # the neck pixel is removed: its target is 0
+    # |1 - 1| + |0.25 - 0.75| + |0 - 0| + |0.5 - 0.5| = 0.5 over 4 pixels
+    assert alpha_l1(alpha, fg * keep, 0.4)["alpha"].item() == pytest.approx(0.4 * 0.5 / 4)
+    assert alpha_l1(alpha, fg * keep, 0.0) == {}
 
 
 def test_ground_truth_recomposites_the_kept_foreground_on_the_background_with_soft_edges_exact():
