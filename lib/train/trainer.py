@@ -142,7 +142,8 @@ def train(cfg, log=print) -> GaussianAvatar:
         render = out.rgb
         weight = mouth_weight(torch.stack([s.mouth for s in samples]), cfg.loss.mouth, cfg.loss.mouth_blur_px)
         terms = photometric(render, gt, weight, cfg.loss.l1, cfg.loss.ssim)
-        terms.update(alpha_l1(out.alpha, torch.stack([s.alpha for s in samples]), cfg.loss.alpha))
+        if cfg.loss.alpha > 0:  # the targets (fg · keep) are only built when the term is on
+            terms.update(alpha_l1(out.alpha, torch.stack([s.alpha for s in samples]), cfg.loss.alpha))
         terms.update(regularisers(gaussians.position_residual, gaussians.scales, cfg.loss.position, cfg.loss.scale))
         if vgg is not None and step >= cfg.loss.vgg_from:
             terms["vgg"] = cfg.loss.vgg * vgg(render, gt)
