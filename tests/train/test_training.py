@@ -223,6 +223,27 @@ def test_renders_without_ground_truth_take_the_camera_of_the_sequence_they_show(
     assert seen and all(torch.equal(v.cpu(), mine.viewmat) for v in seen)
 
 
+def test_loss_alpha_pulls_the_renders_alpha_towards_the_heads_and_is_skipped_at_zero(run_config, monkeypatch):
+    seen = []
+    real = trainer.alpha_l1
+
+    def recording(alpha, target, weight):
+        seen.append((alpha, target, weight))
+        return real(alpha, target, weight)
+
+    monkeypatch.setattr(trainer, "alpha_l1", recording)
+    cfg = load_config(run_config[0], run_config[1] + ["train.iterations=3", "loss.alpha=0.5"])
+    trainer.train(cfg, log=lambda *a: None)
+    assert len(seen) == 3 and all(w == 0.5 for _, _, w in seen)
+    for alpha, target, _ in seen:
+        assert alpha.requires_grad and alpha.shape == (*target.shape, 1)  # the render's, into the loss
+        assert 0 < float(target.mean()) < 1 and float(target.min()) >= 0  # fg · keep: head and background
+    seen.clear()
+    off = load_config(run_config[0], run_config[1] + ["train.iterations=2", "loss.alpha=0", "train.resume=false"])
+    trainer.train(off, log=lambda *a: None)
+    assert seen == []
+
+
 def test_time_limit_ends_the_run_early_with_a_final_checkpoint_and_decayed_rate(run_config):
     # 0.6 s: enough steps that the last one's rate, set from the progress before it, is near the end's
     cfg = load_config(run_config[0], run_config[1] + ["train.iterations=100000", "train.time_limit_minutes=0.01"])
