@@ -42,10 +42,10 @@ from lib.geometry.obj_io import read_obj  # noqa: E402
 from lib.models.avatar import GaussianAvatar, canonical_mesh, split_global_pose  # noqa: E402
 from lib.models.mesh_pca import MeshPCA  # noqa: E402
 from lib.paths import resolve  # noqa: E402
-from lib.eval.render import render_gaussians  # noqa: E402
+from lib.eval.render import render_set  # noqa: E402
 from lib.train.data import TrainingImages  # noqa: E402
-from lib.train.losses import composite_gt, mouth_weight, photometric, regularisers  # noqa: E402
-from lib.train.trainer import make_optimizer  # noqa: E402
+from lib.train.losses import composite_gt  # noqa: E402
+from lib.train.trainer import make_optimizer, step_losses  # noqa: E402
 
 
 def build(cfg, gem: bool, device: torch.device, folder: Path):
@@ -123,29 +123,26 @@ def main() -> None:
     mouth = torch.zeros(1, H, W, device=device)
     bg = torch.rand(3, generator=gen).to(device)
     gt = composite_gt(gt_image, fg, keep, bg[None])
-    weight = mouth_weight(mouth, cfg.loss.mouth, cfg.loss.mouth_blur_px)
     bf16 = cfg.train.bf16 and device.type == "cuda"
     avatar.bf16 = bf16
     step = [0]
 
-    def losses(rgb, g, target=gt, w=weight):
-        terms = photometric(rgb, target, w, cfg.loss.l1, cfg.loss.ssim)
-        terms.update(regularisers(g.position_residual, g.scales, cfg.loss.position, cfg.loss.scale))
-        return sum(terms.values())
+    def losses(rgb, alpha, g, target=gt, mouth_mask=mouth, head_alpha=fg * keep):  # the trainer's terms
+        return sum(step_losses(cfg.loss, rgb, alpha, target, mouth_mask, lambda: head_alpha, g).values())
 
-    def train_on(i, viewmat, Ks, width, height, background, target, w):
+    def train_on(i, viewmat, Ks, width, height, background, target, mouth_mask, head_alpha):
         """One whole step on expression i, rendered in that camera and fitted to target."""
         i %= verts.shape[0]
         g = avatar(verts[i:i + 1], R[i:i + 1], t[i:i + 1])
-        rgb = render_gaussians(g, 0, viewmat, Ks, width, height, background)
+        out = render_set(g, 0, viewmat, Ks, width, height, background)
         opt.zero_grad(set_to_none=True)
-        losses(rgb, g, target, w).backward()
+        losses(out.rgb, out.alpha, g, target, mouth_mask, head_alpha).backward()
         torch.nn.utils.clip_grad_norm_(avatar.parameters(), cfg.train.grad_clip)
         opt.step()
 
     def full_step():
         step[0] += 1
-        train_on(step[0] - 1, vm, K, W, H, bg, gt, weight)
+        train_on(step[0] - 1, vm, K, W, H, bg, gt, mouth, fg * keep)
 
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
@@ -169,7 +166,7 @@ def main() -> None:
 
         def views_step(vms=vms, Kn=Kn, bgs=bgs, gts=gts, n=n):
             step[0] += 1
-            train_on(step[0] - 1, vms, Kn, W, H, bgs, gts, weight.expand(n, H, W))
+            train_on(step[0] - 1, vms, Kn, W, H, bgs, gts, mouth.expand(n, H, W), (fg * keep).expand(n, H, W))
         views_wall, _ = timed(views_step, args.steps, device)
         print(f"full step of {n} views: {views_wall:.1f} ms ({1e3 / views_wall:.1f} it/s, {n * 1e3 / views_wall:.1f} "
               f"images/s against {1e3 / wall:.1f} with one view)")
@@ -189,13 +186,15 @@ def main() -> None:
         leaves = [f.detach().requires_grad_() for f in fields]
         mark()                                                         # network forward
         lg = type(g)(*leaves, g.position_residual.detach().requires_grad_())
-        rgb = render_gaussians(lg, 0, vm, K, W, H, bg)
-        rgb_leaf = rgb.detach().requires_grad_()
+        out = render_set(lg, 0, vm, K, W, H, bg)
+        images = (out.rgb, out.alpha)
+        image_leaves = [image.detach().requires_grad_() for image in images]
         mark()                                                         # renderer forward
-        loss = losses(rgb_leaf, lg)
+        loss = losses(*image_leaves, lg)
         loss.backward()
         mark()                                                         # losses forward + backward
-        rgb.backward(rgb_leaf.grad)
+        torch.autograd.backward(images, [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                                         for leaf in image_leaves])
         mark()                                                         # renderer backward
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward(fields + [g.position_residual],
@@ -246,8 +245,8 @@ def time_data_loading(cfg, train_on, steps: int, device: torch.device) -> None:
         sync(device)
         t1 = time.perf_counter()
         cam = sample.frame.camera
-        train_on(k, sample.viewmat[None], sample.K[None], cam.width, cam.height, bg, gt,
-                 mouth_weight(sample.mouth[None], cfg.loss.mouth, cfg.loss.mouth_blur_px))
+        train_on(k, sample.viewmat[None], sample.K[None], cam.width, cam.height, bg, gt, sample.mouth[None],
+                 sample.alpha[None])
         sync(device)
         waits.append(t1 - t0)
         totals.append(time.perf_counter() - t0)

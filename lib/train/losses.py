@@ -4,6 +4,7 @@ Images are [B, H, W, 3] in [0, 1] (the project's layout); masks [B, H, W] in [0,
 
     loss = w_l1 · mean(weight · |render - gt|),  weight = 1 + w_mouth · blur(mouth mask)
          + w_ssim · (1 - SSIM(render, gt))       (11-px Gaussian window, sigma 1.5, 'valid' border)
+         + w_alpha · mean|alpha - fg · keep|     (the render's opacity against the head's alpha)
          + w_vgg · VGG feature L1                (only with a weights file, see lib.models.vgg)
          + w_pos · mean(Δposition²)              (metres, as FLAME)
          + w_scale · mean(scale²)                (metres)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lib.config import save_config
@@ -55,6 +57,18 @@ def make_optimizer(avatar: GaussianAvatar, cfg, refinement: FlameRefinement | No
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]
     return opt
+
+
+def step_losses(loss, rgb: Tensor, alpha: Tensor, gt: Tensor, mouth: Tensor, head_alpha: Callable[[], Tensor],
+                gaussians) -> dict[str, Tensor]:
+    """The regressor step's terms but VGG, weighted by config section ``loss``: the photometric ones (the L1
+    raised in the mouth), the render's alpha [B, H, W, 1] against the head's, and the regularisers.
+    rgb, gt [B, H, W, 3]; mouth [B, H, W]; head_alpha: -> fg · keep [B, H, W], called only when the term is on."""
+    terms = photometric(rgb, gt, mouth_weight(mouth, loss.mouth, loss.mouth_blur_px), loss.l1, loss.ssim)
+    if loss.alpha > 0:
+        terms.update(alpha_l1(alpha, head_alpha(), loss.alpha))
+    terms.update(regularisers(gaussians.position_residual, gaussians.scales, loss.position, loss.scale))
+    return terms
 
 
 def perceptual_loss(cfg, weight: float, log) -> VggPerceptual | None:
@@ -137,14 +151,11 @@ def train(cfg, log=print) -> GaussianAvatar:
         if regions is not None:
             samples, gt = remasked(samples, bg, regions, *data.world_mesh(frame.timestep_index, refinement))
         gaussians = model(*data.driving(frame.timestep_index, refinement))
-        out = render_set(gaussians, 0, torch.stack([s.viewmat for s in samples]), torch.stack([s.K for s in samples]),
-                         frame.camera.width, frame.camera.height, bg)
+        out = render_set(gaussians, 0, torch.stack([s.viewmat for s in samples]),
+                         torch.stack([s.K for s in samples]), frame.camera.width, frame.camera.height, bg)
         render = out.rgb
-        weight = mouth_weight(torch.stack([s.mouth for s in samples]), cfg.loss.mouth, cfg.loss.mouth_blur_px)
-        terms = photometric(render, gt, weight, cfg.loss.l1, cfg.loss.ssim)
-        if cfg.loss.alpha > 0:  # the targets (fg · keep) are only built when the term is on
-            terms.update(alpha_l1(out.alpha, torch.stack([s.alpha for s in samples]), cfg.loss.alpha))
-        terms.update(regularisers(gaussians.position_residual, gaussians.scales, cfg.loss.position, cfg.loss.scale))
+        terms = step_losses(cfg.loss, render, out.alpha, gt, torch.stack([s.mouth for s in samples]),
+                            lambda: torch.stack([s.alpha for s in samples]), gaussians)
         if vgg is not None and step >= cfg.loss.vgg_from:
             terms["vgg"] = cfg.loss.vgg * vgg(render, gt)
         if refinement is not None:
